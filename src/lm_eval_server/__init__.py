@@ -1,0 +1,1 @@
+"""lm-eval-server: a REST job server for lm-evaluation-harness."""
