@@ -1,0 +1,51 @@
+"""Internal JobRecord -> API schemas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lm_eval_server import joblogs
+from lm_eval_server.executors.base import stderr_path, stdout_path
+from lm_eval_server.manager import JobManager
+from lm_eval_server.models import JobDetail, JobRecord, JobSummary, ProgressInfo
+
+
+def summary(manager: JobManager, record: JobRecord) -> JobSummary:
+    progress = record.progress
+    return JobSummary(
+        job_id=record.job_id,
+        argument=record.argument,
+        status=record.status,
+        timestamp=record.started_at,
+        exit_code=record.exit_code,
+        inference_progress_pct=manager.progress_pct(record),
+        progress=ProgressInfo(
+            phase=progress.phase,
+            done=progress.done,
+            total=progress.total,
+            rate_per_s=progress.rate_per_s,
+            eta_s=progress.eta_s,
+        )
+        if progress is not None
+        else None,
+        model=record.model,
+        tasks=record.tasks,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        duration_s=record.duration_s,
+        error=record.error,
+    )
+
+
+def detail(manager: JobManager, record: JobRecord, tail_lines: int) -> JobDetail:
+    work_dir = Path(record.work_dir)
+    out = joblogs.tail_lines(stdout_path(work_dir), tail_lines)
+    err = joblogs.tail_lines(stderr_path(work_dir), tail_lines)
+    return JobDetail(
+        **summary(manager, record).model_dump(),
+        stdout=out.lines,
+        stderr=err.lines,
+        stdout_truncated=out.truncated,
+        stderr_truncated=err.truncated,
+    )

@@ -1,0 +1,192 @@
+"""create_app(settings): the request schema, the job manager, routers and error handlers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lm_eval_server import lm_eval_cli
+from lm_eval_server.api import files, health
+from lm_eval_server.api.jobs import jobs_router
+from lm_eval_server.catalog import Catalog
+from lm_eval_server.config import ExecutorKind, Settings, StoreKind
+from lm_eval_server.executors.base import Executor
+from lm_eval_server.manager import (
+    JobManager,
+    JobNotCompleted,
+    JobNotFound,
+    QueueFull,
+    ShuttingDown,
+)
+from lm_eval_server.metrics import AppMetrics
+from lm_eval_server.security import BodyLimitMiddleware, is_loopback, require_api_key
+from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
+from lm_eval_server.validation import InvalidRequest, RequestValidator
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_REQUEST: dict[str, Any] = {
+    "model": "dummy",
+    "tasks": "demo_mc",
+    "include_path": "examples/tasks",
+    "limit": 10,
+}
+
+
+def _make_store(settings: Settings) -> JobStore:
+    if settings.store is StoreKind.memory:
+        return MemoryJobStore()
+    return SqliteJobStore(settings.db_path)
+
+
+def _make_executor(settings: Settings) -> Executor:
+    if settings.executor is ExecutorKind.ray:
+        from lm_eval_server.executors.ray import RayExecutor  # optional dependency
+
+        return RayExecutor(settings)  # type: ignore[return-value]
+    from lm_eval_server.executors.local import LocalExecutor
+
+    return LocalExecutor(settings.max_log_bytes)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    parser = lm_eval_cli.make_raising(lm_eval_cli.load_parser())
+    specs = lm_eval_cli.describe_options(parser)
+    request_model = lm_eval_cli.build_request_model(specs)
+    catalog = Catalog(settings.data_dir / "index", build_index=settings.task_index)
+    metrics = AppMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if not settings.api_keys and settings.host_hint and not is_loopback(settings.host_hint):
+            log.warning(
+                "No API_KEYS set and listening on %s: anyone who can reach this port can run "
+                "jobs. Set API_KEYS or API_KEYS_FILE.",
+                settings.host_hint,
+            )
+        store = _make_store(settings)
+        executor = _make_executor(settings)
+        manager = JobManager(settings, store, executor)
+        metrics.watch(manager)
+        app.state.manager = manager
+        app.state.store_open = True
+        catalog.start()
+        await manager.start()
+        try:
+            yield
+        finally:
+            await manager.shutdown()
+            await catalog.close()
+            await executor.close()
+            store.close()
+            app.state.store_open = False
+
+    app = FastAPI(
+        title="lm-eval-server",
+        version="0.1.0",
+        description="Run lm-evaluation-harness evaluations as jobs over HTTP.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.catalog = catalog
+    app.state.metrics = metrics
+    app.state.store_open = False
+    app.state.api_keys = [key.encode() for key in settings.api_keys]
+    app.state.validator = RequestValidator(settings, parser, specs, catalog)
+    app.state.request_model = request_model
+
+    secured = [Depends(require_api_key)]
+    app.include_router(health.router)
+    app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
+    app.include_router(files.router, dependencies=secured)
+    _add_dashboard(app)
+    _add_error_handlers(app)
+    _add_http_metrics(app, metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def _add_dashboard(app: FastAPI) -> None:
+    try:
+        from lm_eval_server.api import dashboard
+    except ImportError:
+        return
+    app.include_router(dashboard.router)
+
+
+def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def not_found(_: Request, exc: Exception) -> JSONResponse:
+        return _error(404, str(exc))
+
+    async def invalid(_: Request, exc: Exception) -> JSONResponse:
+        return _error(422, str(exc))
+
+    async def conflict(_: Request, exc: Exception) -> JSONResponse:
+        return _error(409, str(exc))
+
+    async def queue_full(_: Request, exc: Exception) -> JSONResponse:
+        return _error(429, str(exc), {"Retry-After": str(QueueFull.retry_after_s)})
+
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": "5"})
+
+    app.add_exception_handler(JobNotFound, not_found)
+    app.add_exception_handler(InvalidRequest, invalid)
+    app.add_exception_handler(JobNotCompleted, conflict)
+    app.add_exception_handler(QueueFull, queue_full)
+    app.add_exception_handler(ShuttingDown, unavailable)
+
+
+def _add_http_metrics(app: FastAPI, metrics: AppMetrics) -> None:
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+
+
+class HttpMetricsMiddleware:
+    """Counts and times requests by route template (pure ASGI: streaming stays untouched)."""
+
+    def __init__(self, app: ASGIApp, metrics: AppMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_code = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            self.metrics.http_requests.labels(method, path, str(status_code)).inc()
+            self.metrics.http_latency.labels(method, path).observe(time.perf_counter() - started)
+
+
+def openapi_json(app: FastAPI) -> str:
+    return json.dumps(app.openapi(), indent=2)
+
+
+__all__ = ["Path", "create_app", "openapi_json"]

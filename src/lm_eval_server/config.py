@@ -1,0 +1,146 @@
+"""Every environment variable the server reads, validated once at startup.
+
+A bad value is a startup error, never a silent default.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Loader and interpreter hooks: a job that may set these runs code of the caller's choosing
+# before lm-eval starts, so they are refused unless the operator opts in.
+DANGEROUS_ENV_VARS = frozenset(
+    {
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "LD_DEBUG_OUTPUT",
+        "PYTHONPATH",
+        "PYTHONSTARTUP",
+        "PYTHONHOME",
+        "PYTHONUSERBASE",
+        "PYTHONEXECUTABLE",
+        "PYTHONINSPECT",
+        "PYTHONBREAKPOINT",
+        "PATH",
+        "BASH_ENV",
+        "ENV",
+        "IFS",
+        "SHELLOPTS",
+        "PERL5OPT",
+        "NODE_OPTIONS",
+        "LM_EVAL_SERVER_INDEX_DIR",
+        "LM_EVAL_SERVER_DISABLE_HOOK",
+    }
+)
+
+
+class StoreKind(StrEnum):
+    sqlite = "sqlite"
+    memory = "memory"
+
+
+class ExecutorKind(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    max_concurrency: int = Field(4, ge=1, description="Jobs run at once.")
+    queue_process_interval: float = Field(
+        15.0,
+        gt=0,
+        description="Seconds between safety sweeps of the queue (jobs start on events).",
+    )
+    data_dir: Path = Field(Path("./data"), description="Job directories and the job database.")
+    store: StoreKind = Field(StoreKind.sqlite, description="sqlite (durable) or memory.")
+    log_tail_lines: int = Field(1000, ge=1, description="Lines of stdout/stderr in GET /job/{id}.")
+    stop_grace_s: float = Field(10.0, ge=0, description="SIGTERM to SIGKILL grace period.")
+    shutdown_stops_jobs: bool = False
+    job_retention_days: float | None = Field(None, gt=0)
+    max_finished_jobs: int | None = Field(None, ge=0)
+    task_index: bool = Field(True, description="Build lm-eval's task index to validate tasks.")
+    use_launcher: bool = Field(True, description="Start jobs through the cached-index launcher.")
+
+    # Security
+    api_keys: CsvList = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    lm_eval_paths: CsvList = Field(default_factory=list)
+    allowed_paths: CsvList = Field(default_factory=list)
+    allowed_env_vars: CsvList = Field(default_factory=list)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    max_queued_jobs: int = Field(10_000, ge=1)
+    max_log_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
+    allow_remote_code: bool = False
+    max_env_vars: int = Field(64, ge=0)
+    max_env_value_bytes: int = Field(32 * 1024, ge=1)
+
+    # Executors
+    executor: ExecutorKind = ExecutorKind.local
+    ray_address: str | None = None
+    warm_workers: int = Field(0, ge=0)
+
+    host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")
+
+    @field_validator(
+        "api_keys", "lm_eval_paths", "allowed_paths", "allowed_env_vars", mode="before"
+    )
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _load_key_file(self) -> Settings:
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"API_KEYS_FILE {self.api_keys_file}: {exc}") from exc
+            keys = [line.strip() for line in text.splitlines()]
+            self.api_keys = [*self.api_keys, *(k for k in keys if k and not k.startswith("#"))]
+        if self.executor is ExecutorKind.ray and not self.ray_address:
+            raise ValueError("EXECUTOR=ray needs RAY_ADDRESS (e.g. http://head:8265)")
+        return self
+
+    @property
+    def default_lm_eval_path(self) -> str:
+        return f"{sys.executable} -m lm_eval"
+
+    @property
+    def lm_eval_path_allowlist(self) -> list[str]:
+        return self.lm_eval_paths or [self.default_lm_eval_path]
+
+    @property
+    def examples_dir(self) -> Path:
+        return Path(__file__).resolve().parents[2] / "examples"
+
+    @property
+    def allowed_roots(self) -> list[Path]:
+        if self.allowed_paths:
+            return [Path(p).resolve() for p in self.allowed_paths]
+        return [self.data_dir.resolve(), self.examples_dir]
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.db"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"

@@ -1,0 +1,55 @@
+"""What the manager needs from whatever runs a job's process: start, wait, stop, adopt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    job_id: int
+    argv: list[str]
+    env: dict[str, str]  # the job's additions to the environment, not the whole environment
+    work_dir: Path
+    num_gpus: float | None = None
+    num_cpus: float | None = None
+    memory: int | None = None
+
+
+class JobHandle(Protocol):
+    """One running job. `wait` returns its exit code, or None when it cannot be known."""
+
+    pid: int | None
+    ref: str | None
+
+    async def wait(self) -> int | None: ...
+
+    async def stop(self, grace_s: float) -> None: ...
+
+
+class Executor(Protocol):
+    name: str
+
+    async def start(self, spec: LaunchSpec) -> JobHandle: ...
+
+    def adopt(
+        self, job_id: int, work_dir: Path, pid: int | None, ref: str | None
+    ) -> JobHandle | None:
+        """Re-attach to a job that a previous server process started; None if it is gone."""
+        ...
+
+    def recorded_exit_code(self, work_dir: Path, ref: str | None) -> int | None:
+        """The exit code a job that ended while nobody watched left behind, if any."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def stdout_path(work_dir: Path) -> Path:
+    return work_dir / "stdout.log"
+
+
+def stderr_path(work_dir: Path) -> Path:
+    return work_dir / "stderr.log"

@@ -1,0 +1,134 @@
+"""Runs each job as a detached local process under `supervise.py`.
+
+The supervisor is the leader of a new session and process group: stop signals the whole group,
+and the job outlives a server crash. Waiting uses a pidfd registered with the event loop, so it
+needs no thread and no polling, and works the same for a process this server started and for
+one it re-adopted after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from lm_eval_server import supervise
+from lm_eval_server.executors.base import JobHandle, LaunchSpec
+
+log = logging.getLogger(__name__)
+
+
+def _read_exit_code(work_dir: Path) -> int | None:
+    try:
+        return int(json.loads((work_dir / "exit.json").read_text())["exit_code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_our_supervisor(pid: int, work_dir: Path) -> bool:
+    """Guards against pid reuse: the process must be the supervisor of this job directory."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(part.endswith(b"supervise.py") for part in cmdline) and (
+        os.fsencode(str(work_dir)) in cmdline
+    )
+
+
+async def _wait_pidfd(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+class LocalJobHandle:
+    def __init__(self, pid: int, work_dir: Path, popen: subprocess.Popen[bytes] | None) -> None:
+        self.pid: int | None = pid
+        self.ref: str | None = None
+        self._work_dir = work_dir
+        self._popen = popen
+
+    async def wait(self) -> int | None:
+        assert self.pid is not None
+        await _wait_pidfd(self.pid)
+        if self._popen is not None:
+            # Reap our own child so it does not linger as a zombie.
+            self._popen.wait()
+        self._kill_group(signal.SIGKILL)  # stragglers the job left in its group
+        return _read_exit_code(self._work_dir)
+
+    async def stop(self, grace_s: float) -> None:
+        self._kill_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(_wait_pidfd(self.pid or 0)), grace_s)
+        except TimeoutError:
+            log.info("job process group %s ignored SIGTERM for %.1fs; killing", self.pid, grace_s)
+        self._kill_group(signal.SIGKILL)
+
+    def _kill_group(self, sig: signal.Signals) -> None:
+        if self.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, max_log_bytes: int) -> None:
+        self._max_log_bytes = max_log_bytes
+
+    async def start(self, spec: LaunchSpec) -> JobHandle:
+        spec.work_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-I",
+            "-S",
+            supervise.__file__,
+            str(spec.work_dir),
+            str(self._max_log_bytes),
+            "--",
+            *spec.argv,
+        ]
+        env = {**os.environ, **spec.env}
+        with open(spec.work_dir / "supervisor.log", "ab") as errors:
+            popen = subprocess.Popen(
+                command,
+                cwd=spec.work_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=errors,
+                stderr=errors,
+                start_new_session=True,
+                close_fds=True,
+            )
+        return LocalJobHandle(popen.pid, spec.work_dir, popen)
+
+    def adopt(
+        self, job_id: int, work_dir: Path, pid: int | None, ref: str | None
+    ) -> JobHandle | None:
+        if pid is None or not _is_our_supervisor(pid, work_dir):
+            return None
+        return LocalJobHandle(pid, work_dir, None)
+
+    def recorded_exit_code(self, work_dir: Path, ref: str | None) -> int | None:
+        return _read_exit_code(work_dir)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,141 @@
+"""The job state machine's vocabulary, the internal job record, and the API schemas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class JobStatus(StrEnum):
+    queued = "Queued"
+    running = "Running"
+    completed = "Completed"
+    failed = "Failed"
+    stopped = "Stopped"
+
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.stopped})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class JobRecord:
+    """The server's own view of a job; API schemas are built from it, never the reverse."""
+
+    job_id: int
+    request: dict[str, Any]
+    argv: list[str]  # what runs (may go through the launcher)
+    argument: str  # the lm_eval command the user asked for, shell-quoted
+    env_vars: dict[str, str]
+    work_dir: str
+    output_path: str
+    status: JobStatus = JobStatus.queued
+    created_at: datetime = field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    pid: int | None = None
+    results_file: str | None = None
+    idempotency_key: str | None = None
+    executor_ref: str | None = None  # e.g. the Ray submission id
+    # Live state, not persisted: re-derived from the log after a restart.
+    progress: Any = None
+
+    @property
+    def model(self) -> str | None:
+        value = self.request.get("model")
+        return str(value) if value is not None else None
+
+    @property
+    def tasks(self) -> list[str]:
+        tasks = self.request.get("tasks")
+        if tasks is None:
+            return []
+        items = tasks.split(",") if isinstance(tasks, str) else tasks
+        return [t.strip() for t in items if t.strip()]
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or utcnow()
+        return round((end - self.started_at).total_seconds(), 3)
+
+
+class ProgressInfo(BaseModel):
+    phase: str = Field(
+        description="loglikelihood, generate_until, loglikelihood_rolling or api requests"
+    )
+    done: int
+    total: int
+    rate_per_s: float | None = None
+    eta_s: float | None = None
+
+
+class JobSummary(BaseModel):
+    job_id: int
+    argument: str = Field(description="The lm_eval command line, shell-quoted.")
+    status: JobStatus
+    timestamp: datetime | None = Field(description="When the job started (README field).")
+    exit_code: int | None
+    inference_progress_pct: int | None = Field(description="0-100, from lm-eval's tqdm bars.")
+    progress: ProgressInfo | None = None
+    model: str | None = None
+    tasks: list[str] = []
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+    error: str | None = Field(None, description="Why a Failed job failed (tail of stderr).")
+
+
+class JobDetail(JobSummary):
+    stdout: list[str] = Field(
+        description="Last LOG_TAIL_LINES lines of stdout, as a terminal shows them."
+    )
+    stderr: list[str] = Field(description="Last LOG_TAIL_LINES lines of stderr.")
+    stdout_truncated: bool = Field(description="True when earlier stdout lines were cut.")
+    stderr_truncated: bool = Field(description="True when earlier stderr lines were cut.")
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    total: int = Field(description="Jobs matching the filter, before limit/offset.")
+
+
+class JobAction(BaseModel):
+    status: str = "success"
+    message: str
+    job_id: int | None = None
+
+
+class BulkAction(BaseModel):
+    status: str = "success"
+    message: str
+    job_ids: list[int]
+
+
+class Metric(BaseModel):
+    task: str
+    metric: str
+    filter: str
+    value: float | str | None
+    stderr: float | str | None = None
+
+
+class JobResults(BaseModel):
+    job_id: int
+    results: dict[str, Any] = Field(description="The results JSON exactly as lm-eval wrote it.")
+    metrics: list[Metric]
+    results_file: str | None = None
