@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     parser = lm_eval_cli.make_raising(lm_eval_cli.load_parser())
     specs = lm_eval_cli.describe_options(parser)
     request_model = lm_eval_cli.build_request_model(specs)
-    catalog = Catalog(settings.data_dir / "index", build_index=settings.task_index)
+    catalog = Catalog(settings.task_index_dir, build_index=settings.task_index)
     metrics = AppMetrics()
 
     @asynccontextmanager

@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     job_retention_days: float | None = Field(None, gt=0)
     max_finished_jobs: int | None = Field(None, ge=0)
     task_index: bool = Field(True, description="Build lm-eval's task index to validate tasks.")
+    index_dir: Path | None = Field(None, description="Task index cache; default DATA_DIR/index.")
     use_launcher: bool = Field(True, description="Start jobs through the cached-index launcher.")
 
     # Security
@@ -136,6 +137,10 @@ class Settings(BaseSettings):
         if self.allowed_paths:
             return [Path(p).resolve() for p in self.allowed_paths]
         return [self.data_dir.resolve(), self.examples_dir]
+
+    @property
+    def task_index_dir(self) -> Path:
+        return (self.index_dir or self.data_dir / "index").resolve()
 
     @property
     def db_path(self) -> Path:

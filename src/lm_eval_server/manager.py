@@ -293,7 +293,7 @@ class JobManager:
         env = {
             # stdout reaches the logs as it is written, not when the job ends.
             "PYTHONUNBUFFERED": "1",
-            "LM_EVAL_SERVER_INDEX_DIR": str(self._settings.data_dir.resolve() / "index"),
+            "LM_EVAL_SERVER_INDEX_DIR": str(self._settings.task_index_dir),
         }
         env.update(record.env_vars)
         return env

@@ -1,0 +1,72 @@
+"""Shared fixtures: settings in tmp dirs, an in-process app with its lifespan."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lm_eval_server.app import create_app
+from lm_eval_server.config import Settings
+from tests.support.jobs import DEFAULT_LM_EVAL, FAKE_LM_EVAL, ROOT
+
+# Jobs inherit the server's environment: no test may reach the internet.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """lm-eval's task index, built once per test session and shared by every server."""
+    path = tmp_path_factory.mktemp("task-index")
+    subprocess.run(
+        [sys.executable, "-m", "lm_eval_server.task_index", "build", "--data-dir", str(path)],
+        check=True,
+        timeout=300,
+    )
+    return path
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, index_dir: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "data_dir": tmp_path / "data",
+            "index_dir": index_dir,
+            "lm_eval_paths": [DEFAULT_LM_EVAL, FAKE_LM_EVAL],
+            "allowed_paths": [str(tmp_path), str(ROOT / "examples"), str(ROOT / "tests" / "data")],
+            "stop_grace_s": 3.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient]]:
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        client = TestClient(create_app(make_settings(**overrides)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in reversed(clients):
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
