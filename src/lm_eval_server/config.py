@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -96,6 +96,16 @@ class Settings(BaseSettings):
     # Executors
     executor: ExecutorKind = ExecutorKind.local
     ray_address: str | None = None
+    ray_job_runtime_env: dict[str, Any] | None = Field(
+        None,
+        description="Ray runtime_env (JSON object) for every job, e.g. a pip/uv spec; each "
+        "job's env_vars are merged into its env_vars.",
+    )
+    ray_job_python: str | None = Field(
+        None,
+        description="Python that runs jobs on Ray nodes (e.g. `python` with a pip runtime_env); "
+        "default: this server's interpreter, right for a local head or same-image nodes.",
+    )
     warm_workers: int = Field(0, ge=0)
 
     host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")
