@@ -1,6 +1,5 @@
 """Jobs: submit, list, inspect, stop and delete (the original server's README endpoints)."""
 
-
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, status
