@@ -219,12 +219,18 @@ def load_names(data_dir: Path) -> set[str] | None:
         return None
 
 
-def build(data_dir: Path) -> CachePaths:
-    """Index the built-in tasks with lm-eval's own TaskIndex and write the cache."""
-    import lm_eval.tasks
+def build(data_dir: Path, builtin_dir: Path | None = None) -> CachePaths:
+    """Index the built-in tasks with lm-eval's own TaskIndex and write the cache.
+
+    ``builtin_dir`` defaults to lm-eval's tasks dir; tests pass a small one.
+    """
     from lm_eval.tasks._index import TaskIndex
 
-    builtin_dir = Path(lm_eval.tasks.__file__).parent
+    if builtin_dir is None:
+        import lm_eval.tasks
+
+        # The same expression TaskManager uses, so the launcher's paths compare equal.
+        builtin_dir = Path(lm_eval.tasks.__file__).parent
     # Key first: a task file edited mid-build then reads as stale, never as fresh.
     key = cache_key(builtin_dir)
     index = TaskIndex.build([builtin_dir])
@@ -287,6 +293,13 @@ def _iter_yaml_files(root: Path) -> Iterator[Path]:
             yield p
 
 
+def _check_tags(tags: Any) -> None:
+    # TaskIndex._str_to_set runs before an entry is registered: a tag value it
+    # cannot turn into a set (an int, a list holding a dict) drops the whole file.
+    if tags is not None:
+        set().update([tags] if isinstance(tags, str) else tags)
+
+
 def _register(cfg: dict[str, Any], registered: dict[Any, None]) -> None:
     """Mirror of TaskIndex.process_cfg, keeping only the names (insertion-ordered).
 
@@ -300,6 +313,7 @@ def _register(cfg: dict[str, Any], registered: dict[Any, None]) -> None:
         name = cfg["task"]
         if name in registered:
             return
+        _check_tags(cfg.get("tag"))
         registered[name] = None
         tags = cfg.get("tag")
         if not tags:
@@ -307,7 +321,11 @@ def _register(cfg: dict[str, Any], registered: dict[Any, None]) -> None:
         for tag in tags if isinstance(tags, list) else [tags]:
             registered.setdefault(tag, None)
     elif "group" in cfg:
-        registered.setdefault(cfg["group"], None)
+        name = cfg["group"]
+        if name in registered:
+            return
+        _check_tags(cfg.get("tag"))
+        registered[name] = None
     else:
         raise ValueError(f"Unknown config shape: keys={list(cfg)}")
 
