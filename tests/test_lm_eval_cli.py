@@ -192,8 +192,8 @@ def test_string_forms_match_the_readme(real) -> None:  # type: ignore[no-untyped
 
 
 def test_parser_errors_become_argv_errors(real) -> None:  # type: ignore[no-untyped-def]
-    parser, specs, _ = real
-    with pytest.raises(lm_eval_cli.ArgvError, match="cache_requests|invalid"):
+    parser, _, _ = real
+    with pytest.raises(lm_eval_cli.ArgvError, match=r"cache_requests|invalid"):
         lm_eval_cli.parse_argv(parser, ["--tasks", "x", "--cache_requests", "sometimes"])
-    with pytest.raises(lm_eval_cli.ArgvError, match="seed|integer"):
+    with pytest.raises(lm_eval_cli.ArgvError, match=r"seed|integer"):
         lm_eval_cli.parse_argv(parser, ["--tasks", "x", "--seed", "a,b"])

@@ -87,8 +87,10 @@ def test_terminal_lines_keep_the_last_redraw() -> None:
     assert lines == ["a\n", bar(100, 100) + "\n", "b\n", bar(7, 9)]
 
 
-@given(st.lists(st.integers(min_value=0, max_value=500), min_size=1, max_size=30),
-       st.integers(min_value=1, max_value=40))
+@given(
+    st.lists(st.integers(min_value=0, max_value=500), min_size=1, max_size=30),
+    st.integers(min_value=1, max_value=40),
+)
 def test_chunking_does_not_change_the_result(dones: list[int], cut: int) -> None:
     total = 500
     stream = RUN_LL + "".join("\r" + bar(d, total) for d in dones) + "\n"

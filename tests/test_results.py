@@ -24,14 +24,28 @@ def test_flatten_metrics_pairs_values_with_stderr() -> None:
         "groups": {"grp": {"acc,none": 0.4, "acc_stderr,none": 0.02}},
     }
     rows = flatten_metrics(data)
-    assert {"task": "demo_mc", "metric": "acc", "filter": "none", "value": 0.25,
-            "stderr": 0.1} in rows
-    assert {"task": "demo_mc", "metric": "acc_norm", "filter": "none", "value": 0.5,
-            "stderr": "N/A"} in rows
-    assert {"task": "gen", "metric": "exact_match", "filter": "strict-match", "value": 0.675,
-            "stderr": 0.03} in rows
-    assert {"task": "grp", "metric": "acc", "filter": "none", "value": 0.4,
-            "stderr": 0.02} in rows
+    assert {
+        "task": "demo_mc",
+        "metric": "acc",
+        "filter": "none",
+        "value": 0.25,
+        "stderr": 0.1,
+    } in rows
+    assert {
+        "task": "demo_mc",
+        "metric": "acc_norm",
+        "filter": "none",
+        "value": 0.5,
+        "stderr": "N/A",
+    } in rows
+    assert {
+        "task": "gen",
+        "metric": "exact_match",
+        "filter": "strict-match",
+        "value": 0.675,
+        "stderr": 0.03,
+    } in rows
+    assert {"task": "grp", "metric": "acc", "filter": "none", "value": 0.4, "stderr": 0.02} in rows
     assert len(rows) == 4
 
 
