@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sqlite3
@@ -93,7 +94,7 @@ def test_queued_jobs_run_in_order_after_restart_and_ids_keep_increasing(servers:
         assert [http.get(f"/job/{j}").json()["status"] for j in queued] == ["Queued"] * 3
         jobs = [wait_for(http, j) for j in [first, *queued]]
         assert [j["status"] for j in jobs] == ["Completed"] * 4
-        for earlier, later in zip(jobs, jobs[1:], strict=False):
+        for earlier, later in itertools.pairwise(jobs):
             assert later["started_at"] >= earlier["finished_at"]
         assert submit(http, fake_job()) == deleted + 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -92,10 +93,8 @@ class ServerProcess:
     def stop_jobs_and_terminate(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             httpx.get(f"{self.url}/jobs/stop", timeout=60, headers=self._auth())
-        except httpx.HTTPError:
-            pass
         self.terminate()
 
     def _auth(self) -> dict[str, Any]:
