@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         description="Python that runs jobs on Ray nodes (e.g. `python` with a pip runtime_env); "
         "default: this server's interpreter, right for a local head or same-image nodes.",
     )
+    ray_lost_after_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds the Ray cluster may be unreachable before a job it runs is Failed.",
+    )
     warm_workers: int = Field(0, ge=0)
 
     host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")

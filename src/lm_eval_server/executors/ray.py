@@ -13,7 +13,7 @@ Only this module imports ray; the server imports it only when EXECUTOR=ray.
   every byte lands once, across reconnects and server restarts. Ray reads the log in text mode,
   so the `\\r` of tqdm redraws arrives as `\\n`.
 - Status: `wait` polls the job's status every `poll_interval_s`. Ray unreachable: the job keeps
-  its state and polling backs off; contact regained, nothing is lost. After `lost_after_s`
+  its state and polling backs off; contact regained, nothing is lost. After RAY_LOST_AFTER_S
   without contact (or once a stop's grace has passed), `wait` gives up and returns None, and a
   note saying so ends `stderr.log`. A job Ray does not know (cluster restarted) ends the same way.
 - Restart: `adopt` re-attaches by submission id (the persisted `executor_ref`) without a network
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import requests
 from ray.job_submission import JobDetails, JobSubmissionClient
 from ray.job_submission import JobStatus as RayJobStatus
 
@@ -54,12 +56,24 @@ PASSTHROUGH_ENV = (
 )
 NOTE_PREFIX = "[lm-eval-server] "
 _MAX_NOTE_CHARS = 4000
+# After a stop's grace, how long more to wait for Ray to report the end (Ray itself sends
+# SIGKILL RAY_JOB_STOP_WAIT_TIME_S, 3 s by default, after SIGTERM).
+STOP_GIVE_UP_S = 60.0
+# How long a submission is retried while Ray answers with a transient error.
+SUBMIT_RETRY_S = 30.0
 
 
 class _Client(JobSubmissionClient):
     """A JobSubmissionClient whose HTTP requests time out (the SDK's own wait forever)."""
 
     timeout_s: tuple[float, float] = (5.0, 30.0)  # connect, read
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        if self._ssl_context is None:
+            # The SDK hands aiohttp ssl=None for verify=True, which aiohttp >= 3.10 deprecates
+            # (a DeprecationWarning on every log websocket); True means the same.
+            self._ssl_context = True
 
     def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self.timeout_s)
@@ -69,6 +83,22 @@ class _Client(JobSubmissionClient):
 def _not_found(exc: BaseException) -> bool:
     # The SDK raises RuntimeError("Request failed with status code 404: Job ... does not exist.")
     return isinstance(exc, RuntimeError) and "status code 404" in str(exc)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Errors worth retrying: no connection, a timeout, or a 5xx answer (e.g. "No available
+    agent to submit job, please try again later" from a cluster that is starting)."""
+    if isinstance(exc, ConnectionError | requests.RequestException):
+        return True
+    return isinstance(exc, RuntimeError) and "status code 5" in str(exc)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancels `task` and waits for it to end; a cancellation of the caller still propagates."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_name(), exc_info=task.exception())
 
 
 def _written_bytes(path: Path) -> int:
@@ -96,9 +126,7 @@ class RayJobHandle:
         tailer = asyncio.create_task(self._tail(), name=f"ray-log-{self.submission_id}")
         try:
             info, note = await self._poll_until_terminal()
-            tailer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await tailer
+            await _cancel(tailer)
             if info is not None:
                 await self._catch_up()
             code, ray_note = self._outcome(info)
@@ -107,9 +135,7 @@ class RayJobHandle:
                 self._note(note)
             return code
         finally:
-            tailer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await tailer
+            await _cancel(tailer)
             self._close_log()
 
     async def stop(self, grace_s: float) -> None:
@@ -121,7 +147,7 @@ class RayJobHandle:
         self._stop_requested_at = time.monotonic()
         self._stop_grace_s = grace_s
         deadline = self._stop_requested_at + grace_s
-        asked = False
+        asked = failed = False
         while True:
             try:
                 if not asked:
@@ -133,7 +159,13 @@ class RayJobHandle:
             except Exception as exc:
                 if _not_found(exc):
                     return
-                log.warning("stopping Ray job %s: %s", self.submission_id, exc)
+                log.log(
+                    logging.DEBUG if failed else logging.WARNING,
+                    "stopping Ray job %s: %s",
+                    self.submission_id,
+                    exc,
+                )
+                failed = True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 log.info(
@@ -190,7 +222,31 @@ class RayJobHandle:
                 delay = executor.poll_interval_s
             if info.status.is_terminal():
                 return info, None
+            note = self._stop_overdue(info.status)
+            if note:
+                return None, note
             await asyncio.sleep(executor.poll_interval_s)
+
+    def _stop_overdue(self, status: RayJobStatus) -> str | None:
+        """Why to stop waiting for a job that was asked to stop and has not, if it is time."""
+        if self._stop_requested_at is None:
+            return None
+        waited_s = time.monotonic() - self._stop_requested_at
+        if status == RayJobStatus.PENDING and waited_s >= self._stop_grace_s:
+            # Ray queues the stop on the job's supervisor actor, which does not exist until
+            # the job gets its resources: the job stays PENDING (up to the cluster's
+            # RAY_JOB_START_TIMEOUT_SECONDS) instead of becoming STOPPED.
+            return (
+                f"stopped while Ray job {self.submission_id} was still PENDING (waiting for "
+                "resources or its runtime_env); Ray cannot cancel a job that has not started, "
+                f"so check it on the cluster: `ray job status {self.submission_id}`"
+            )
+        if waited_s >= self._stop_grace_s + STOP_GIVE_UP_S:
+            return (
+                f"Ray job {self.submission_id} was still {status.value} {waited_s:.0f} s after "
+                f"the stop request; it may still be running: `ray job stop {self.submission_id}`"
+            )
+        return None
 
     def _outcome(self, info: JobDetails | None) -> tuple[int | None, str | None]:
         """The exit code for the manager, and a note for the log when Ray's status says more."""
@@ -250,6 +306,7 @@ class RayJobHandle:
     async def _tail(self) -> None:
         """Follows Ray's log websocket while the job runs; reconnects when it drops."""
         delay = self._executor.poll_interval_s
+        failures = 0
         while True:
             received = 0
             try:
@@ -259,7 +316,13 @@ class RayJobHandle:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.debug("log stream of Ray job %s: %s", self.submission_id, exc)
+                failures += 1
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "log stream of Ray job %s failed (%r); reconnecting",
+                    self.submission_id,
+                    exc,
+                )
             # The stream also ends when the job does; `wait` cancels this task then.
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -291,14 +354,13 @@ class RayExecutor:
         settings: Settings,
         *,
         poll_interval_s: float = 0.5,
-        lost_after_s: float = 600.0,
     ) -> None:
         if not settings.ray_address:
             raise RuntimeError("EXECUTOR=ray needs RAY_ADDRESS (e.g. http://head:8265)")
         self.address = settings.ray_address
         self.max_log_bytes = settings.max_log_bytes
         self.poll_interval_s = poll_interval_s
-        self.lost_after_s = lost_after_s
+        self.lost_after_s = settings.ray_lost_after_s
         self._runtime_env = dict(settings.ray_job_runtime_env or {})
         self._python = settings.ray_job_python
         try:
@@ -323,23 +385,34 @@ class RayExecutor:
             kwargs["entrypoint_num_cpus"] = spec.num_cpus
         if spec.memory is not None:
             kwargs["entrypoint_memory"] = spec.memory
-        try:
-            await asyncio.to_thread(
-                self.client.submit_job,
-                entrypoint=self.entrypoint(spec),
-                submission_id=submission_id,
-                runtime_env=self.runtime_env(spec),
-                metadata={
-                    "lm_eval_server_job_id": str(spec.job_id),
-                    "lm_eval_server_work_dir": str(spec.work_dir),
-                },
-                **kwargs,
-            )
-        except Exception:
-            # A request that timed out may still have created the job.
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.client.stop_job, submission_id)
-            raise
+        submit = functools.partial(
+            self.client.submit_job,
+            entrypoint=self.entrypoint(spec),
+            submission_id=submission_id,
+            runtime_env=self.runtime_env(spec),
+            metadata={
+                "lm_eval_server_job_id": str(spec.job_id),
+                "lm_eval_server_work_dir": str(spec.work_dir),
+            },
+            **kwargs,
+        )
+        deadline = time.monotonic() + SUBMIT_RETRY_S
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await asyncio.to_thread(submit)
+                break
+            except Exception as exc:
+                if attempt > 1 and "already exists" in str(exc):
+                    break  # an earlier attempt reached Ray after all
+                if not _transient(exc) or time.monotonic() >= deadline:
+                    # A request that timed out may still have created the job.
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(self.client.stop_job, submission_id)
+                    raise
+                log.info("submitting job %d to Ray: %s; retrying", spec.job_id, exc)
+            await asyncio.sleep(min(2.0 * attempt, 5.0))
         log.info("job %d submitted to Ray as %s", spec.job_id, submission_id)
         return RayJobHandle(self, submission_id, spec.work_dir)
 
