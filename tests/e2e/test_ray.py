@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -183,7 +184,7 @@ def ray_client(
     make_client: Callable[..., TestClient], ray_head: RayHead
 ) -> Callable[..., TestClient]:
     def make(**overrides: Any) -> TestClient:
-        return make_client(**ray_overrides(ray_head), **overrides)
+        return make_client(**{**ray_overrides(ray_head), **overrides})
 
     return make
 
@@ -323,37 +324,122 @@ def test_restarted_server_adopts_ray_job_and_keeps_log_exactly_once(
     assert log.count(b"fake lm_eval done") == 1
 
 
-def _kill_jobs_in(directory: Path) -> None:
-    """Ray's job drivers outlive a killed head when nothing reaps its processes: end the ones
-    working in `directory`, and the shell loops Ray left to watch them."""
-    groups = set()
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            if entry.name.isdigit() and Path(os.readlink(entry / "cwd")).is_relative_to(directory):
-                groups.add(os.getpgid(int(entry.name)))
-    for entry in Path("/proc").iterdir():
+class Outage:
+    """A TCP relay between the server and Ray's Jobs API: `cut()` closes it and every open
+    connection, as a network failure or a restarting head would; `restore()` reopens it on the
+    same port. Ray itself, and the jobs in it, carry on meanwhile."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.removeprefix("http://").partition(":")
+        self._target = (host, int(port))
+        (self._port,) = _free_ports(1)
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self.restore()
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self._port))
+        listener.listen()
+        listener.settimeout(0.1)
+        self._listener = listener
+        self._start(self._accept, listener)
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        with self._lock:
+            connections, self._sockets = self._sockets, set()
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
+        if listener is not None:
+            listener.close()
+        for sock in connections:
+            sock.close()
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._sockets |= {client, upstream}
+            self._start(self._pump, client, upstream)
+            self._start(self._pump, upstream, client)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes()
-            if any(f"kill -9 -{pgid}".encode() in cmdline for pgid in groups):
-                os.kill(int(entry.name), signal.SIGKILL)
-    for pgid in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
 
 
-def test_job_fails_when_ray_goes_away(make_client: Callable[..., TestClient], tmp_path: Path):
-    with running_head() as doomed:
-        client = make_client(executor="ray", ray_address=doomed.address, ray_lost_after_s=2)
-        job_id = submit(client, fake_job(FAKE_SLEEP_S="600"))
-        wait_for_output(client, job_id, "sleeping 600")
+@pytest.fixture
+def outage(ray_head: RayHead) -> Iterator[Outage]:
+    relay = Outage(ray_head.address)
+    yield relay
+    relay.cut()
+
+
+def test_ray_job_survives_a_ray_outage(
+    ray_client: Callable[..., TestClient], ray_head: RayHead, outage: Outage
+):
+    client = ray_client(ray_address=outage.address)
+    job_id = submit(client, fake_job(FAKE_STDERR_BYTES="50000", FAKE_SLEEP_S="3"))
+    ref = submission_id(client, job_id)
+    wait_for_output(client, job_id, "sleeping 3")
+
+    outage.cut()
+    ray = ray_head.client()
+    eventually(lambda: ray.get_job_status(ref).is_terminal(), "end of the Ray job")
+    assert client.get(f"/job/{job_id}").json()["status"] == "Running"
+    outage.restore()
+    job = wait_for(client, job_id, timeout_s=JOB_TIMEOUT_S)
+
+    assert job["status"] == "Completed", job
+    assert job["exit_code"] == 0
+    assert stderr_bytes(client, job_id) == ray.get_job_logs(ref).encode()
+
+
+def test_ray_job_fails_when_ray_stays_away(
+    ray_client: Callable[..., TestClient], ray_head: RayHead, outage: Outage
+):
+    client = ray_client(ray_address=outage.address, ray_lost_after_s=2)
+    job_id = submit(client, fake_job(FAKE_SLEEP_S="600"))
+    ref = submission_id(client, job_id)
+    wait_for_output(client, job_id, "sleeping 600")
+
+    outage.cut()
     try:
         job = wait_for(client, job_id, timeout_s=JOB_TIMEOUT_S)
     finally:
-        _kill_jobs_in(tmp_path)
+        ray_head.client().stop_job(ref)
 
     assert job["status"] == "Failed", job
     assert job["exit_code"] is None
-    assert f"lost contact with the Ray cluster at {doomed.address}" in job["error"], job["error"]
+    assert f"lost contact with the Ray cluster at {outage.address}" in job["error"], job["error"]
 
 
 def test_server_refuses_to_start_when_ray_is_unreachable(
