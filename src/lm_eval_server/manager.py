@@ -38,6 +38,27 @@ RETRY_AFTER_S = 5
 # Above this much new stderr per tick, only the end is parsed for bars (markers are still
 # found in all of it), so a chatty job cannot make the server spend its CPU on regexes.
 _FULL_PARSE_BYTES = 64 * 1024
+# Beyond this much unread stderr, the reader jumps ahead instead of parsing everything.
+_MAX_BACKLOG_BYTES = 8 * 1024 * 1024
+
+
+def _parse_new_output(
+    follower: joblogs.LogFollower,
+    tracker: ProgressTracker,
+    decoder: codecs.IncrementalDecoder,
+) -> Progress | None:
+    """Feeds what the job wrote since the last call to its progress tracker (in a thread)."""
+    if follower.backlog() > _MAX_BACKLOG_BYTES:
+        # A flood of output: only its end can hold the current bar; don't re-read the rest.
+        follower.skip_to_end(keep=_FULL_PARSE_BYTES * 4)
+        decoder.reset()
+    while data := follower.read_new():
+        text = decoder.decode(data)
+        if len(text) > _FULL_PARSE_BYTES:
+            tracker.skip(text[:-_FULL_PARSE_BYTES])
+            text = text[-_FULL_PARSE_BYTES:]
+        tracker.feed(text)
+    return tracker.progress
 
 
 class JobNotFound(LookupError):
@@ -385,7 +406,7 @@ class JobManager:
                 done, _ = await asyncio.wait(
                     {waiter, stopper}, timeout=PROGRESS_TICK_S, return_when=asyncio.FIRST_COMPLETED
                 )
-                self._read_progress(record, follower, tracker, decoder)
+                await self._read_progress(record, follower, tracker, decoder)
                 if waiter in done:
                     break
                 if deadline is not None and self._clock() >= deadline:
@@ -403,7 +424,7 @@ class JobManager:
             raise
         finally:
             stopper.cancel()
-        self._read_progress(record, follower, tracker, decoder)
+        await self._read_progress(record, follower, tracker, decoder)
         self._conclude(record, live, waiter.result())
 
     async def _stop_and_finish(self, record: JobRecord, live: _Live, handle: JobHandle) -> None:
@@ -451,21 +472,16 @@ class JobManager:
         head = f"exit code {code}" if code is not None else "no exit code was recorded"
         return "\n".join([head, *block]).strip()
 
-    def _read_progress(
+    async def _read_progress(
         self,
         record: JobRecord,
         follower: joblogs.LogFollower,
         tracker: ProgressTracker,
         decoder: codecs.IncrementalDecoder,
     ) -> None:
-        while data := follower.read_new():
-            text = decoder.decode(data)
-            if len(text) > _FULL_PARSE_BYTES:
-                tracker.skip(text[:-_FULL_PARSE_BYTES])
-                text = text[-_FULL_PARSE_BYTES:]
-            tracker.feed(text)
-        if tracker.progress is not None:
-            record.progress = tracker.progress
+        progress = await asyncio.to_thread(_parse_new_output, follower, tracker, decoder)
+        if progress is not None:
+            record.progress = progress
 
     def _finish(
         self, record: JobRecord, status: JobStatus, code: int | None, error: str | None
