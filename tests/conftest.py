@@ -62,11 +62,11 @@ def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[...
 
     yield make
     for client in reversed(clients):
+        # The server leaves running jobs to be re-adopted on shutdown; a test must not.
+        client.get("/jobs/stop", headers=client.headers)
         client.__exit__(None, None, None)
 
 
 @pytest.fixture
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
-
-

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 _BAR = re.compile(
     r"(?:(?P<desc>[^\r\n|]*?):\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*"
     r"(?P<done>\d+)/(?P<total>\d+)\s*"
-    r"\[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:?]+)(?:,\s*(?P<rate>[\d.]+|\?)\s*(?P<unit>[^\]\s]*))?"
+    r"\[(?P<elapsed>\d+(?::\d+)+)<(?P<remaining>\?|\d+(?::\d+)+)"
+    r"(?:,\s*(?P<rate>[\d.]+|\?)\s*(?P<unit>[^\]\s]*))?\]"
 )
 _PHASE_LINE = re.compile(r"Running (loglikelihood_rolling|loglikelihood|generate_until) requests")
 _CONTEXT_LINE = re.compile(r"Building contexts")

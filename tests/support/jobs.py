@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_TASKS = ROOT / "examples" / "tasks"
 TEST_TASKS = ROOT / "tests" / "data" / "tasks"
 FAKE_LM_EVAL = f"{sys.executable} {ROOT / 'tests' / 'support' / 'fake_lm_eval.py'}"

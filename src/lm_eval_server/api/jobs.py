@@ -1,6 +1,5 @@
 """Jobs: submit, list, inspect, stop and delete (the original server's README endpoints)."""
 
-
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, status
@@ -96,28 +95,36 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
     async def stop_job(manager: Manager, job_id: int) -> JobAction:
         return JobAction(message=await manager.stop(job_id), job_id=job_id)
 
-    for path in ("/job/{job_id}/stop", "/job/{job_id}/dequeue"):
-        router.add_api_route(
-            path,
-            stop_job,
-            methods=["GET", "POST"],
-            response_model=JobAction,
-            responses=_NOT_FOUND,
-            summary="Stop a job (dequeue it if it is queued)",
-        )
+    # GET as in the original README, POST because stopping is a side effect; `dequeue` is the
+    # original code's name for the same thing.
+    for path, name in (("/job/{job_id}/stop", "stop"), ("/job/{job_id}/dequeue", "dequeue")):
+        for method in ("GET", "POST"):
+            router.add_api_route(
+                path,
+                stop_job,
+                methods=[method],
+                response_model=JobAction,
+                responses=_NOT_FOUND,
+                summary="Stop a job (dequeue it if it is queued)",
+                operation_id=f"{name}_job_{method.lower()}",
+                deprecated=name == "dequeue",
+            )
 
     async def stop_all(manager: Manager) -> BulkAction:
         ids = await manager.stop_all()
         return BulkAction(message=f"Stopped {len(ids)} job(s).", job_ids=ids)
 
-    for path in ("/jobs/stop", "/jobs/dequeue"):
-        router.add_api_route(
-            path,
-            stop_all,
-            methods=["GET", "POST"],
-            response_model=BulkAction,
-            summary="Stop every queued and running job",
-        )
+    for path, name in (("/jobs/stop", "stop"), ("/jobs/dequeue", "dequeue")):
+        for method in ("GET", "POST"):
+            router.add_api_route(
+                path,
+                stop_all,
+                methods=[method],
+                response_model=BulkAction,
+                summary="Stop every queued and running job",
+                operation_id=f"{name}_all_jobs_{method.lower()}",
+                deprecated=name == "dequeue",
+            )
 
     @router.delete("/job/{job_id}", response_model=JobAction, responses=_NOT_FOUND)
     async def delete_job(manager: Manager, job_id: int) -> JobAction:

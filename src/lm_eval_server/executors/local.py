@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -58,18 +57,19 @@ async def _wait_pidfd(pid: int) -> None:
 
 
 class LocalJobHandle:
-    def __init__(self, pid: int, work_dir: Path, popen: subprocess.Popen[bytes] | None) -> None:
+    def __init__(self, pid: int, work_dir: Path, own_child: bool) -> None:
         self.pid: int | None = pid
         self.ref: str | None = None
         self._work_dir = work_dir
-        self._popen = popen
+        self._own_child = own_child
 
     async def wait(self) -> int | None:
         assert self.pid is not None
         await _wait_pidfd(self.pid)
-        if self._popen is not None:
+        if self._own_child:
             # Reap our own child so it does not linger as a zombie.
-            self._popen.wait()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
         self._kill_group(signal.SIGKILL)  # stragglers the job left in its group
         return _read_exit_code(self._work_dir)
 
@@ -107,25 +107,31 @@ class LocalExecutor:
             *spec.argv,
         ]
         env = {**os.environ, **spec.env}
-        with open(spec.work_dir / "supervisor.log", "ab") as errors:
-            popen = subprocess.Popen(
+        errors = os.open(spec.work_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            # posix_spawn: no fork of this (large) process, and no Popen object whose
+            # finaliser would complain about a job that is meant to outlive the server.
+            pid = os.posix_spawn(
+                sys.executable,
                 command,
-                cwd=spec.work_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=errors,
-                stderr=errors,
-                start_new_session=True,
-                close_fds=True,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, errors, 1),
+                    (os.POSIX_SPAWN_DUP2, errors, 2),
+                ],
+                setsid=True,
             )
-        return LocalJobHandle(popen.pid, spec.work_dir, popen)
+        finally:
+            os.close(errors)
+        return LocalJobHandle(pid, spec.work_dir, own_child=True)
 
     def adopt(
         self, job_id: int, work_dir: Path, pid: int | None, ref: str | None
     ) -> JobHandle | None:
         if pid is None or not _is_our_supervisor(pid, work_dir):
             return None
-        return LocalJobHandle(pid, work_dir, None)
+        return LocalJobHandle(pid, work_dir, own_child=False)
 
     def recorded_exit_code(self, work_dir: Path, ref: str | None) -> int | None:
         return _read_exit_code(work_dir)

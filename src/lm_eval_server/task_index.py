@@ -1,0 +1,364 @@
+"""On-disk cache of lm-eval's built-in task index, and task-name discovery.
+
+lm-eval spends ~6 s per run indexing its ~14,700 built-in task YAMLs with
+``lm_eval.tasks._index.TaskIndex.build(paths)`` (called from
+``lm_eval.tasks.manager.TaskManager.__init__``). This module owns a cache of
+that index for the built-in tasks directory only; ``lm_eval_server.launcher``
+serves it back to lm-eval by wrapping ``TaskIndex.build`` (the one hook point).
+
+Two files live in ``<data_dir>/task_index/``, both written atomically
+(temp file + ``os.replace``), so concurrent builders are harmless:
+
+* ``builtin_index.pickle`` -- for the launcher: a small pickled header dict
+  (``format``, ``key``, ``lm_eval_version``, ``builtin_dir``, ``entries``)
+  followed by the raw pickle of ``dict[str, Entry]`` exactly as
+  ``TaskIndex.build([builtin_dir])`` returned it. The header lets a reader check
+  the key without unpickling 15 MB. Pickle runs code on load: the data dir must
+  only be writable by the server.
+* ``task_names.json`` -- for the server: ``{"lm_eval_version", "key",
+  "tasks", "groups", "tags"}``.
+
+``cache_key`` and ``load_names`` never import ``lm_eval`` (the server calls
+them); ``build`` does, so the server runs it in a child process:
+``python -m lm_eval_server.task_index build --data-dir DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pickle
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import yaml
+
+# Bump when the layout of either cache file changes, so old files read as stale.
+FORMAT_VERSION = 1
+CACHE_SUBDIR = "task_index"
+INDEX_FILENAME = "builtin_index.pickle"
+NAMES_FILENAME = "task_names.json"
+# lm-eval's TaskIndex skips these directories (lm_eval/tasks/_index.py).
+_IGNORE_DIRS = frozenset({"__pycache__", ".ipynb_checkpoints"})
+
+
+class CachePaths(NamedTuple):
+    index: Path
+    names: Path
+
+
+class CacheUnavailable(Exception):
+    """The pickled index cannot be used; the message says why (one line)."""
+
+
+# ----------------------------------------------------------------- cache key
+
+
+def builtin_tasks_dir() -> Path:
+    """lm-eval's built-in tasks directory, located without importing lm_eval."""
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("lm_eval is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "tasks"
+
+
+def lm_eval_version() -> str:
+    return importlib.metadata.version("lm_eval")
+
+
+def _yaml_fingerprint(root: Path) -> tuple[int, int, int]:
+    """(count, max mtime_ns, total size) of the YAML files lm-eval would index.
+
+    File stats rather than directory mtimes: importing a task's utils.py writes
+    a __pycache__ dir, which bumps its parent's mtime without changing any task.
+    Symlinked dirs are not followed, like pathlib's ``**`` in Python 3.11.
+    """
+    count = max_mtime = total_size = 0
+    stack = [os.fspath(root)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name not in _IGNORE_DIRS:
+                            stack.append(entry.path)
+                    elif entry.name.endswith(".yaml"):
+                        st = entry.stat()
+                        count += 1
+                        max_mtime = max(max_mtime, st.st_mtime_ns)
+                        total_size += st.st_size
+        except OSError:
+            continue  # unreadable subtree: lm-eval cannot index it either
+    return count, max_mtime, total_size
+
+
+def cache_key(builtin_dir: Path | None = None) -> str:
+    """Key of the current lm-eval install's built-in tasks (~40 ms for 14k files)."""
+    root = builtin_tasks_dir() if builtin_dir is None else builtin_dir
+    count, max_mtime, total_size = _yaml_fingerprint(root)
+    material = {
+        "format": FORMAT_VERSION,
+        "lm_eval_version": lm_eval_version(),
+        "builtin_dir": os.fspath(root.resolve()),
+        "yaml_count": count,
+        "yaml_max_mtime_ns": max_mtime,
+        "yaml_total_size": total_size,
+    }
+    blob = json.dumps(material, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+# ----------------------------------------------------------------- cache files
+
+
+def cache_paths(data_dir: Path) -> CachePaths:
+    base = Path(data_dir) / CACHE_SUBDIR
+    return CachePaths(index=base / INDEX_FILENAME, names=base / NAMES_FILENAME)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via a unique temp file in the same dir, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes 0600; jobs may run as another user of the same group.
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def names_by_kind(index: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Split index names the way TaskManager does (all_subtasks/groups/tags)."""
+    kinds = {"TASK": "tasks", "PY_TASK": "tasks", "GROUP": "groups", "TAG": "tags"}
+    out: dict[str, list[str]] = {"tasks": [], "groups": [], "tags": []}
+    for name, entry in index.items():
+        bucket = kinds.get(entry.kind.name)
+        if bucket is not None:
+            out[bucket].append(name)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def write_cache(
+    data_dir: Path,
+    key: str,
+    index: Mapping[str, Any],
+    *,
+    payload: bytes | None = None,
+    builtin_dir: Path | None = None,
+) -> CachePaths:
+    """Write both cache files. ``payload`` is ``pickle.dumps(index)`` if the
+    caller already has it (the launcher pickles before lm-eval can mutate it)."""
+    paths = cache_paths(data_dir)
+    version = lm_eval_version()
+    if payload is None:
+        payload = pickle.dumps(dict(index), protocol=pickle.HIGHEST_PROTOCOL)
+    header = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "lm_eval_version": version,
+        "builtin_dir": os.fspath(builtin_dir or builtin_tasks_dir()),
+        "entries": len(index),
+    }
+
+    def write_index(fh: IO[bytes]) -> None:
+        pickle.dump(header, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        fh.write(payload)
+
+    names = {"lm_eval_version": version, "key": key, **names_by_kind(index)}
+    _atomic_write(paths.index, write_index)
+    _atomic_write(paths.names, lambda fh: fh.write(json.dumps(names).encode()))
+    return paths
+
+
+def read_index_payload(data_dir: Path, key: str) -> bytes:
+    """The raw pickle of the cached index if its key is ``key``.
+
+    Returns bytes rather than entries so every consumer can ``pickle.loads`` a
+    private copy (lm-eval mutates the index dict it is given).
+    Raises CacheUnavailable with a one-line reason otherwise.
+    """
+    path = cache_paths(data_dir).index
+    try:
+        with path.open("rb") as fh:
+            header = pickle.load(fh)
+            if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+                raise CacheUnavailable(f"{path}: unknown format")
+            if header.get("key") != key:
+                raise CacheUnavailable(f"{path}: stale (key {header.get('key')} != {key})")
+            return fh.read()
+    except FileNotFoundError:
+        raise CacheUnavailable(f"{path}: missing") from None
+    except CacheUnavailable:
+        raise
+    except Exception as err:  # truncated/corrupt pickle, permissions, ...
+        raise CacheUnavailable(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+
+
+def load_names(data_dir: Path) -> set[str] | None:
+    """All built-in task/group/tag names, or None if the JSON is missing/stale."""
+    path = cache_paths(data_dir).names
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") != cache_key():
+            return None
+        return {*data["tasks"], *data["groups"], *data["tags"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def build(data_dir: Path, builtin_dir: Path | None = None) -> CachePaths:
+    """Index the built-in tasks with lm-eval's own TaskIndex and write the cache.
+
+    ``builtin_dir`` defaults to lm-eval's tasks dir; tests pass a small one.
+    """
+    from lm_eval.tasks._index import TaskIndex
+
+    if builtin_dir is None:
+        import lm_eval.tasks
+
+        # The same expression TaskManager uses, so the launcher's paths compare equal.
+        builtin_dir = Path(lm_eval.tasks.__file__).parent
+    # Key first: a task file edited mid-build then reads as stale, never as fresh.
+    key = cache_key(builtin_dir)
+    index = TaskIndex.build([builtin_dir])
+    return write_cache(data_dir, key, index, builtin_dir=builtin_dir)
+
+
+# ----------------------------------------------------------------- include_path scan
+
+
+class _TolerantLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """Safe loader that accepts ``!function`` and any other unknown tag."""
+
+
+def _function_ctor(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+    # lm-eval's unresolved "!function" yields a path string; the value is unused here.
+    return str(loader.construct_scalar(node))  # type: ignore[arg-type]
+
+
+def _unknown_tag_ctor(loader: yaml.SafeLoader, _suffix: str, node: yaml.Node) -> Any:
+    # lm-eval skips files with tags it cannot load; accepting them instead can only
+    # add names, so the server never rejects a name lm-eval would accept.
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node)
+    return loader.construct_scalar(node)  # type: ignore[arg-type]
+
+
+_TolerantLoader.add_constructor("!function", _function_ctor)
+_TolerantLoader.add_multi_constructor("", _unknown_tag_ctor)
+
+
+def _load_yaml(path: Path, seen: set[Path]) -> dict[str, Any]:
+    """Mirror of lm_eval.tasks._yaml_loader.load_yaml(resolve_func=False, recursive=True)."""
+    path = path.expanduser().resolve()
+    if path in seen:
+        raise ValueError(f"Include cycle at {path}")
+    seen.add(path)
+    with path.open("rb") as fh:
+        cfg = yaml.load(fh, Loader=_TolerantLoader)  # a SafeLoader subclass
+    if not isinstance(cfg, dict):
+        raise ValueError(f"Expected YAML dict from {path}, got {type(cfg).__name__}")
+    if "include" not in cfg:
+        return cfg
+    includes = cfg.pop("include")
+    merged: dict[str, Any] = {}
+    for inc in includes if isinstance(includes, list) else [includes]:
+        inc_path = Path(inc) if Path(inc).is_absolute() else path.parent / inc
+        inc_cfg = _load_yaml(inc_path, seen)  # seen is shared across siblings, as in lm-eval
+        inc_cfg.pop("task_list", None)
+        merged.update(inc_cfg)
+    merged.update(cfg)
+    return merged
+
+
+def _iter_yaml_files(root: Path) -> Iterator[Path]:
+    # Same traversal as TaskIndex._iter_yaml_files, so the same files are seen.
+    for p in sorted(root.glob("**/*.yaml"), key=lambda p: p.as_posix()):
+        if not any(part in _IGNORE_DIRS for part in p.parts):
+            yield p
+
+
+def _check_tags(tags: Any) -> None:
+    # TaskIndex._str_to_set runs before an entry is registered: a tag value it
+    # cannot turn into a set (an int, a list holding a dict) drops the whole file.
+    if tags is not None:
+        set().update([tags] if isinstance(tags, str) else tags)
+
+
+def _register(cfg: dict[str, Any], registered: dict[Any, None]) -> None:
+    """Mirror of TaskIndex.process_cfg, keeping only the names (insertion-ordered).
+
+    A config with ``class`` or ``task`` is a task and registers its ``tag``
+    (str or list) as tags; one with ``group`` is a group whose ``task:`` list
+    names members, not new tasks, and whose ``tag`` is not registered. A name
+    already registered by an earlier file (of any kind) makes lm-eval skip this
+    config, tags included, so order matters.
+    """
+    if "class" in cfg or ("task" in cfg and "group" not in cfg):
+        name = cfg["task"]
+        if name in registered:
+            return
+        _check_tags(cfg.get("tag"))
+        registered[name] = None
+        tags = cfg.get("tag")
+        if not tags:
+            return
+        for tag in tags if isinstance(tags, list) else [tags]:
+            registered.setdefault(tag, None)
+    elif "group" in cfg:
+        name = cfg["group"]
+        if name in registered:
+            return
+        _check_tags(cfg.get("tag"))
+        registered[name] = None
+    else:
+        raise ValueError(f"Unknown config shape: keys={list(cfg)}")
+
+
+def scan_include_path(path: Path | str) -> set[str]:
+    """Task, group and tag names defined by the YAML files under ``path``.
+
+    Parses in-process without importing lm_eval. Like TaskIndex.build, a file
+    that fails to load is skipped, but names it registered before failing count.
+    """
+    registered: dict[Any, None] = {}
+    for yaml_path in _iter_yaml_files(Path(path)):
+        try:
+            _register(_load_yaml(yaml_path, set()), registered)
+        except Exception:
+            continue
+    # TaskIndex keys int/None names too, but no --tasks string can match them.
+    return {name for name in registered if isinstance(name, str)}
+
+
+# ----------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lm_eval_server.task_index")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build_cmd = sub.add_parser("build", help="index lm-eval's built-in tasks into DIR")
+    build_cmd.add_argument("--data-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    paths = build(args.data_dir)
+    print(f"wrote {paths.index} and {paths.names}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
