@@ -260,7 +260,7 @@ function jobRow(job) {
     "tr",
     { dataset: { jobId: job.job_id, status: job.status }, "data-testid": "job-row" },
     h("td", { class: "num" }, h("a", { href: `#/job/${job.job_id}` }, `#${job.job_id}`)),
-    h("td", {}, badge(job.status)),
+    h("td", { title: job.error ? job.error.trim().split("\n").pop() : null }, badge(job.status)),
     h("td", { class: "mono ellipsis", title: job.model || "" }, job.model || "—"),
     h("td", { class: "mono ellipsis", title: tasks }, tasks || "—"),
     h("td", { class: "progress-col" }, progressBar(job)),
