@@ -154,6 +154,16 @@ def test_api_key_from_flag_env_or_missing(server: LiveServer) -> None:
     assert "--num_fewshot" in help_text and "--log_samples " in help_text
 
 
+def test_serve_runs_the_app(tmp_path: Path) -> None:
+    serve = [sys.executable, "-m", "lm_eval_server.cli", "serve", "--host", "127.0.0.1"]
+    with live_server(tmp_path, {"TASK_INDEX": "false"}, serve) as served:
+        listing = ok(run(served, "jobs", token=None))
+        assert listing.split()[:3] == ["ID", "STATUS", "PROGRESS"]
+        assert "Uvicorn running on http://127.0.0.1:" in served.log()
+        # Loopback only: no warning about an open server.
+        assert "No API_KEYS set" not in served.log()
+
+
 def test_unreachable_server(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "lm_eval_server.cli", "--url", "http://127.0.0.1:9", "jobs"],

@@ -51,7 +51,10 @@ def task_index_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def live_server(base: Path, extra_env: dict[str, str]) -> Iterator[LiveServer]:
+def live_server(
+    base: Path, extra_env: dict[str, str], command: list[str] | None = None
+) -> Iterator[LiveServer]:
+    """`command` (default: the README's uvicorn line) gets `--port N` appended."""
     port = free_port()
     data_dir = base / "data"
     log_path = base / "server.log"
@@ -67,7 +70,7 @@ def live_server(base: Path, extra_env: dict[str, str]) -> Iterator[LiveServer]:
         "SHUTDOWN_STOPS_JOBS": "true",
         **extra_env,
     }
-    command = [sys.executable, "-m", "uvicorn", "src.main:app", "--host", "127.0.0.1"]
+    command = command or [sys.executable, "-m", "uvicorn", "src.main:app", "--host", "127.0.0.1"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [*command, "--port", str(port)],
