@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +30,12 @@ from lm_eval_server.manager import (
     ShuttingDown,
 )
 from lm_eval_server.metrics import AppMetrics
-from lm_eval_server.security import BodyLimitMiddleware, is_loopback, require_api_key
+from lm_eval_server.security import (
+    BodyLimitMiddleware,
+    is_loopback,
+    listen_host,
+    require_api_key,
+)
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
 from lm_eval_server.validation import InvalidRequest, RequestValidator
 
@@ -58,8 +65,19 @@ def _make_executor(settings: Settings) -> Executor:
     return LocalExecutor(settings.max_log_bytes)
 
 
+def _setup_logging(level: str) -> None:
+    # The server's own logger prints beside uvicorn's, unless the host app configured logging.
+    logger = logging.getLogger("lm_eval_server")
+    logger.setLevel(level.upper())
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    _setup_logging(settings.log_level)
     parser = lm_eval_cli.make_raising(lm_eval_cli.load_parser())
     specs = lm_eval_cli.describe_options(parser)
     request_model = lm_eval_cli.build_request_model(specs)
@@ -69,11 +87,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if not settings.api_keys and settings.host_hint and not is_loopback(settings.host_hint):
+        host = listen_host(settings.host_hint, sys.argv, dict(os.environ))
+        if not settings.api_keys and not is_loopback(host):
             log.warning(
                 "No API_KEYS set and listening on %s: anyone who can reach this port can run "
                 "jobs. Set API_KEYS or API_KEYS_FILE.",
-                settings.host_hint,
+                host,
             )
         store = _make_store(settings)
         executor = _make_executor(settings)
@@ -109,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     secured = [Depends(require_api_key)]
     app.include_router(health.router)
+    app.include_router(health.secured_router, dependencies=secured)
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
     _add_dashboard(app)

@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     warm_workers: int = Field(0, ge=0)
 
+    log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")
 
     @field_validator(

@@ -72,6 +72,11 @@ def tail_text(path: Path, max_lines: int | None, end: int | None = None) -> Iter
     """The whole log (or its last `max_lines` raw lines) as byte chunks, up to `end` of the
     current file when given."""
     if max_lines is None:
+        if dropped := bytes_cut(path):
+            yield (
+                f"[lm-eval-server: the first {dropped} bytes of this log were dropped to keep "
+                "it under MAX_LOG_BYTES]\n"
+            ).encode()
         for segment in segments(path):
             with open(segment, "rb") as f:
                 left = end if (end is not None and segment == path) else None

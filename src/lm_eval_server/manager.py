@@ -435,12 +435,21 @@ class JobManager:
         return JobStatus.completed if code == 0 else JobStatus.failed
 
     def _failure_reason(self, record: JobRecord, code: int | None) -> str:
-        tail = joblogs.tail_lines(stderr_path(Path(record.work_dir)), 60).lines
-        text = "".join(line if line.endswith("\n") else line + "\n" for line in tail)
-        marker = text.rfind("Traceback (most recent call last):")
-        excerpt = text[marker:] if marker >= 0 else "".join(text.splitlines(True)[-15:])
+        """The exit code and the lines of stderr that explain it: the last Python traceback
+        (its head and its end, if long), or else the last lines."""
+        lines = [
+            line.rstrip("\n")
+            for line in joblogs.tail_lines(stderr_path(Path(record.work_dir)), 400).lines
+        ]
+        starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+        if starts:
+            block = lines[starts[-1] :]
+            if len(block) > 40:
+                block = [block[0], "  ...", *block[-30:]]
+        else:
+            block = lines[-15:]
         head = f"exit code {code}" if code is not None else "no exit code was recorded"
-        return f"{head}\n{excerpt.strip()}" if excerpt.strip() else head
+        return "\n".join([head, *block]).strip()
 
     def _read_progress(
         self,
