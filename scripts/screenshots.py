@@ -24,7 +24,7 @@ import httpx  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 from tests.support.completions_server import model_args_for, running_completions_server  # noqa: E402
 from tests.support.jobs import DUMMY_JOB, TEST_TASKS  # noqa: E402
-from tests.support.live_server import live_server  # noqa: E402
+from tests.support.server import ServerProcess  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -80,25 +80,27 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "imgs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        running_completions_server(delay_s=0.4) as stub_url,
-        live_server(
-            Path(tmp),
-            {
-                "MAX_CONCURRENCY": "1",
-                "TASK_INDEX": "false",
-                "ALLOWED_PATHS": f"{tmp},{ROOT / 'examples'},{TEST_TASKS}",
-            },
-        ) as server,
-        httpx.Client(base_url=server.url, timeout=30) as http,
-        sync_playwright() as playwright,
-    ):
+    with tempfile.TemporaryDirectory() as tmp, running_completions_server(delay_s=0.4) as stub:
+        # No task index: the screenshots need none, and building one takes a while.
+        server = ServerProcess(
+            Path(tmp) / "data", Path(tmp) / "index", MAX_CONCURRENCY="1", TASK_INDEX="false"
+        ).start()
+        try:
+            take(server, stub, args.out)
+        finally:
+            server.stop_jobs_and_terminate()
+    for name in ("openapi.png", "dashboard.png", "job.png"):
+        print(args.out / name)
+    return 0
+
+
+def take(server: ServerProcess, stub_url: str, out: Path) -> None:
+    with server.client() as http, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000}, color_scheme="light")
         page.goto(f"{server.url}/docs")
         expect(page.locator(".opblock-summary-path").first).to_be_visible()
-        page.screenshot(path=args.out / "openapi.png")
+        page.screenshot(path=out / "openapi.png")
 
         page.set_viewport_size({"width": 1280, "height": 720})
 
@@ -106,15 +108,12 @@ def main() -> int:
         page.goto(f"{server.url}/#/")
         expect(page.get_by_test_id("job-row")).to_have_count(6)
         page.wait_for_timeout(2000)  # let the progress bars finish their transition
-        page.screenshot(path=args.out / "dashboard.png")
+        page.screenshot(path=out / "dashboard.png")
 
         page.goto(f"{server.url}/#/job/{done}")
         expect(page.get_by_test_id("result-row").first).to_be_visible()
-        page.screenshot(path=args.out / "job.png")
+        page.screenshot(path=out / "job.png")
         browser.close()
-    for name in ("openapi.png", "dashboard.png", "job.png"):
-        print(args.out / name)
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from lm_eval_server import cli
 from tests.support.jobs import DUMMY_JOB, EXAMPLES_TASKS, FAKE_LM_EVAL
-from tests.support.live_server import API_KEY, LiveServer, live_server, task_index_env
+from tests.support.server import ServerProcess, free_port
+
+API_KEY = "cli-test-key-0123456789"
 
 
 @pytest.fixture(scope="module")
-def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveServer]:
-    env = {"API_KEYS": API_KEY, **task_index_env(request)}
-    with live_server(tmp_path_factory.mktemp("cli-server"), env) as live:
-        yield live
+def server(tmp_path_factory: pytest.TempPathFactory, index_dir: Path) -> Iterator[ServerProcess]:
+    data_dir = tmp_path_factory.mktemp("cli-server") / "data"
+    server = ServerProcess(data_dir, index_dir, API_KEYS=API_KEY, MAX_CONCURRENCY="2").start()
+    yield server
+    server.stop_jobs_and_terminate()
 
 
 def run(
-    server: LiveServer, *args: str, token: str | None = API_KEY
+    server: ServerProcess, *args: str, token: str | None = API_KEY
 ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LM_EVAL_SERVER_URL": server.url}
     env.pop("LM_EVAL_SERVER_TOKEN", None)
@@ -54,7 +59,7 @@ def sleeper_args() -> list[str]:
     ]  # fmt: skip
 
 
-def test_submit_wait_results_logs_delete(server: LiveServer) -> None:
+def test_submit_wait_results_logs_delete(server: ServerProcess) -> None:
     out = ok(
         run(
             server, "submit", "--model", "dummy", "--tasks", "demo_mc",
@@ -98,7 +103,7 @@ def test_submit_wait_results_logs_delete(server: LiveServer) -> None:
     assert "HTTP 404" in gone.stderr
 
 
-def test_submit_file_wait_timeout_stop(server: LiveServer, tmp_path: Path) -> None:
+def test_submit_file_wait_timeout_stop(server: ServerProcess, tmp_path: Path) -> None:
     body = {**DUMMY_JOB, "lm_eval_path": FAKE_LM_EVAL, "env_vars": {"FAKE_SLEEP_S": "600"}}
     request = tmp_path / "job.json"
     request.write_text(json.dumps(body))
@@ -119,7 +124,7 @@ def test_submit_file_wait_timeout_stop(server: LiveServer, tmp_path: Path) -> No
     assert "HTTP 409" in not_done.stderr
 
 
-def test_submit_wait_flag_reports_failure(server: LiveServer) -> None:
+def test_submit_wait_flag_reports_failure(server: ServerProcess) -> None:
     args = [a if a != "FAKE_SLEEP_S=600" else "FAKE_EXIT=3" for a in sleeper_args()]
     result = run(server, "submit", *args, "--wait", "--wait_timeout", "120")
     assert result.returncode == cli.EXIT_ERROR, result.stderr
@@ -127,7 +132,7 @@ def test_submit_wait_flag_reports_failure(server: LiveServer) -> None:
     assert final.startswith(f"Job {job_id} Failed, exit code 3")
 
 
-def test_errors_exit_1_with_the_servers_detail(server: LiveServer) -> None:
+def test_errors_exit_1_with_the_servers_detail(server: ServerProcess) -> None:
     unknown_model = run(server, "submit", "--model", "no_such_model", "--tasks", "demo_mc")
     assert unknown_model.returncode == 1
     assert "HTTP 422" in unknown_model.stderr and "no_such_model" in unknown_model.stderr
@@ -143,7 +148,7 @@ def test_errors_exit_1_with_the_servers_detail(server: LiveServer) -> None:
     assert run(server, "delete", "999999").returncode == 1
 
 
-def test_api_key_from_flag_env_or_missing(server: LiveServer) -> None:
+def test_api_key_from_flag_env_or_missing(server: ServerProcess) -> None:
     refused = run(server, "jobs", token=None)
     assert refused.returncode == 1
     assert "HTTP 401" in refused.stderr and "API key" in refused.stderr
@@ -154,14 +159,41 @@ def test_api_key_from_flag_env_or_missing(server: LiveServer) -> None:
     assert "--num_fewshot" in help_text and "--log_samples " in help_text
 
 
-def test_serve_runs_the_app(tmp_path: Path) -> None:
-    serve = [sys.executable, "-m", "lm_eval_server.cli", "serve", "--host", "127.0.0.1"]
-    with live_server(tmp_path, {"TASK_INDEX": "false"}, serve) as served:
-        listing = ok(run(served, "jobs", token=None))
-        assert listing.split()[:3] == ["ID", "STATUS", "PROGRESS"]
-        assert "Uvicorn running on http://127.0.0.1:" in served.log()
-        # Loopback only: no warning about an open server.
-        assert "No API_KEYS set" not in served.log()
+def test_serve_runs_the_app(tmp_path: Path, index_dir: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "INDEX_DIR": str(index_dir)}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lm_eval_server.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        listing = subprocess.run(
+            [sys.executable, "-m", "lm_eval_server.cli", "--url", url, "jobs"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listing.stdout.split()[:3] == ["ID", "STATUS", "PROGRESS"], listing.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    log_text = log_path.read_text()
+    # The default host is loopback, so there is no warning about an open server.
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in log_text
+    assert "No API_KEYS set" not in log_text
 
 
 def test_unreachable_server(tmp_path: Path) -> None:
