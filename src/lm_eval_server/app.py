@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Run lm-evaluation-harness evaluations as jobs over HTTP.",
         lifespan=lifespan,
+        docs_url=None,  # api/dashboard.py serves /docs from a local Swagger UI copy
     )
     app.state.settings = settings
     app.state.catalog = catalog
