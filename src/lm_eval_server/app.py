@@ -116,7 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Run lm-evaluation-harness evaluations as jobs over HTTP.",
         lifespan=lifespan,
-        docs_url=None,  # api/dashboard.py serves /docs from a local Swagger UI copy
+        docs_url=None,
+        redoc_url=None,  # api/dashboard.py serves /docs from a local Swagger UI copy
     )
     app.state.settings = settings
     app.state.catalog = catalog
