@@ -219,3 +219,11 @@ def test_health_ready_metrics_and_docs(client: Any) -> None:
     for field in ("model", "tasks", "model_args", "log_samples", "env_vars", "lm_eval_path"):
         assert field in props
     assert client.get("/docs").status_code == 200
+
+
+def test_memory_store_keeps_nothing_on_disk(make_client: Any, tmp_path: Any) -> None:
+    client = make_client(store="memory")
+    job_id = submit(client, fake_job())
+    assert wait_for(client, job_id)["status"] == "Completed"
+    assert client.get("/jobs").json()["total"] == 1
+    assert not (tmp_path / "data" / "jobs.db").exists()
