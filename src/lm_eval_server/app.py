@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -26,11 +26,15 @@ from lm_eval_server.manager import (
     JobNotFound,
     QueueFull,
     ShuttingDown,
+    base_job_env,
 )
 from lm_eval_server.metrics import AppMetrics
 from lm_eval_server.security import BodyLimitMiddleware, is_loopback, require_api_key
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
 from lm_eval_server.validation import InvalidRequest, RequestValidator
+
+if TYPE_CHECKING:
+    from lm_eval_server.warm import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +52,22 @@ def _make_store(settings: Settings) -> JobStore:
     return SqliteJobStore(settings.db_path)
 
 
-def _make_executor(settings: Settings) -> Executor:
+def _make_warm_pool(settings: Settings) -> WarmPool | None:
+    if settings.executor is not ExecutorKind.local or settings.warm_workers == 0:
+        return None
+    from lm_eval_server.warm import WarmPool
+
+    return WarmPool(settings.warm_workers, base_job_env(settings), settings.data_dir / "warm")
+
+
+def _make_executor(settings: Settings, warm_pool: WarmPool | None = None) -> Executor:
     if settings.executor is ExecutorKind.ray:
         from lm_eval_server.executors.ray import RayExecutor  # optional dependency
 
         return RayExecutor(settings)  # type: ignore[return-value]
     from lm_eval_server.executors.local import LocalExecutor
 
-    return LocalExecutor(settings.max_log_bytes)
+    return LocalExecutor(settings.max_log_bytes, warm_pool)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,19 +88,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.host_hint,
             )
         store = _make_store(settings)
-        executor = _make_executor(settings)
+        warm_pool = _make_warm_pool(settings)
+        executor = _make_executor(settings, warm_pool)
+        app.state.warm_pool = warm_pool
         manager = JobManager(settings, store, executor)
         metrics.watch(manager)
         app.state.manager = manager
         app.state.store_open = True
         catalog.start()
         await manager.start()
+        if warm_pool is not None:
+            await warm_pool.start()  # returns at once; workers warm up in their own processes
         try:
             yield
         finally:
             await manager.shutdown()
             await catalog.close()
             await executor.close()
+            if warm_pool is not None:
+                await warm_pool.close()
             store.close()
             app.state.store_open = False
 
@@ -102,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.metrics = metrics
     app.state.store_open = False
+    app.state.warm_pool = None
     app.state.api_keys = [key.encode() for key in settings.api_keys]
     app.state.validator = RequestValidator(settings, parser, specs, catalog)
     app.state.request_model = request_model
