@@ -3,9 +3,12 @@ and launcher jobs, stop/logs/progress, cold fallback, worker replacement, hook f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lm_eval_server import launcher, warm
+from lm_eval_server.app import create_app
+from lm_eval_server.config import Settings
+from lm_eval_server.executors.base import LaunchSpec
 from tests.support.completions_server import model_args_for, running_stub_server
 from tests.support.jobs import (
     DUMMY_JOB,
@@ -184,18 +190,112 @@ def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
     eventually(lambda: children_of(replacement) == [])
 
 
-def test_warm_worker_honours_disabled_hook(
-    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+def test_warm_worker_honours_disabled_hook_and_its_jobs_outlive_the_server(
+    make_settings: Callable[..., Settings],
+    make_client: Callable[..., TestClient],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Workers inherit the server's environment, as cold jobs do.
     monkeypatch.setenv(launcher.ENV_DISABLE_HOOK, "1")
-    client = make_client(warm_workers=1)
-    worker = wait_warm(client)
-    [info] = client.app.state.warm_pool.ready_info()  # type: ignore[attr-defined]
-    assert info["hook"] == "LM_EVAL_SERVER_DISABLE_HOOK=1"
-    job_id = submit(client, {**DUMMY_JOB, "limit": 2})
-    job = wait_for(client, job_id)
-    assert job["status"] == "Completed", job["error"]
-    log = stderr_text(client, job_id)
-    assert f"{WARM_MARKER} {worker}\n" in log
-    assert "running plain lm-eval: LM_EVAL_SERVER_DISABLE_HOOK=1" in log
+    with running_stub_server(delay_s=0.5) as stub:
+        with TestClient(create_app(make_settings(warm_workers=1))) as first:
+            worker = wait_warm(first)
+            [info] = first.app.state.warm_pool.ready_info()  # type: ignore[attr-defined]
+            assert info["hook"] == "LM_EVAL_SERVER_DISABLE_HOOK=1"
+            job_id = submit(first, {**DUMMY_JOB, "limit": 2})
+            job = wait_for(first, job_id)
+            assert job["status"] == "Completed", job["error"]
+            log = stderr_text(first, job_id)
+            assert f"{WARM_MARKER} {worker}\n" in log
+            assert "running plain lm-eval: LM_EVAL_SERVER_DISABLE_HOOK=1" in log
+
+            slow = submit(first, stub_job(stub.base_url, "arith_gen"))
+            eventually(lambda: "Requesting API" in stderr_text(first, slow))
+            assert WARM_MARKER in stderr_text(first, slow)
+            leader = first.app.state.manager.get(slow).pid  # type: ignore[attr-defined]
+            # Leaving the block shuts the server and its worker down; the job runs on...
+        assert process_alive(leader)
+        assert not process_alive(worker)
+        # ...and the next server re-adopts it like a cold job, by its supervisor.
+        second = make_client()
+        assert second.app.state.manager.get(slow).pid == leader  # type: ignore[attr-defined]
+        assert second.get(f"/job/{slow}").json()["status"] == "Running"
+        assert second.post(f"/job/{slow}/stop").status_code == 200
+        assert second.get(f"/job/{slow}").json()["status"] == "Stopped"
+        assert group_members(leader) == []
+
+
+# ----------------------------------------------------------------- cheap pieces, no lm-eval run
+
+ATTACHED = """
+import os, sys
+out_r, out_w = os.pipe()
+err_r, err_w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.write(1, b"to stdout\\n")
+    os.write(2, b"to stderr\\n")
+    os._exit(3)
+os.close(out_w)
+os.close(err_w)
+os.set_inheritable(out_r, True)
+os.set_inheritable(err_r, True)
+work_dir, supervise = sys.argv[1:]
+os.execv(sys.executable, [sys.executable, "-I", "-S", supervise, work_dir, "4096", "--attach",
+                          str(child), str(out_r), str(err_r)])
+"""
+
+
+def test_supervise_attach_mode_records_like_run(tmp_path: Path) -> None:
+    from lm_eval_server import supervise
+
+    done = subprocess.run(
+        [sys.executable, "-c", ATTACHED, str(tmp_path), supervise.__file__], timeout=60
+    )
+    assert done.returncode == 3
+    assert (tmp_path / "stdout.log").read_text() == "to stdout\n"
+    assert (tmp_path / "stderr.log").read_text() == "to stderr\n"
+    assert json.loads((tmp_path / "exit.json").read_text())["exit_code"] == 3
+    assert (tmp_path / "child.pid").read_text().isdigit()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"executor": "ray", "ray_address": "http://x:8265"}, "EXECUTOR=local only"),
+        ({"use_launcher": False}, "needs USE_LAUNCHER=true"),
+    ],
+)
+def test_warm_workers_settings_conflicts_are_startup_errors(
+    make_settings: Callable[..., Settings], overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_settings(warm_workers=1, **overrides)
+
+
+def test_pool_declines_what_it_cannot_run_warm(tmp_path: Path) -> None:
+    env = {"PYTHONUNBUFFERED": "1"}
+    pool = warm.WarmPool(1, env, tmp_path)  # not started: no worker is ever ready
+    argv = [sys.executable, "-m", "lm_eval_server.launcher", "--model", "dummy"]
+
+    def spec(**changes: Any) -> LaunchSpec:
+        values: dict[str, Any] = {
+            "job_id": 1,
+            "argv": argv,
+            "env": env,
+            "work_dir": tmp_path,
+            "warm_eligible": True,
+        }
+        return LaunchSpec(**{**values, **changes})
+
+    assert warm.launcher_args(argv) == ["--model", "dummy"]
+    assert warm.launcher_args([sys.executable, "-m", "lm_eval", "--model", "dummy"]) is None
+    for declined in (
+        spec(warm_eligible=False),
+        spec(argv=[sys.executable, "-m", "lm_eval", "--model", "dummy"]),
+        spec(env={**env, "LMEVAL_LOG_LEVEL": "DEBUG"}),
+        spec(),  # eligible, but no worker is ready
+    ):
+        assert asyncio.run(pool.run(declined, 1024)) is None
