@@ -160,6 +160,9 @@ class WarmPool:
                 worker.writer.close()  # end of requests: the worker exits by itself
             else:
                 _signal(worker.proc, signal.SIGTERM)  # still importing; nothing to lose
+        for slot, task in enumerate(self._tasks):
+            if slot not in self._workers:
+                task.cancel()  # between workers (back-off): nothing to wait for
         if not self._tasks:
             return
         _, pending = await asyncio.wait(self._tasks, timeout=self._close_grace_s)
@@ -500,7 +503,7 @@ def serve(control_fd: int) -> int:
                 os.write(gate, b"go")
             finally:
                 os.close(gate)
-    except BrokenPipeError:
+    except ConnectionError:
         pass  # the server is gone
     return 0
 
