@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -62,6 +63,15 @@ UVICORN = [sys.executable, "-m", "uvicorn", "src.main:app", "--host", "127.0.0.1
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 600.0
 JOB_TIMEOUT_S = 300.0
+
+
+def bytecode_cached() -> bool:
+    """Whether lm-eval's modules have .pyc files: without them (PYTHONDONTWRITEBYTECODE=1 and
+    an install that did not compile) every cold or launcher job compiles its ~1,800 imports."""
+    spec = importlib.util.find_spec("lm_eval.evaluator")
+    return bool(
+        spec and spec.origin and Path(importlib.util.cache_from_source(spec.origin)).exists()
+    )
 
 
 def free_port() -> int:
@@ -264,6 +274,11 @@ def report(
     cold = medians["cold"]
     print()
     print(f"1-sample dummy job (demo_mc, limit 1); medians of {runs} runs; {os.cpu_count()} CPUs")
+    if not bytecode_cached():
+        print(
+            "note: lm-eval has no cached bytecode here, so every cold/launcher job compiles its "
+            "imports; run it once without PYTHONDONTWRITEBYTECODE for installed-like figures"
+        )
     header = (
         f"{'mode':<9} {'POST->1st inference':>20} {'POST->Completed':>16} {'CPU/job':>9}"
         f" {'x cold (1st inf / done / CPU)':>31}"
