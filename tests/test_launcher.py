@@ -256,7 +256,7 @@ def test_prepare_reports_setup_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(launcher.ENV_INDEX_DIR, "/nonexistent")
     monkeypatch.delenv(launcher.ENV_DISABLE_HOOK, raising=False)
 
-    def boom(_data_dir: Path) -> str | None:
+    def boom(_data_dir: Path, *, preload: bool = False) -> str | None:
         raise RuntimeError("surprise")
 
     monkeypatch.setattr(launcher, "install_hook", boom)

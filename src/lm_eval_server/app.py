@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -28,6 +28,7 @@ from lm_eval_server.manager import (
     JobNotFound,
     QueueFull,
     ShuttingDown,
+    base_job_env,
 )
 from lm_eval_server.metrics import AppMetrics
 from lm_eval_server.security import (
@@ -38,6 +39,9 @@ from lm_eval_server.security import (
 )
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
 from lm_eval_server.validation import InvalidRequest, RequestValidator
+
+if TYPE_CHECKING:
+    from lm_eval_server.warm import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +59,22 @@ def _make_store(settings: Settings) -> JobStore:
     return SqliteJobStore(settings.db_path)
 
 
-def _make_executor(settings: Settings) -> Executor:
+def _make_warm_pool(settings: Settings) -> WarmPool | None:
+    if settings.executor is not ExecutorKind.local or settings.warm_workers == 0:
+        return None
+    from lm_eval_server.warm import WarmPool
+
+    return WarmPool(settings.warm_workers, base_job_env(settings), settings.data_dir / "warm")
+
+
+def _make_executor(settings: Settings, warm_pool: WarmPool | None = None) -> Executor:
     if settings.executor is ExecutorKind.ray:
         from lm_eval_server.executors.ray import RayExecutor  # optional dependency
 
         return RayExecutor(settings)  # type: ignore[return-value]
     from lm_eval_server.executors.local import LocalExecutor
 
-    return LocalExecutor(settings.max_log_bytes)
+    return LocalExecutor(settings.max_log_bytes, warm_pool)
 
 
 def _setup_logging(level: str) -> None:
@@ -95,19 +107,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 host,
             )
         store = _make_store(settings)
-        executor = _make_executor(settings)
+        warm_pool = _make_warm_pool(settings)
+        executor = _make_executor(settings, warm_pool)
+        app.state.warm_pool = warm_pool
         manager = JobManager(settings, store, executor)
         metrics.watch(manager)
         app.state.manager = manager
         app.state.store_open = True
         catalog.start()
         await manager.start()
+        if warm_pool is not None:
+            await warm_pool.start()  # returns at once; workers warm up in their own processes
         try:
             yield
         finally:
             await manager.shutdown()
             await catalog.close()
             await executor.close()
+            if warm_pool is not None:
+                await warm_pool.close()
             store.close()
             app.state.store_open = False
 
@@ -123,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.metrics = metrics
     app.state.store_open = False
+    app.state.warm_pool = None
     app.state.api_keys = [key.encode() for key in settings.api_keys]
     app.state.validator = RequestValidator(settings, parser, specs, catalog)
     app.state.request_model = request_model

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_TICK_S = 0.5
 RETRY_AFTER_S = 5
+LAUNCHER_MODULE = "lm_eval_server.launcher"
 # Above this much new stderr per tick, only the end is parsed for bars (markers are still
 # found in all of it), so a chatty job cannot make the server spend its CPU on regexes.
 _FULL_PARSE_BYTES = 64 * 1024
@@ -59,6 +60,15 @@ def _parse_new_output(
             text = text[-_FULL_PARSE_BYTES:]
         tracker.feed(text)
     return tracker.progress
+
+
+def base_job_env(settings: Settings) -> dict[str, str]:
+    """What every job gets on top of the server's environment (before its own env_vars)."""
+    return {
+        # stdout reaches the logs as it is written, not when the job ends.
+        "PYTHONUNBUFFERED": "1",
+        "LM_EVAL_SERVER_INDEX_DIR": str(settings.task_index_dir),
+    }
 
 
 class JobNotFound(LookupError):
@@ -307,17 +317,18 @@ class JobManager:
     def _argv(self, program: list[str], lm_args: list[str]) -> list[str]:
         default = shlex.split(self._settings.default_lm_eval_path)
         if self._launcher and program == default:
-            return [sys.executable, "-m", "lm_eval_server.launcher", *lm_args]
+            return [sys.executable, "-m", LAUNCHER_MODULE, *lm_args]
         return [*program, *lm_args]
 
     def _job_env(self, record: JobRecord) -> dict[str, str]:
-        env = {
-            # stdout reaches the logs as it is written, not when the job ends.
-            "PYTHONUNBUFFERED": "1",
-            "LM_EVAL_SERVER_INDEX_DIR": str(self._settings.task_index_dir),
-        }
-        env.update(record.env_vars)
-        return env
+        return {**base_job_env(self._settings), **record.env_vars}
+
+    @staticmethod
+    def _warm_eligible(record: JobRecord) -> bool:
+        # A warm worker has imported lm-eval under the server's environment, and some
+        # variables are read at import time: only launcher jobs without env_vars qualify.
+        launcher = [sys.executable, "-m", LAUNCHER_MODULE]
+        return not record.env_vars and record.argv[: len(launcher)] == launcher
 
     def _schedule(self) -> None:
         while (
@@ -377,6 +388,7 @@ class JobManager:
             num_gpus=resources.get("num_gpus"),
             num_cpus=resources.get("num_cpus"),
             memory=resources.get("memory"),
+            warm_eligible=self._warm_eligible(record),
         )
         try:
             handle = await self._executor.start(spec)

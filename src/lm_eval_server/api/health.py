@@ -25,7 +25,12 @@ async def ready(request: Request) -> JSONResponse:
         "accepting_jobs": not state.manager.shutting_down,
     }
     ok = all(checks.values())
-    return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+    body: dict[str, object] = {"ready": ok, "checks": checks}
+    pool = state.warm_pool
+    if pool is not None:
+        # Informational: without a ready warm worker, jobs simply start cold.
+        body["warm_workers"] = {"configured": pool.size, "ready": pool.ready_count}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @secured_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
