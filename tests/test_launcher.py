@@ -8,7 +8,6 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -257,7 +256,7 @@ def test_prepare_reports_setup_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(launcher.ENV_INDEX_DIR, "/nonexistent")
     monkeypatch.delenv(launcher.ENV_DISABLE_HOOK, raising=False)
 
-    def boom(_data_dir: Path) -> str | None:
+    def boom(_data_dir: Path, *, preload: bool = False) -> str | None:
         raise RuntimeError("surprise")
 
     monkeypatch.setattr(launcher, "install_hook", boom)
@@ -291,17 +290,9 @@ def run_concurrently(jobs: dict[str, tuple[list[str], dict[str, str]]], logs: Pa
 
 
 @pytest.fixture(scope="module")
-def warm_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The real built-in index, built once by the server's command."""
-    data = tmp_path_factory.mktemp("index")
-    subprocess.run(
-        [sys.executable, "-m", "lm_eval_server.task_index", "build", "--data-dir", str(data)],
-        env=job_env(),
-        check=True,
-        capture_output=True,
-        timeout=JOB_TIMEOUT,
-    )
-    yield data
+def warm_cache(index_dir: Path) -> Path:
+    """The real built-in index, built once per session by the server's command (conftest)."""
+    return index_dir
 
 
 def test_build_command_writes_the_cache(warm_cache: Path) -> None:

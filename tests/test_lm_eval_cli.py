@@ -197,3 +197,17 @@ def test_parser_errors_become_argv_errors(real) -> None:  # type: ignore[no-unty
         lm_eval_cli.parse_argv(parser, ["--tasks", "x", "--cache_requests", "sometimes"])
     with pytest.raises(lm_eval_cli.ArgvError, match=r"seed|integer"):
         lm_eval_cli.parse_argv(parser, ["--tasks", "x", "--seed", "a,b"])
+
+
+def test_releases_up_to_0_4_9_use_setup_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    legacy = types.ModuleType("lm_eval.__main__")
+    legacy.setup_parser = lambda: fixture_parser(True)  # type: ignore[attr-defined]
+    # No HarnessCLI (as before 0.4.10): importing it fails, and __main__ has setup_parser.
+    monkeypatch.setitem(sys.modules, "lm_eval._cli.harness", None)
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", legacy)
+    parser = lm_eval_cli.load_parser()
+    dests = {s.dest for s in lm_eval_cli.describe_options(parser)}
+    assert "brand_new_knob" in dests and "tasks" in dests

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -26,11 +28,20 @@ from lm_eval_server.manager import (
     JobNotFound,
     QueueFull,
     ShuttingDown,
+    base_job_env,
 )
 from lm_eval_server.metrics import AppMetrics
-from lm_eval_server.security import BodyLimitMiddleware, is_loopback, require_api_key
+from lm_eval_server.security import (
+    BodyLimitMiddleware,
+    is_loopback,
+    listen_host,
+    require_api_key,
+)
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
 from lm_eval_server.validation import InvalidRequest, RequestValidator
+
+if TYPE_CHECKING:
+    from lm_eval_server.warm import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +59,37 @@ def _make_store(settings: Settings) -> JobStore:
     return SqliteJobStore(settings.db_path)
 
 
-def _make_executor(settings: Settings) -> Executor:
+def _make_warm_pool(settings: Settings) -> WarmPool | None:
+    if settings.executor is not ExecutorKind.local or settings.warm_workers == 0:
+        return None
+    from lm_eval_server.warm import WarmPool
+
+    return WarmPool(settings.warm_workers, base_job_env(settings), settings.data_dir / "warm")
+
+
+def _make_executor(settings: Settings, warm_pool: WarmPool | None = None) -> Executor:
     if settings.executor is ExecutorKind.ray:
         from lm_eval_server.executors.ray import RayExecutor  # optional dependency
 
         return RayExecutor(settings)  # type: ignore[return-value]
     from lm_eval_server.executors.local import LocalExecutor
 
-    return LocalExecutor(settings.max_log_bytes)
+    return LocalExecutor(settings.max_log_bytes, warm_pool)
+
+
+def _setup_logging(level: str) -> None:
+    # The server's own logger prints beside uvicorn's, unless the host app configured logging.
+    logger = logging.getLogger("lm_eval_server")
+    logger.setLevel(level.upper())
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    _setup_logging(settings.log_level)
     parser = lm_eval_cli.make_raising(lm_eval_cli.load_parser())
     specs = lm_eval_cli.describe_options(parser)
     request_model = lm_eval_cli.build_request_model(specs)
@@ -69,26 +99,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if not settings.api_keys and settings.host_hint and not is_loopback(settings.host_hint):
+        host = listen_host(settings.host_hint, sys.argv, dict(os.environ))
+        if not settings.api_keys and not is_loopback(host):
             log.warning(
                 "No API_KEYS set and listening on %s: anyone who can reach this port can run "
                 "jobs. Set API_KEYS or API_KEYS_FILE.",
-                settings.host_hint,
+                host,
             )
         store = _make_store(settings)
-        executor = _make_executor(settings)
+        warm_pool = _make_warm_pool(settings)
+        executor = _make_executor(settings, warm_pool)
+        app.state.warm_pool = warm_pool
         manager = JobManager(settings, store, executor)
         metrics.watch(manager)
         app.state.manager = manager
         app.state.store_open = True
         catalog.start()
         await manager.start()
+        if warm_pool is not None:
+            await warm_pool.start()  # returns at once; workers warm up in their own processes
         try:
             yield
         finally:
             await manager.shutdown()
             await catalog.close()
             await executor.close()
+            if warm_pool is not None:
+                await warm_pool.close()
             store.close()
             app.state.store_open = False
 
@@ -97,17 +134,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Run lm-evaluation-harness evaluations as jobs over HTTP.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,  # api/dashboard.py serves /docs from a local Swagger UI copy
     )
     app.state.settings = settings
     app.state.catalog = catalog
     app.state.metrics = metrics
     app.state.store_open = False
+    app.state.warm_pool = None
     app.state.api_keys = [key.encode() for key in settings.api_keys]
     app.state.validator = RequestValidator(settings, parser, specs, catalog)
     app.state.request_model = request_model
 
     secured = [Depends(require_api_key)]
     app.include_router(health.router)
+    app.include_router(health.secured_router, dependencies=secured)
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
     _add_dashboard(app)

@@ -111,8 +111,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds the Ray cluster may be unreachable before a job it runs is Failed.",
     )
-    warm_workers: int = Field(0, ge=0)
+    warm_workers: int = Field(
+        0, ge=0, description="Pre-started lm-eval processes that fork jobs (local executor)."
+    )
 
+    log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")
 
     @field_validator(
@@ -133,6 +136,10 @@ class Settings(BaseSettings):
             self.api_keys = [*self.api_keys, *(k for k in keys if k and not k.startswith("#"))]
         if self.executor is ExecutorKind.ray and not self.ray_address:
             raise ValueError("EXECUTOR=ray needs RAY_ADDRESS (e.g. http://head:8265)")
+        if self.warm_workers and self.executor is not ExecutorKind.local:
+            raise ValueError("WARM_WORKERS works with EXECUTOR=local only")
+        if self.warm_workers and not self.use_launcher:
+            raise ValueError("WARM_WORKERS needs USE_LAUNCHER=true (warm jobs run the launcher)")
         return self
 
     @property

@@ -59,10 +59,16 @@ class Tail:
 
 
 def tail_lines(path: Path, max_lines: int) -> Tail:
-    data, earlier = read_tail_bytes(path, TAIL_READ_BYTES)
-    lines = terminal_lines(data.decode("utf-8", errors="replace"))
-    if earlier and lines:
-        lines = lines[1:]  # the first line read is probably partial
+    # Start small and read further back only when the lines are long: most tails are a few KB.
+    want = 64 * 1024
+    while True:
+        data, earlier = read_tail_bytes(path, want)
+        lines = terminal_lines(data.decode("utf-8", errors="replace"))
+        if earlier and lines:
+            lines = lines[1:]  # the first line read is probably partial
+        if len(lines) >= max_lines or not earlier or want >= TAIL_READ_BYTES:
+            break
+        want *= 4
     if len(lines) > max_lines:
         return Tail(lines[-max_lines:], True)
     return Tail(lines, earlier)
@@ -72,6 +78,11 @@ def tail_text(path: Path, max_lines: int | None, end: int | None = None) -> Iter
     """The whole log (or its last `max_lines` raw lines) as byte chunks, up to `end` of the
     current file when given."""
     if max_lines is None:
+        if dropped := bytes_cut(path):
+            yield (
+                f"[lm-eval-server: the first {dropped} bytes of this log were dropped to keep "
+                "it under MAX_LOG_BYTES]\n"
+            ).encode()
         for segment in segments(path):
             with open(segment, "rb") as f:
                 left = end if (end is not None and segment == path) else None
@@ -117,6 +128,25 @@ class LogFollower:
             if st.st_size < self._offset:
                 self._offset = 0
             return self._read_from(f, max_bytes)
+
+    def backlog(self) -> int:
+        """Bytes written to the current file and not read yet."""
+        try:
+            st = self._path.stat()
+        except OSError:
+            return 0
+        if self._inode is not None and st.st_ino != self._inode:
+            return st.st_size
+        return max(0, st.st_size - self._offset)
+
+    def skip_to_end(self, keep: int) -> None:
+        """Jump ahead so that only the last `keep` bytes of the current file remain unread."""
+        try:
+            st = self._path.stat()
+        except OSError:
+            return
+        self._inode = st.st_ino
+        self._offset = max(self._offset if st.st_ino == self._inode else 0, st.st_size - keep)
 
     def _read_rotated(self) -> bytes:
         rotated = self._path.with_name(self._path.name + ".1")

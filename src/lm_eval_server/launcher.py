@@ -95,11 +95,24 @@ class BuiltinIndexSource:
         self._original = original_build
         self._payload = payload
         self._save = save
+        self._preloaded: Index | None = None
 
     def is_builtin(self, path: Any) -> bool:
         return os.path.realpath(path) == self._real_builtin
 
+    def preload(self) -> None:
+        """Load the index now; the next ``get`` hands out this very copy.
+
+        For a warm worker, which forks once per job: each fork's first ``get``
+        returns the preloaded dict, made private to that job by fork itself.
+        """
+        self._preloaded = self.get()
+
     def get(self) -> Index:
+        if self._preloaded is not None:
+            index, self._preloaded = self._preloaded, None
+            _debug(f"{CACHE_HIT_MARKER} (preloaded, {len(index)} entries)")
+            return index
         if self._payload is not None:
             try:
                 index = _unpickle(self._payload)
@@ -189,8 +202,12 @@ def _saver(data_dir: Path, key: str, builtin_dir: Path) -> Callable[[Index, byte
     return save
 
 
-def install_hook(data_dir: Path) -> str | None:
-    """Patch the hook point; returns why it was not patched, or None."""
+def install_hook(data_dir: Path, *, preload: bool = False) -> str | None:
+    """Patch the hook point; returns why it was not patched, or None.
+
+    ``preload``: load the built-in index now rather than at the first ``build``
+    (for warm workers; see ``BuiltinIndexSource.preload``).
+    """
     import lm_eval.tasks
     import lm_eval.tasks._index as index_mod
     import lm_eval.tasks.manager as manager_mod
@@ -212,10 +229,15 @@ def install_hook(data_dir: Path) -> str | None:
     source = BuiltinIndexSource(builtin_dir, original, payload, _saver(data_dir, key, builtin_dir))
     index_mod.TaskIndex.build = staticmethod(make_build(original, source, index_mod.log))
     _debug(f"hooked {HOOK_POINT} (cache key {key})")
+    if preload:
+        try:
+            source.preload()
+        except Exception as err:  # the hook still works; each job loads the index itself
+            _say(f"could not preload the task index ({type(err).__name__}: {err})")
     return None
 
 
-def _prepare() -> str | None:
+def _prepare(*, preload: bool = False) -> str | None:
     """Install the hook if wanted and possible; returns why plain lm-eval runs."""
     data_dir = os.environ.get(ENV_INDEX_DIR)
     if not data_dir:
@@ -223,9 +245,13 @@ def _prepare() -> str | None:
     if os.environ.get(ENV_DISABLE_HOOK) == "1":
         return f"{ENV_DISABLE_HOOK}=1"
     try:
-        return install_hook(Path(data_dir))
+        return install_hook(Path(data_dir), preload=preload)
     except Exception as err:  # any surprise in our code must not cost the job
         return f"hook setup failed ({type(err).__name__}: {err})"
+
+
+def plain_lm_eval_notice(reason: str) -> None:
+    _say(f"running plain lm-eval: {reason}")
 
 
 def _run_lm_eval(argv: list[str]) -> None:
@@ -241,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     reason = _prepare()
     if reason is not None:
-        _say(f"running plain lm-eval: {reason}")
+        plain_lm_eval_notice(reason)
     _run_lm_eval(args)
 
 

@@ -35,9 +35,40 @@ log = logging.getLogger(__name__)
 
 PROGRESS_TICK_S = 0.5
 RETRY_AFTER_S = 5
+LAUNCHER_MODULE = "lm_eval_server.launcher"
 # Above this much new stderr per tick, only the end is parsed for bars (markers are still
 # found in all of it), so a chatty job cannot make the server spend its CPU on regexes.
 _FULL_PARSE_BYTES = 64 * 1024
+# Beyond this much unread stderr, the reader jumps ahead instead of parsing everything.
+_MAX_BACKLOG_BYTES = 8 * 1024 * 1024
+
+
+def _parse_new_output(
+    follower: joblogs.LogFollower,
+    tracker: ProgressTracker,
+    decoder: codecs.IncrementalDecoder,
+) -> Progress | None:
+    """Feeds what the job wrote since the last call to its progress tracker (in a thread)."""
+    if follower.backlog() > _MAX_BACKLOG_BYTES:
+        # A flood of output: only its end can hold the current bar; don't re-read the rest.
+        follower.skip_to_end(keep=_FULL_PARSE_BYTES * 4)
+        decoder.reset()
+    while data := follower.read_new():
+        text = decoder.decode(data)
+        if len(text) > _FULL_PARSE_BYTES:
+            tracker.skip(text[:-_FULL_PARSE_BYTES])
+            text = text[-_FULL_PARSE_BYTES:]
+        tracker.feed(text)
+    return tracker.progress
+
+
+def base_job_env(settings: Settings) -> dict[str, str]:
+    """What every job gets on top of the server's environment (before its own env_vars)."""
+    return {
+        # stdout reaches the logs as it is written, not when the job ends.
+        "PYTHONUNBUFFERED": "1",
+        "LM_EVAL_SERVER_INDEX_DIR": str(settings.task_index_dir),
+    }
 
 
 class JobNotFound(LookupError):
@@ -286,17 +317,18 @@ class JobManager:
     def _argv(self, program: list[str], lm_args: list[str]) -> list[str]:
         default = shlex.split(self._settings.default_lm_eval_path)
         if self._launcher and program == default:
-            return [sys.executable, "-m", "lm_eval_server.launcher", *lm_args]
+            return [sys.executable, "-m", LAUNCHER_MODULE, *lm_args]
         return [*program, *lm_args]
 
     def _job_env(self, record: JobRecord) -> dict[str, str]:
-        env = {
-            # stdout reaches the logs as it is written, not when the job ends.
-            "PYTHONUNBUFFERED": "1",
-            "LM_EVAL_SERVER_INDEX_DIR": str(self._settings.task_index_dir),
-        }
-        env.update(record.env_vars)
-        return env
+        return {**base_job_env(self._settings), **record.env_vars}
+
+    @staticmethod
+    def _warm_eligible(record: JobRecord) -> bool:
+        # A warm worker has imported lm-eval under the server's environment, and some
+        # variables are read at import time: only launcher jobs without env_vars qualify.
+        launcher = [sys.executable, "-m", LAUNCHER_MODULE]
+        return not record.env_vars and record.argv[: len(launcher)] == launcher
 
     def _schedule(self) -> None:
         while (
@@ -356,6 +388,7 @@ class JobManager:
             num_gpus=resources.get("num_gpus"),
             num_cpus=resources.get("num_cpus"),
             memory=resources.get("memory"),
+            warm_eligible=self._warm_eligible(record),
         )
         try:
             handle = await self._executor.start(spec)
@@ -385,7 +418,7 @@ class JobManager:
                 done, _ = await asyncio.wait(
                     {waiter, stopper}, timeout=PROGRESS_TICK_S, return_when=asyncio.FIRST_COMPLETED
                 )
-                self._read_progress(record, follower, tracker, decoder)
+                await self._read_progress(record, follower, tracker, decoder)
                 if waiter in done:
                     break
                 if deadline is not None and self._clock() >= deadline:
@@ -403,7 +436,7 @@ class JobManager:
             raise
         finally:
             stopper.cancel()
-        self._read_progress(record, follower, tracker, decoder)
+        await self._read_progress(record, follower, tracker, decoder)
         self._conclude(record, live, waiter.result())
 
     async def _stop_and_finish(self, record: JobRecord, live: _Live, handle: JobHandle) -> None:
@@ -451,21 +484,16 @@ class JobManager:
         head = f"exit code {code}" if code is not None else "no exit code was recorded"
         return "\n".join([head, *block]).strip()
 
-    def _read_progress(
+    async def _read_progress(
         self,
         record: JobRecord,
         follower: joblogs.LogFollower,
         tracker: ProgressTracker,
         decoder: codecs.IncrementalDecoder,
     ) -> None:
-        while data := follower.read_new():
-            text = decoder.decode(data)
-            if len(text) > _FULL_PARSE_BYTES:
-                tracker.skip(text[:-_FULL_PARSE_BYTES])
-                text = text[-_FULL_PARSE_BYTES:]
-            tracker.feed(text)
-        if tracker.progress is not None:
-            record.progress = tracker.progress
+        progress = await asyncio.to_thread(_parse_new_output, follower, tracker, decoder)
+        if progress is not None:
+            record.progress = progress
 
     def _finish(
         self, record: JobRecord, status: JobStatus, code: int | None, error: str | None

@@ -51,6 +51,8 @@ class JobRecord:
     executor_ref: str | None = None  # e.g. the Ray submission id
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
+    # The API's JSON for this job once it is finished (it cannot change any more).
+    summary_json: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def model(self) -> str | None:

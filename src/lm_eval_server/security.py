@@ -37,6 +37,19 @@ def require_api_key(
         )
 
 
+def listen_host(host_hint: str, argv: list[str], env: dict[str, str]) -> str:
+    """The address the server listens on, as far as the app can tell: the CLI's hint, else
+    uvicorn's --host option or UVICORN_HOST, else uvicorn's default."""
+    if host_hint:
+        return host_hint
+    for index, arg in enumerate(argv):
+        if arg == "--host" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return env.get("UVICORN_HOST", "127.0.0.1")
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return True

@@ -6,6 +6,11 @@ neither kills the job nor loses its exit code. Standard library only, and starte
 `python -I -S`, so it costs a few milliseconds and no caller environment can hook it.
 
     python -I -S supervise.py WORK_DIR MAX_LOG_BYTES -- COMMAND...
+    python -I -S supervise.py WORK_DIR MAX_LOG_BYTES --attach PID STDOUT_FD STDERR_FD
+
+The second form is for a warm worker (`lm_eval_server.warm`): the job's process, PID, is
+already running as a child of this process (forked before this program was exec'd) and
+writes to the pipes STDOUT_FD and STDERR_FD, inherited too. Everything else is the same.
 
 Files in WORK_DIR: stdout.log, stderr.log (each rotated to `.1` past half of MAX_LOG_BYTES, so
 the tail is always kept), `<stream>.log.cut` (bytes dropped), exit.json (written atomically
@@ -60,16 +65,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def run(work_dir: Path, max_log_bytes: int, command: list[str]) -> int:
-    # The stop signal goes to the whole process group; the command decides how to end, and
-    # this process stays to record how it did.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    segment = max(1024, max_log_bytes // 2)
-    logs = {
-        "stdout": RotatingLog(work_dir / "stdout.log", segment),
-        "stderr": RotatingLog(work_dir / "stderr.log", segment),
-    }
+    _ignore_stop_signals()
+    logs = _open_logs(work_dir, max_log_bytes)
     try:
         child = subprocess.Popen(
             command,
@@ -84,8 +81,65 @@ def run(work_dir: Path, max_log_bytes: int, command: list[str]) -> int:
         logs["stderr"].write(f"lm-eval-server: cannot start {command[0]!r}: {exc}\n".encode())
         _write_atomic(work_dir / "exit.json", json.dumps({"exit_code": 127}))
         return 127
+    assert child.stdout is not None and child.stderr is not None
+    return _supervise(work_dir, child, child.stdout.fileno(), child.stderr.fileno(), logs)
+
+
+def run_attached(
+    work_dir: Path, max_log_bytes: int, pid: int, stdout_fd: int, stderr_fd: int
+) -> int:
+    """Supervise `pid`, a child of this process already running, as `run` does its command."""
+    _ignore_stop_signals()
+    logs = _open_logs(work_dir, max_log_bytes)
+    return _supervise(work_dir, _Attached(pid), stdout_fd, stderr_fd, logs)
+
+
+class _Attached:
+    """The part of Popen's interface `_supervise` uses, for a child this process did not spawn."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _ignore_stop_signals() -> None:
+    # The stop signal goes to the whole process group; the command decides how to end, and
+    # this process stays to record how it did.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _open_logs(work_dir: Path, max_log_bytes: int) -> dict[str, RotatingLog]:
+    segment = max(1024, max_log_bytes // 2)
+    return {
+        "stdout": RotatingLog(work_dir / "stdout.log", segment),
+        "stderr": RotatingLog(work_dir / "stderr.log", segment),
+    }
+
+
+def _supervise(
+    work_dir: Path,
+    child: subprocess.Popen[bytes] | _Attached,
+    stdout_fd: int,
+    stderr_fd: int,
+    logs: dict[str, RotatingLog],
+) -> int:
     _write_atomic(work_dir / "child.pid", str(child.pid))
-    _pump(child, logs)
+    _pump(child, {stdout_fd: logs["stdout"], stderr_fd: logs["stderr"]})
     code = child.wait()
     _write_atomic(work_dir / "exit.json", json.dumps({"exit_code": code, "ended_at": time.time()}))
     return code
@@ -96,12 +150,12 @@ def _default_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def _pump(child: subprocess.Popen[bytes], logs: dict[str, RotatingLog]) -> None:
+def _pump(child: subprocess.Popen[bytes] | _Attached, streams: dict[int, RotatingLog]) -> None:
+    """Copies each readable fd to its log until all reach EOF (or the child is gone)."""
     selector = selectors.DefaultSelector()
-    assert child.stdout is not None and child.stderr is not None
-    selector.register(child.stdout, selectors.EVENT_READ, logs["stdout"])
-    selector.register(child.stderr, selectors.EVENT_READ, logs["stderr"])
-    open_streams = 2
+    for fd, log in streams.items():
+        selector.register(fd, selectors.EVENT_READ, log)
+    open_streams = len(streams)
     while open_streams:
         events = selector.select(timeout=1.0)
         if not events and child.poll() is not None:
@@ -117,9 +171,18 @@ def _pump(child: subprocess.Popen[bytes], logs: dict[str, RotatingLog]) -> None:
     selector.close()
 
 
+USAGE = (
+    "usage: supervise.py WORK_DIR MAX_LOG_BYTES -- COMMAND...\n"
+    "       supervise.py WORK_DIR MAX_LOG_BYTES --attach PID STDOUT_FD STDERR_FD"
+)
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 6 and argv[2] == "--attach":
+        pid, stdout_fd, stderr_fd = (int(a) for a in argv[3:])
+        return run_attached(Path(argv[0]), int(argv[1]), pid, stdout_fd, stderr_fd)
     if len(argv) < 4 or argv[2] != "--":
-        print("usage: supervise.py WORK_DIR MAX_LOG_BYTES -- COMMAND...", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     return run(Path(argv[0]), int(argv[1]), argv[3:])
 

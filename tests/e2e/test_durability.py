@@ -81,7 +81,7 @@ def test_kill_9_mid_job_then_restart_completes_with_results_and_logs(servers: An
 def test_queued_jobs_run_in_order_after_restart_and_ids_keep_increasing(servers: Any) -> None:
     server = servers(MAX_CONCURRENCY="1")
     with server.client() as http:
-        first = submit(http, fake_job(FAKE_SLEEP_S="3"))
+        first = submit(http, fake_job(FAKE_SLEEP_S="60"))
         queued = [submit(http, fake_job()) for _ in range(3)]
         deleted = submit(http, fake_job())
         assert http.delete(f"/job/{deleted}").status_code == 200
@@ -91,9 +91,12 @@ def test_queued_jobs_run_in_order_after_restart_and_ids_keep_increasing(servers:
     assert process_alive(first_pid)
     restarted = servers(MAX_CONCURRENCY="1")
     with restarted.client() as http:
+        assert http.get(f"/job/{first}").json()["status"] == "Running"  # re-adopted
         assert [http.get(f"/job/{j}").json()["status"] for j in queued] == ["Queued"] * 3
+        assert http.get(f"/job/{first}/stop").json()["message"] == f"Job {first} stopped."
+        assert not process_alive(first_pid)
         jobs = [wait_for(http, j) for j in [first, *queued]]
-        assert [j["status"] for j in jobs] == ["Completed"] * 4
+        assert [j["status"] for j in jobs] == ["Stopped"] + ["Completed"] * 3
         for earlier, later in itertools.pairwise(jobs):
             assert later["started_at"] >= earlier["finished_at"]
         assert submit(http, fake_job()) == deleted + 1

@@ -74,9 +74,10 @@ def test_stop_running_job_leaves_no_process(client: Any) -> None:
     record_pid = client.app.state.manager.get(job_id).pid
     assert record_pid and len(group_members(record_pid)) >= 3  # supervisor, fake, its child
     lm_pid = client.app.state.manager.get(lm_id).pid
+    # lm_eval first: with cached bytecode it can finish within the fake job's stop grace.
+    assert client.post(f"/job/{lm_id}/stop").status_code == 200
     response = client.get(f"/job/{job_id}/stop")
     assert response.status_code == 200 and response.json()["message"] == f"Job {job_id} stopped."
-    assert client.post(f"/job/{lm_id}/stop").status_code == 200
     for jid, pid in ((job_id, record_pid), (lm_id, lm_pid)):
         job = client.get(f"/job/{jid}").json()
         assert job["status"] == "Stopped"
@@ -219,3 +220,11 @@ def test_health_ready_metrics_and_docs(client: Any) -> None:
     for field in ("model", "tasks", "model_args", "log_samples", "env_vars", "lm_eval_path"):
         assert field in props
     assert client.get("/docs").status_code == 200
+
+
+def test_memory_store_keeps_nothing_on_disk(make_client: Any, tmp_path: Any) -> None:
+    client = make_client(store="memory")
+    job_id = submit(client, fake_job())
+    assert wait_for(client, job_id)["status"] == "Completed"
+    assert client.get("/jobs").json()["total"] == 1
+    assert not (tmp_path / "data" / "jobs.db").exists()

@@ -120,6 +120,12 @@ class CompletionsStubServer(ThreadingHTTPServer):
         self.prompt_count = 0
         self.lock = threading.Lock()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away mid-request (a job being stopped) is not a stub failure.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     @property
     def port(self) -> int:
         return int(self.server_address[1])

@@ -7,6 +7,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 router = APIRouter(tags=["operations"])
+# Readiness and metrics describe the server's jobs: they sit behind the API key like the rest.
+secured_router = APIRouter(tags=["operations"])
 
 
 @router.get("/health", summary="Liveness: the process answers")
@@ -14,7 +16,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Readiness: store open and task index loaded")
+@secured_router.get("/ready", summary="Readiness: store open and task index loaded")
 async def ready(request: Request) -> JSONResponse:
     state = request.app.state
     checks = {
@@ -23,10 +25,15 @@ async def ready(request: Request) -> JSONResponse:
         "accepting_jobs": not state.manager.shutting_down,
     }
     ok = all(checks.values())
-    return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+    body: dict[str, object] = {"ready": ok, "checks": checks}
+    pool = state.warm_pool
+    if pool is not None:
+        # Informational: without a ready warm worker, jobs simply start cold.
+        body["warm_workers"] = {"configured": pool.size, "ready": pool.ready_count}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@secured_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST

@@ -38,6 +38,21 @@ def summary(manager: JobManager, record: JobRecord) -> JobSummary:
     )
 
 
+def summary_json(manager: JobManager, record: JobRecord) -> bytes:
+    """The summary as JSON; cached for finished jobs, so listing 10,000 of them stays cheap."""
+    if record.summary_json is not None:
+        return record.summary_json
+    data = summary(manager, record).model_dump_json().encode()
+    if record.status.is_terminal():
+        record.summary_json = data
+    return data
+
+
+def job_list_json(manager: JobManager, records: list[JobRecord], total: int) -> bytes:
+    parts = b",".join(summary_json(manager, r) for r in records)
+    return b'{"jobs":[' + parts + b'],"total":' + str(total).encode() + b"}"
+
+
 def detail(manager: JobManager, record: JobRecord, tail_lines: int) -> JobDetail:
     work_dir = Path(record.work_dir)
     out = joblogs.tail_lines(stdout_path(work_dir), tail_lines)

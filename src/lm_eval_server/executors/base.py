@@ -16,6 +16,9 @@ class LaunchSpec:
     num_gpus: float | None = None
     num_cpus: float | None = None
     memory: int | None = None
+    # argv runs the bundled lm-eval through the launcher and env adds nothing job-specific,
+    # so a warm worker (lm_eval_server.warm) may run it; executors without one ignore this.
+    warm_eligible: bool = False
 
 
 class JobHandle(Protocol):

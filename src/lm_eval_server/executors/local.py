@@ -16,9 +16,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lm_eval_server import supervise
 from lm_eval_server.executors.base import JobHandle, LaunchSpec
+
+if TYPE_CHECKING:
+    from lm_eval_server.warm import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +95,17 @@ class LocalJobHandle:
 class LocalExecutor:
     name = "local"
 
-    def __init__(self, max_log_bytes: int) -> None:
+    def __init__(self, max_log_bytes: int, warm_pool: WarmPool | None = None) -> None:
         self._max_log_bytes = max_log_bytes
+        self._warm_pool = warm_pool  # owned (started, closed) by whoever created it
 
     async def start(self, spec: LaunchSpec) -> JobHandle:
         spec.work_dir.mkdir(parents=True, exist_ok=True)
+        if self._warm_pool is not None:
+            pid = await self._warm_pool.run(spec, self._max_log_bytes)
+            if pid is not None:
+                # The session leader is the warm worker's child: the worker reaps it.
+                return LocalJobHandle(pid, spec.work_dir, own_child=False)
         command = [
             sys.executable,
             "-I",

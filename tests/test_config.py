@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from lm_eval_server.config import Settings
+
+
+def test_env_vars_are_read_and_lists_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_CONCURRENCY", "2")
+    monkeypatch.setenv("API_KEYS", "a, b,,c")
+    monkeypatch.setenv("LM_EVAL_PATHS", "/usr/bin/python3 -m lm_eval,/opt/lm/bin/lm_eval")
+    settings = Settings()
+    assert settings.max_concurrency == 2
+    assert settings.api_keys == ["a", "b", "c"]
+    assert settings.lm_eval_path_allowlist == ["/usr/bin/python3 -m lm_eval", "/opt/lm/bin/lm_eval"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "needle"),
+    [
+        ("MAX_CONCURRENCY", "0", "max_concurrency"),
+        ("MAX_CONCURRENCY", "four", "max_concurrency"),
+        ("STORE", "postgres", "store"),
+        ("EXECUTOR", "ray", "RAY_ADDRESS"),
+        ("LOG_LEVEL", "LOUD", "log_level"),
+        ("API_KEYS_FILE", "/nonexistent/keys", "API_KEYS_FILE"),
+    ],
+)
+def test_bad_values_are_startup_errors(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, needle: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=needle):
+        Settings()
+
+
+def test_defaults_allow_data_dir_and_examples(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.allowed_roots == [tmp_path.resolve(), settings.examples_dir]
+    assert (settings.examples_dir / "tasks" / "demo_mc.yaml").exists()
