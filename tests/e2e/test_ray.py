@@ -83,7 +83,7 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-def _kill_session(sid: int, grace_s: float = 10.0) -> None:
+def _kill_session(sid: int, grace_s: float = 3.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in _session_members(sid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
