@@ -106,9 +106,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "jobs. Set API_KEYS or API_KEYS_FILE.",
                 host,
             )
-        store = _make_store(settings)
+        # The executor first: an unreachable Ray cluster stops startup before anything is open.
         warm_pool = _make_warm_pool(settings)
         executor = _make_executor(settings, warm_pool)
+        store = _make_store(settings)
         app.state.warm_pool = warm_pool
         manager = JobManager(settings, store, executor)
         metrics.watch(manager)

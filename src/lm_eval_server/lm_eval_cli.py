@@ -143,7 +143,7 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_gpus: float | None = Field(None, ge=0, description="Ray entrypoint_num_gpus.")
     num_cpus: float | None = Field(None, ge=0, description="Ray entrypoint_num_cpus.")
-    memory: int | None = Field(None, ge=0, description="Ray entrypoint_memory, in bytes.")
+    memory: int | None = Field(None, ge=0, le=2**49, description="Ray entrypoint_memory, in bytes.")
 
 
 def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:

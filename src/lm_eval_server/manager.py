@@ -441,7 +441,10 @@ class JobManager:
 
     async def _stop_and_finish(self, record: JobRecord, live: _Live, handle: JobHandle) -> None:
         await handle.stop(self._settings.stop_grace_s)
-        code = self._executor.recorded_exit_code(Path(record.work_dir), record.executor_ref)
+        # May ask a remote cluster (Ray): off the event loop.
+        code = await asyncio.to_thread(
+            self._executor.recorded_exit_code, Path(record.work_dir), record.executor_ref
+        )
         self._conclude(record, live, code)
 
     def _conclude(self, record: JobRecord, live: _Live, code: int | None) -> None:
