@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import fnmatch
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class Catalog:
         self.task_names: set[str] | None = None
         self.index_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        # Requests validate from worker threads; a lost update only costs a re-scan.
+        self._include_cache: dict[Path, tuple[tuple[tuple[str, int, int], ...], set[str]]] = {}
 
     @property
     def tasks_ready(self) -> bool:
@@ -93,21 +96,50 @@ class Catalog:
 
     def unknown_tasks(self, tasks: list[str], include_paths: list[Path]) -> dict[str, list[str]]:
         """Unknown task names mapped to close matches; empty when all are known (or unknowable)."""
-        if self.task_names is None:
+        known = self.task_names
+        if known is None:
             return {}
-        from lm_eval_server import task_index
-
-        names = set(self.task_names)
+        extra: set[str] = set()
         for path in include_paths:
-            names |= task_index.scan_include_path(path)
+            extra |= self._include_names(path)
         unknown: dict[str, list[str]] = {}
         for task in tasks:
-            if task in names or _is_task_file(task):
+            if task in known or task in extra or _is_task_file(task):
                 continue
-            if any(ch in task for ch in "*?[") and fnmatch.filter(names, task):
+            if any(ch in task for ch in "*?[") and (
+                fnmatch.filter(known, task) or fnmatch.filter(extra, task)
+            ):
                 continue
-            unknown[task] = close_matches(task, names)
+            unknown[task] = close_matches(task, known | extra)
         return unknown
+
+    def _include_names(self, path: Path) -> set[str]:
+        """Names defined under an include_path, re-read only when its YAML files change."""
+        from lm_eval_server import task_index
+
+        fingerprint = _yaml_fingerprint(path)
+        cached = self._include_cache.get(path)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        names = task_index.scan_include_path(path)
+        if len(self._include_cache) >= 256:
+            self._include_cache.clear()
+        self._include_cache[path] = (fingerprint, names)
+        return names
+
+
+def _yaml_fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
+    entries = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            if name.endswith((".yaml", ".yml", ".py")):
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                entries.append((full, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(entries))
 
 
 def _is_task_file(task: str) -> bool:

@@ -120,6 +120,7 @@ class JobManager:
             importlib.util.find_spec("lm_eval_server.launcher") is not None
         )
         self.on_finish: list[Callable[[JobRecord], None]] = []
+        self._default_program = shlex.split(settings.default_lm_eval_path)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -315,8 +316,7 @@ class JobManager:
         return fields
 
     def _argv(self, program: list[str], lm_args: list[str]) -> list[str]:
-        default = shlex.split(self._settings.default_lm_eval_path)
-        if self._launcher and program == default:
+        if self._launcher and program == self._default_program:
             return [sys.executable, "-m", LAUNCHER_MODULE, *lm_args]
         return [*program, *lm_args]
 

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False, description="One of the server's API_KEYS.")
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

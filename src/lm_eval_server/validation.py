@@ -83,6 +83,7 @@ class RequestValidator:
         self._parser = parser
         self._specs = specs
         self._catalog = catalog
+        self._default_program = tuple(shlex.split(settings.lm_eval_path_allowlist[0]))
         metavars = {a.dest: a.metavar for a in parser._actions if isinstance(a.metavar, str)}
         self._path_dests = {
             s.dest
@@ -143,7 +144,7 @@ class RequestValidator:
     def _program(self, lm_eval_path: str | None) -> list[str]:
         allowlist = self._settings.lm_eval_path_allowlist
         if lm_eval_path is None:
-            return shlex.split(allowlist[0])
+            return list(self._default_program)
         if lm_eval_path.strip() not in [p.strip() for p in allowlist]:
             raise InvalidRequest(
                 f"lm_eval_path {lm_eval_path!r} is not allowed; the server's LM_EVAL_PATHS "

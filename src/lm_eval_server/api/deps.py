@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from lm_eval_server.manager import JobManager
 
 
-def get_manager(request: Request) -> JobManager:
+async def get_manager(request: Request) -> JobManager:
+    # async: FastAPI would run a plain function in its thread pool, once per request.
     return request.app.state.manager  # type: ignore[no-any-return]
 
 
