@@ -129,17 +129,36 @@ SPECS: list[Spec] = [
         "`python -I -S` spawned -> first statement (interpreter start-up)",
     ),
     Spec("drain_jobs_per_s", "drain", "jobs/s", (">=", 50), "trivial jobs, MAX_CONCURRENCY=4"),
+    Spec("drain_server_cpu_ms", "drain", "ms", None, "server CPU per drained job"),
+    Spec(
+        "drain_job_cpu_ms",
+        "drain",
+        "ms",
+        None,
+        "CPU per drained job of its processes (supervisor + /usr/bin/true)",
+    ),
     Spec("submit_per_s", "submit", "req/s", (">=", 1000), "POST /job, 8 clients, jobs stay Queued"),
     Spec("submit_p50_ms", "submit", "ms", None, "POST /job latency under that load, p50"),
     Spec("submit_p99_ms", "submit", "ms", None, "POST /job latency under that load, p99"),
+    Spec("submit_server_cpu_ms", "submit", "ms", None, "server CPU per POST /job"),
     Spec("list_jobs_p50_ms", "listing", "ms", ("<=", 50), "GET /jobs, all finished jobs"),
+    Spec("list_jobs_server_cpu_ms", "listing", "ms", None, "server CPU per GET /jobs"),
     Spec("get_job_p50_ms", "listing", "ms", ("<=", 2), "GET /job/{id}, a job with ~300 log lines"),
     Spec("get_job_nolog_p50_ms", "listing", "ms", None, "GET /job/{id}, random jobs, no logs"),
     Spec("rss_idle_mb", "memory", "MB", ("<=", 120), "server VmRSS idle, TASK_INDEX=false"),
     Spec("rss_idle_index_mb", "memory", "MB", None, "server VmRSS idle, task index loaded"),
     Spec("rss_finished_mb", "memory", "MB", ("<=", 250), "server VmRSS, finished jobs listed"),
     Spec("log_direct_s", "logs", "s", None, "fake lm_eval writing to stderr, run directly"),
+    Spec(
+        "log_supervised_s",
+        "logs",
+        "s",
+        None,
+        "the same under supervise.py alone (no server)",
+    ),
     Spec("log_server_s", "logs", "s", None, "the same as a job: POST -> Completed"),
+    Spec("log_job_end_s", "logs", "s", None, "  of which POST -> job process ended (exit.json)"),
+    Spec("log_server_cpu_s", "logs", "s", None, "server CPU while that job ran"),
     Spec("log_ratio", "logs", "x", ("<=", 1.1), "server / direct, same run"),
     Spec("log_rss_growth_mb", "logs", "MB", ("<=", 50), "server VmRSS peak - before, during it"),
     Spec("e2e_direct_s", "e2e", "s", None, "`python -m lm_eval` dummy/demo_mc, run directly"),
@@ -170,7 +189,22 @@ def rss_mb(pid: int) -> float:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of a process, and of its children it has reaped (which
+    include theirs: for the server, the job supervisors and the commands they ran)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime) * TICK_S, (cutime + cstime) * TICK_S
+
+
 # ---------------------------------------------------------------- a lean HTTP client
+
+
+# uvicorn closes a keep-alive connection after 5 s without a request (--timeout-keep-alive).
+IDLE_REUSE_S = 3.0
 
 
 class Http:
@@ -184,6 +218,7 @@ class Http:
         self.port = port
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._used = 0.0
 
     async def request(
         self, method: str, path: str, body: bytes | None = None, timeout_s: float = 300
@@ -201,6 +236,8 @@ class Http:
         return json.loads(data)
 
     async def _request(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
+        if self._writer is not None and time.monotonic() - self._used > IDLE_REUSE_S:
+            await self.close()  # uvicorn drops connections idle for 5 s
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self._reader is not None
@@ -228,6 +265,7 @@ class Http:
             data = await self._reader.read()
         if headers.get("connection") == "close" or "content-length" not in headers:
             await self.close()
+        self._used = time.monotonic()
         return status, data
 
     async def close(self) -> None:
@@ -573,16 +611,22 @@ async def bench_drain(ctx: Context) -> Figures:
     http = srv.http
     await wait_idle(http)
     n = ctx.sizes.drain_jobs
+    cpu_before = cpu_s(srv.pid)
     first_post = time.time()
     _, ids = await post_many(srv.port, job_body(lm_eval_path=TRUE), n, ctx.sizes.clients)
     await wait_idle(http, interval_s=0.2)
+    cpu_after = cpu_s(srv.pid)
     wanted = set(ids)
     jobs = [j for j in (await http.json("GET", "/jobs"))["jobs"] if j["job_id"] in wanted]
     bad = [j for j in jobs if j["status"] != "Completed"]
     if len(jobs) != n or bad:
         raise BenchError(f"{len(bad)} drain jobs did not complete, e.g. {bad[:1]}")
     last = max(finished_at(j) for j in jobs)
-    return {"drain_jobs_per_s": n / (last - first_post)}
+    return {
+        "drain_jobs_per_s": n / (last - first_post),
+        "drain_server_cpu_ms": (cpu_after[0] - cpu_before[0]) / n * 1000,
+        "drain_job_cpu_ms": (cpu_after[1] - cpu_before[1]) / n * 1000,
+    }
 
 
 async def bench_submit(ctx: Context) -> Figures:
@@ -591,14 +635,17 @@ async def bench_submit(ctx: Context) -> Figures:
     await start_sleeper(http)
     body = job_body()
     await post_many(srv.port, body, 50, ctx.sizes.clients)  # warm-up
+    cpu_before = cpu_s(srv.pid)[0]
     started = time.perf_counter()
     latencies, _ = await post_many(srv.port, body, ctx.sizes.submit_jobs, ctx.sizes.clients)
     elapsed = time.perf_counter() - started
+    cpu = cpu_s(srv.pid)[0] - cpu_before
     await http.json("POST", "/jobs/stop", b"")
     return {
         "submit_per_s": ctx.sizes.submit_jobs / elapsed,
         "submit_p50_ms": percentile(latencies, 50) * 1000,
         "submit_p99_ms": percentile(latencies, 99) * 1000,
+        "submit_server_cpu_ms": cpu / ctx.sizes.submit_jobs * 1000,
     }
 
 
@@ -622,7 +669,9 @@ async def bench_listing(ctx: Context) -> Figures:
     if (await http.json("GET", f"/job/{sleeper}"))["stderr"] == []:
         raise BenchError("the job with logs has none")
     await timed(http, "/jobs", 2)  # warm-up
+    cpu_before = cpu_s(srv.pid)[0]
     list_ms = await timed(http, "/jobs", ctx.sizes.list_requests)
+    list_cpu_ms = (cpu_s(srv.pid)[0] - cpu_before) / ctx.sizes.list_requests * 1000
     get_ms = await timed(http, f"/job/{sleeper}", ctx.sizes.get_requests)
     ids = [j["job_id"] for j in listing["jobs"] if j["job_id"] != sleeper]
     step = max(1, len(ids) // ctx.sizes.get_requests)
@@ -631,6 +680,7 @@ async def bench_listing(ctx: Context) -> Figures:
         nolog_ms += await timed(http, f"/job/{job_id}", 1)
     return {
         "list_jobs_p50_ms": percentile(list_ms, 50),
+        "list_jobs_server_cpu_ms": list_cpu_ms,
         "get_job_p50_ms": percentile(get_ms, 50),
         "get_job_nolog_p50_ms": percentile(nolog_ms, 50),
     }
@@ -685,14 +735,20 @@ async def bench_logs(ctx: Context) -> Figures:
     env = {**os.environ, **OFFLINE, **JOB_ENV, "FAKE_STDERR_BYTES": str(total)}
     srv = await ctx.server()
     await wait_idle(srv.http)
+    figures: Figures = {}
 
-    async def direct() -> float:
+    async def direct() -> None:
         cwd = ctx.scratch("logs-direct")
-        elapsed = await run_timed([PY, str(FAKE_SCRIPT)], cwd, env)
+        figures["log_direct_s"] = await run_timed([PY, str(FAKE_SCRIPT)], cwd, env)
         shutil.rmtree(cwd)
-        return elapsed
 
-    async def served() -> tuple[float, float]:
+    async def supervised() -> None:
+        cwd = ctx.scratch("logs-supervised")
+        argv = [PY, "-I", "-S", str(SUPERVISOR), str(cwd), "1073741824", "--", PY, str(FAKE_SCRIPT)]
+        figures["log_supervised_s"] = await run_timed(argv, cwd, env)
+        shutil.rmtree(cwd)
+
+    async def served() -> None:
         before = rss_mb(srv.pid)
         peak = before
         done = asyncio.Event()
@@ -704,30 +760,30 @@ async def bench_logs(ctx: Context) -> Figures:
                 await asyncio.sleep(0.01)
 
         sampler = asyncio.create_task(sample())
+        cpu_before = cpu_s(srv.pid)[0]
+        posted = time.time()
         try:
             body = job_body(lm_eval_path=FAKE_LM_EVAL, env_vars={"FAKE_STDERR_BYTES": str(total)})
             elapsed, job = await via_server(srv, body)
         finally:
             done.set()
             await sampler
-        log = srv.job_dir(job["job_id"]) / "stderr.log"
-        if log.stat().st_size != total:
-            raise BenchError(f"stderr.log holds {log.stat().st_size} bytes, not {total}")
+        work_dir = srv.job_dir(job["job_id"])
+        if (work_dir / "stderr.log").stat().st_size != total:
+            raise BenchError(f"{work_dir}/stderr.log does not hold {total} bytes")
+        ended_at = json.loads((work_dir / "exit.json").read_text())["ended_at"]
+        figures["log_server_s"] = elapsed
+        figures["log_job_end_s"] = ended_at - posted
+        figures["log_server_cpu_s"] = cpu_s(srv.pid)[0] - cpu_before
+        figures["log_rss_growth_mb"] = max(peak, rss_mb(srv.pid)) - before
         await srv.http.request("DELETE", f"/job/{job['job_id']}")
-        return elapsed, max(peak, rss_mb(srv.pid)) - before
 
-    if ctx.run_index % 2 == 0:
-        direct_s = await direct()
-        server_s, growth = await served()
-    else:
-        server_s, growth = await served()
-        direct_s = await direct()
-    return {
-        "log_direct_s": direct_s,
-        "log_server_s": server_s,
-        "log_ratio": server_s / direct_s,
-        "log_rss_growth_mb": growth,
-    }
+    order = [direct, supervised, served]
+    shift = ctx.run_index % len(order)
+    for step in order[shift:] + order[:shift]:
+        await step()
+    figures["log_ratio"] = figures["log_server_s"] / figures["log_direct_s"]
+    return figures
 
 
 async def bench_e2e(ctx: Context) -> Figures:
