@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -167,6 +168,9 @@ SPECS: list[Spec] = [
     Spec("e2e_plain_s", "e2e", "s", None, "the same, USE_LAUNCHER=false"),
     Spec("e2e_launcher_ratio", "e2e", "x", ("<=", 1.05), "server (launcher) / direct"),
     Spec("e2e_plain_ratio", "e2e", "x", ("<=", 1.05), "server (USE_LAUNCHER=false) / direct"),
+    Spec("e2e_direct_cpu_s", "e2e", "s", None, "CPU of the direct run's process"),
+    Spec("e2e_launcher_cpu_s", "e2e", "s", None, "CPU of the job's processes (with supervisor)"),
+    Spec("e2e_plain_cpu_s", "e2e", "s", None, "the same, USE_LAUNCHER=false"),
 ]
 FIGURE_NAMES = [spec.name for spec in SPECS]
 BENCHES = ["dispatch", "drain", "submit", "listing", "memory", "logs", "e2e"]
@@ -790,6 +794,11 @@ async def bench_logs(ctx: Context) -> Figures:
     return figures
 
 
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def bench_e2e(ctx: Context) -> Figures:
     limit = ctx.sizes.e2e_limit
     launcher, plain = await asyncio.gather(ctx.server(), ctx.server(USE_LAUNCHER="false"))
@@ -797,42 +806,49 @@ async def bench_e2e(ctx: Context) -> Figures:
     env = {**os.environ, **OFFLINE, **JOB_ENV}
     arguments: list[str] = []
 
-    async def direct() -> float:
+    async def direct() -> tuple[float, float]:
         cwd = ctx.scratch("e2e-direct")
         argv = [PY, "-m", "lm_eval", "--tasks", "demo_mc", "--model", "dummy"]
         argv += ["--limit", str(limit), "--include_path", str(EXAMPLES_TASKS)]
         argv += ["--output_path", str(cwd / "results")]
+        cpu_before = children_cpu_s()  # the servers are never reaped while the bench runs
         elapsed = await run_timed(argv, cwd, env)
         arguments.append(shlex.join(argv[:-2]))
-        return elapsed
+        return elapsed, children_cpu_s() - cpu_before
 
-    async def served(srv: Server) -> float:
+    async def served(srv: Server) -> tuple[float, float]:
+        cpu_before = cpu_s(srv.pid)[1]
         elapsed, job = await via_server(srv, body)
         arguments.append(shlex.join(shlex.split(job["argument"])[:-2]))  # minus --output_path
-        return elapsed
+        return elapsed, cpu_s(srv.pid)[1] - cpu_before
 
-    runs: dict[str, Callable[[], Awaitable[float]]] = {
+    runs: dict[str, Callable[[], Awaitable[tuple[float, float]]]] = {
         "direct": direct,
         "launcher": lambda: served(launcher),
         "plain": lambda: served(plain),
     }
-    times: dict[str, float] = {}
+    results: dict[str, tuple[float, float]] = {}
     if ctx.sizes.quick:  # a smoke test: all at once, to stay short
         values = await asyncio.gather(*(run() for run in runs.values()))
-        times = dict(zip(runs, values, strict=True))
+        results = dict(zip(runs, values, strict=True))
     else:  # one after the other, starting with a different one each run
         order = list(runs)
         shift = ctx.run_index % len(order)
         for name in order[shift:] + order[:shift]:
-            times[name] = await runs[name]()
+            results[name] = await runs[name]()
     if len(set(arguments)) != 1:
         raise BenchError(f"the server ran another command than the direct run: {arguments}")
+    wall = {name: value[0] for name, value in results.items()}
+    cpu = {name: value[1] for name, value in results.items()}
     return {
-        "e2e_direct_s": times["direct"],
-        "e2e_launcher_s": times["launcher"],
-        "e2e_plain_s": times["plain"],
-        "e2e_launcher_ratio": times["launcher"] / times["direct"],
-        "e2e_plain_ratio": times["plain"] / times["direct"],
+        "e2e_direct_s": wall["direct"],
+        "e2e_launcher_s": wall["launcher"],
+        "e2e_plain_s": wall["plain"],
+        "e2e_launcher_ratio": wall["launcher"] / wall["direct"],
+        "e2e_plain_ratio": wall["plain"] / wall["direct"],
+        "e2e_direct_cpu_s": cpu["direct"],
+        "e2e_launcher_cpu_s": cpu["launcher"],
+        "e2e_plain_cpu_s": cpu["plain"],
     }
 
 
