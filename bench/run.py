@@ -163,6 +163,7 @@ SPECS: list[Spec] = [
     Spec("log_server_cpu_s", "logs", "s", None, "server CPU while that job ran"),
     Spec("log_ratio", "logs", "x", ("<=", 1.1), "server / direct, same run"),
     Spec("log_rss_growth_mb", "logs", "MB", ("<=", 50), "server VmRSS peak - before, during it"),
+    Spec("log_api_stall_ms", "logs", "ms", None, "slowest GET /health during that job"),
     Spec("e2e_direct_s", "e2e", "s", None, "`python -m lm_eval` dummy/demo_mc, run directly"),
     Spec("e2e_launcher_s", "e2e", "s", None, "the same job via the server, POST -> Completed"),
     Spec("e2e_plain_s", "e2e", "s", None, "the same, USE_LAUNCHER=false"),
@@ -425,17 +426,20 @@ class Server:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        """Stops its jobs, then the server (SIGTERM; it also stops jobs on the way out)."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        with contextlib.suppress(OSError, BenchError, TimeoutError, asyncio.IncompleteReadError):
-            await self.http.request("POST", "/jobs/stop", b"", timeout_s=120)
-        await self.http.close()
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.to_thread(self.proc.wait, 60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            await asyncio.to_thread(self.proc.wait)
+            with contextlib.suppress(Exception):
+                await self.http.request("POST", "/jobs/stop", b"", timeout_s=120)
+            await self.http.close()
+        finally:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.proc.wait, 60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait)
 
 
 @dataclass
@@ -449,6 +453,7 @@ class Context:
     _bench_servers: list[Server] = field(default_factory=list)
     _populated: tuple[Server, int] | None = None
     _count: int = 0
+    _started: list[Server] = field(default_factory=list)
 
     @property
     def lm_eval_paths(self) -> list[str]:
@@ -460,18 +465,22 @@ class Context:
         path.mkdir(parents=True)
         return path
 
+    async def _start(self, **env: str) -> Server:
+        srv = Server(self.scratch("server"), self.index_dir, self.lm_eval_paths, **env)
+        self._started.append(srv)  # stopped by close() whatever happens
+        return await srv.start()
+
     async def server(self, **env: str) -> Server:
         """A server with these settings: fresh for each benchmark, or in --quick mode one
         shared by every benchmark that asks for the same settings."""
         if self.sizes.quick:
             key = tuple(sorted(env.items()))
             if key not in self._pool:
-                srv = Server(self.scratch("server"), self.index_dir, self.lm_eval_paths, **env)
-                self._pool[key] = await srv.start()
+                self._pool[key] = await self._start(**env)
             return self._pool[key]
-        srv = Server(self.scratch("server"), self.index_dir, self.lm_eval_paths, **env)
+        srv = await self._start(**env)
         self._bench_servers.append(srv)
-        return await srv.start()
+        return srv
 
     async def populated(self) -> tuple[Server, int]:
         """A server holding `listing_jobs` finished jobs, created through the API (one
@@ -480,11 +489,7 @@ class Context:
         with logs)."""
         if self._populated is None:
             env = {"MAX_CONCURRENCY": "1", "MAX_QUEUED_JOBS": "1000000"}
-            if self.sizes.quick:
-                srv = await self.server(**env)
-            else:
-                srv = Server(self.scratch("server"), self.index_dir, self.lm_eval_paths, **env)
-                await srv.start()
+            srv = await (self.server(**env) if self.sizes.quick else self._start(**env))
             sleeper = await start_sleeper(srv.http)
             await post_many(srv.port, job_body(), self.sizes.listing_jobs - 1, self.sizes.clients)
             await srv.http.json("POST", "/jobs/stop", b"")
@@ -503,11 +508,10 @@ class Context:
             self._populated = None
 
     async def close(self) -> None:
-        await self.end_run()
-        for srv in self._pool.values():
-            await srv.stop()
-        if self._populated is not None:
-            await self._populated[0].stop()
+        """Stops every server this bench started, even after an error or a signal."""
+        for srv in self._started:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(srv.stop())
 
 
 # ---------------------------------------------------------------- probes
@@ -721,7 +725,13 @@ async def run_timed(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
         proc = await asyncio.create_subprocess_exec(
             *argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
         )
-        code = await proc.wait()
+        try:
+            code = await proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            raise
         elapsed = time.monotonic() - started
     if code != 0:
         tail = (cwd / "stderr.log").read_bytes()[-2000:].decode(errors="replace")
@@ -767,7 +777,21 @@ async def bench_logs(ctx: Context) -> Figures:
                 peak = max(peak, rss_mb(srv.pid))
                 await asyncio.sleep(0.01)
 
+        async def probe() -> None:
+            nonlocal slowest
+            http = Http(srv.port)
+            try:
+                while not done.is_set():
+                    started = time.perf_counter()
+                    await http.request("GET", "/health")
+                    slowest = max(slowest, time.perf_counter() - started)
+                    await asyncio.sleep(0.02)
+            finally:
+                await http.close()
+
+        slowest = 0.0
         sampler = asyncio.create_task(sample())
+        prober = asyncio.create_task(probe())
         cpu_before = cpu_s(srv.pid)[0]
         posted = time.time()
         try:
@@ -775,7 +799,7 @@ async def bench_logs(ctx: Context) -> Figures:
             elapsed, job = await via_server(srv, body)
         finally:
             done.set()
-            await sampler
+            await asyncio.gather(sampler, prober)
         work_dir = srv.job_dir(job["job_id"])
         if (work_dir / "stderr.log").stat().st_size != total:
             raise BenchError(f"{work_dir}/stderr.log does not hold {total} bytes")
@@ -784,6 +808,7 @@ async def bench_logs(ctx: Context) -> Figures:
         figures["log_job_end_s"] = ended_at - posted
         figures["log_server_cpu_s"] = cpu_s(srv.pid)[0] - cpu_before
         figures["log_rss_growth_mb"] = max(peak, rss_mb(srv.pid)) - before
+        figures["log_api_stall_ms"] = slowest * 1000
         await srv.http.request("DELETE", f"/job/{job['job_id']}")
 
     order = [direct, supervised, served]
@@ -948,6 +973,12 @@ async def run_all(args: argparse.Namespace, sizes: Sizes, names: list[str]) -> d
     errors: list[str] = []
     with tempfile.TemporaryDirectory(prefix="lm-eval-bench-") as tmp:
         ctx = Context(sizes, args.index_dir, Path(tmp), prepare_stamp(args.out.parent))
+        # Ctrl-C or SIGTERM (also for a bench started in the background, where SIGINT is
+        # ignored) cancels the run; the servers and their jobs are stopped on the way out.
+        main_task = asyncio.current_task()
+        assert main_task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
         try:
             for run in range(args.runs):
                 ctx.run_index = run
@@ -997,7 +1028,11 @@ def main(argv: list[str] | None = None) -> int:
     ensure_index(args.index_dir)
     load_before = loadavg()
     started = time.monotonic()
-    outcome = asyncio.run(run_all(args, sizes, names))
+    try:
+        outcome = asyncio.run(run_all(args, sizes, names))
+    except asyncio.CancelledError:
+        print("\ninterrupted; servers stopped", file=sys.stderr)
+        return 130
     figures: dict[str, Any] = {}
     for spec in SPECS:
         values = [run[spec.name] for run in outcome["per_run"] if spec.name in run]
