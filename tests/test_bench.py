@@ -1,0 +1,66 @@
+"""The benchmarks run end to end at tiny sizes and produce every figure, so they cannot rot.
+
+No timing is asserted: `bench/run.py --quick` shares one server per setting and runs the
+end-to-end jobs side by side, so its figures mean nothing; `bench/run.py` measures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from tests.support.jobs import ROOT
+
+BENCH = ROOT / "bench" / "run.py"
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_quick_bench_produces_every_figure(tmp_path: Path, index_dir: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--out", str(out), "--index-dir", str(index_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["errors"] == []
+    assert results["mode"] == "quick"
+    assert list(results["figures"]) == load_bench().FIGURE_NAMES
+    for name, figure in results["figures"].items():
+        assert len(figure["values"]) == 1, name
+        assert math.isfinite(figure["median"]) and figure["median"] >= 0, (name, figure)
+        assert (figure["target"] is None) == (figure["met"] is None), name
+    # The printed table names every figure too.
+    for name in results["figures"]:
+        assert name in proc.stdout
+
+
+def test_only_and_bad_names(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "nope", "--out", str(tmp_path / "r")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "unknown benchmark" in proc.stderr
