@@ -19,9 +19,7 @@ _BAR = re.compile(
 )
 _PHASE_LINE = re.compile(r"Running (loglikelihood_rolling|loglikelihood|generate_until) requests")
 _CONTEXT_LINE = re.compile(r"Building contexts")
-_MARKER = re.compile(
-    r"Running (loglikelihood_rolling|loglikelihood|generate_until) requests|Building contexts"
-)
+_PHASES = ("loglikelihood_rolling", "loglikelihood", "generate_until")
 API_PHASE = "api requests"
 
 
@@ -60,6 +58,8 @@ def _clock_to_s(text: str) -> float | None:
 
 def parse_bar(record: str) -> BarMatch | None:
     """A tqdm bar in `record`, or None."""
+    if "%|" not in record:  # most records are log lines: no regex for them
+        return None
     match = _BAR.search(record)
     if match is None:
         return None
@@ -102,11 +102,15 @@ class ProgressTracker:
 
         Whatever follows `text` must be passed to `feed`.
         """
-        last = None
-        for last in _MARKER.finditer(self._pending + text):  # noqa: B007 - the last one wins
-            pass
-        if last is not None:
-            self._phase = last.group(1)
+        text = self._pending + text
+        # str.rfind, not a regex: this runs over every byte of a flood of output.
+        found: dict[str | None, int] = {
+            phase: text.rfind(f"Running {phase} requests") for phase in _PHASES
+        }
+        found[None] = text.rfind("Building contexts")
+        phase, where = max(found.items(), key=lambda item: item[1])
+        if where >= 0:
+            self._phase = phase
         self._pending = ""
 
     def _consume(self, record: str, *, final: bool = True) -> None:

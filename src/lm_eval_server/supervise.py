@@ -2,8 +2,9 @@
 its exit code in the job directory.
 
 It runs detached from the server (its own session), so a server that crashes or restarts
-neither kills the job nor loses its exit code. Standard library only, and started with
-`python -I -S`, so it costs a few milliseconds and no caller environment can hook it.
+neither kills the job nor loses its exit code. It is started with `python -I -S`, so no caller
+environment can hook it, and imports only built-in modules (`os`, `select`, `_signal`), so it
+starts the command a few milliseconds after it was spawned.
 
     python -I -S supervise.py WORK_DIR MAX_LOG_BYTES -- COMMAND...
     python -I -S supervise.py WORK_DIR MAX_LOG_BYTES --attach PID STDOUT_FD STDERR_FD
@@ -13,89 +14,85 @@ already running as a child of this process (forked before this program was exec'
 writes to the pipes STDOUT_FD and STDERR_FD, inherited too. Everything else is the same.
 
 Files in WORK_DIR: stdout.log, stderr.log (each rotated to `.1` past half of MAX_LOG_BYTES, so
-the tail is always kept), `<stream>.log.cut` (bytes dropped), exit.json (written atomically
-when the command ends).
+the tail is always kept), `<stream>.log.cut` (bytes dropped), child.pid, exit.json (written
+atomically when the command ends).
 """
 
 from __future__ import annotations
 
-import json
+import _signal  # the C module: `signal` would import enum, which costs milliseconds here
 import os
-import selectors
-import signal
-import subprocess
+import select
 import sys
 import time
-from pathlib import Path
 
 CHUNK = 1 << 16
+STOP_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
 
 
 class RotatingLog:
     """Appends to NAME; past `segment_bytes` the file becomes NAME.1 and NAME starts afresh."""
 
-    def __init__(self, path: Path, segment_bytes: int) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike[str], segment_bytes: int) -> None:
+        self.path = os.fspath(path)
         self.segment_bytes = segment_bytes
-        self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the job
-        self.size = self.file.tell()
+        self.fd = _open_append(self.path)
+        self.size = os.fstat(self.fd).st_size
 
     def write(self, data: bytes) -> None:
         if self.size + len(data) > self.segment_bytes and self.size > 0:
             self._rotate()
-        self.file.write(data)
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
         self.size += len(data)
 
     def _rotate(self) -> None:
-        self.file.close()
-        old = self.path.with_name(self.path.name + ".1")
-        if old.exists():
-            cut = self.path.with_name(self.path.name + ".cut")
-            dropped = int(cut.read_text() or 0) if cut.exists() else 0
-            _write_atomic(cut, str(dropped + old.stat().st_size))
+        os.close(self.fd)
+        old = self.path + ".1"
+        if os.path.exists(old):
+            cut = self.path + ".cut"
+            dropped = int(_read_text(cut) or 0) if os.path.exists(cut) else 0
+            _write_atomic(cut, str(dropped + os.stat(old).st_size))
         os.replace(self.path, old)
-        self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115
+        self.fd = _open_append(self.path)
         self.size = 0
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+def _open_append(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+
+def _read_text(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
-def run(work_dir: Path, max_log_bytes: int, command: list[str]) -> int:
-    _ignore_stop_signals()
-    logs = _open_logs(work_dir, max_log_bytes)
-    try:
-        child = subprocess.Popen(
-            command,
-            cwd=work_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            # The command gets default signal handling back.
-            preexec_fn=_default_signals,
-        )
-    except OSError as exc:
-        logs["stderr"].write(f"lm-eval-server: cannot start {command[0]!r}: {exc}\n".encode())
-        _write_atomic(work_dir / "exit.json", json.dumps({"exit_code": 127}))
-        return 127
-    assert child.stdout is not None and child.stderr is not None
-    return _supervise(work_dir, child, child.stdout.fileno(), child.stderr.fileno(), logs)
+def _write_exit(work_dir: str, code: int) -> None:
+    # exit.json by hand: importing json would cost more than the rest of this program.
+    _write_atomic(
+        os.path.join(work_dir, "exit.json"),
+        '{"exit_code": %d, "ended_at": %.6f}' % (code, time.time()),  # noqa: UP031
+    )
 
 
-def run_attached(
-    work_dir: Path, max_log_bytes: int, pid: int, stdout_fd: int, stderr_fd: int
-) -> int:
-    """Supervise `pid`, a child of this process already running, as `run` does its command."""
-    _ignore_stop_signals()
-    logs = _open_logs(work_dir, max_log_bytes)
-    return _supervise(work_dir, _Attached(pid), stdout_fd, stderr_fd, logs)
-
-
-class _Attached:
-    """The part of Popen's interface `_supervise` uses, for a child this process did not spawn."""
+class _Child:
+    """A child process of this one, waited for with waitpid."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -115,60 +112,90 @@ class _Attached:
         return self.returncode
 
 
+def run(work_dir: str | os.PathLike[str], max_log_bytes: int, command: list[str]) -> int:
+    work_dir = os.fspath(work_dir)
+    _ignore_stop_signals()
+    logs = _open_logs(work_dir, max_log_bytes)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    # posix_spawn has no "cwd": the supervisor moves there itself (it needs no other).
+    os.chdir(work_dir)
+    try:
+        pid = os.posix_spawnp(
+            command[0],
+            command,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+            ],
+            # The stop signals this process ignores get their default action back.
+            setsigdef=STOP_SIGNALS,
+        )
+    except OSError as exc:
+        logs["stderr"].write(f"lm-eval-server: cannot start {command[0]!r}: {exc}\n".encode())
+        _write_exit(work_dir, 127)
+        return 127
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    return _supervise(work_dir, _Child(pid), out_r, err_r, logs)
+
+
+def run_attached(
+    work_dir: str | os.PathLike[str], max_log_bytes: int, pid: int, stdout_fd: int, stderr_fd: int
+) -> int:
+    """Supervise `pid`, a child of this process already running, as `run` does its command."""
+    work_dir = os.fspath(work_dir)
+    _ignore_stop_signals()
+    logs = _open_logs(work_dir, max_log_bytes)
+    return _supervise(work_dir, _Child(pid), stdout_fd, stderr_fd, logs)
+
+
 def _ignore_stop_signals() -> None:
     # The stop signal goes to the whole process group; the command decides how to end, and
     # this process stays to record how it did.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        _signal.signal(sig, _signal.SIG_IGN)
 
 
-def _open_logs(work_dir: Path, max_log_bytes: int) -> dict[str, RotatingLog]:
+def _open_logs(work_dir: str, max_log_bytes: int) -> dict[str, RotatingLog]:
     segment = max(1024, max_log_bytes // 2)
     return {
-        "stdout": RotatingLog(work_dir / "stdout.log", segment),
-        "stderr": RotatingLog(work_dir / "stderr.log", segment),
+        "stdout": RotatingLog(os.path.join(work_dir, "stdout.log"), segment),
+        "stderr": RotatingLog(os.path.join(work_dir, "stderr.log"), segment),
     }
 
 
 def _supervise(
-    work_dir: Path,
-    child: subprocess.Popen[bytes] | _Attached,
-    stdout_fd: int,
-    stderr_fd: int,
-    logs: dict[str, RotatingLog],
+    work_dir: str, child: _Child, stdout_fd: int, stderr_fd: int, logs: dict[str, RotatingLog]
 ) -> int:
-    _write_atomic(work_dir / "child.pid", str(child.pid))
+    _write_atomic(os.path.join(work_dir, "child.pid"), str(child.pid))
     _pump(child, {stdout_fd: logs["stdout"], stderr_fd: logs["stderr"]})
     code = child.wait()
-    _write_atomic(work_dir / "exit.json", json.dumps({"exit_code": code, "ended_at": time.time()}))
+    _write_exit(work_dir, code)
     return code
 
 
-def _default_signals() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-
-
-def _pump(child: subprocess.Popen[bytes] | _Attached, streams: dict[int, RotatingLog]) -> None:
+def _pump(child: _Child, streams: dict[int, RotatingLog]) -> None:
     """Copies each readable fd to its log until all reach EOF (or the child is gone)."""
-    selector = selectors.DefaultSelector()
-    for fd, log in streams.items():
-        selector.register(fd, selectors.EVENT_READ, log)
+    poller = select.poll()
+    for fd in streams:
+        poller.register(fd, select.POLLIN | select.POLLHUP)
     open_streams = len(streams)
     while open_streams:
-        events = selector.select(timeout=1.0)
+        events = poller.poll(1000)
         if not events and child.poll() is not None:
             # The command is gone but a grandchild still holds a pipe: stop waiting for it.
             break
-        for key, _ in events:
-            data = os.read(key.fd, CHUNK)
+        for fd, _ in events:
+            data = os.read(fd, CHUNK)
             if data:
-                key.data.write(data)
+                streams[fd].write(data)
             else:
-                selector.unregister(key.fileobj)
+                poller.unregister(fd)
                 open_streams -= 1
-    selector.close()
 
 
 USAGE = (
@@ -180,11 +207,11 @@ USAGE = (
 def main(argv: list[str]) -> int:
     if len(argv) == 6 and argv[2] == "--attach":
         pid, stdout_fd, stderr_fd = (int(a) for a in argv[3:])
-        return run_attached(Path(argv[0]), int(argv[1]), pid, stdout_fd, stderr_fd)
+        return run_attached(argv[0], int(argv[1]), pid, stdout_fd, stderr_fd)
     if len(argv) < 4 or argv[2] != "--":
-        print(USAGE, file=sys.stderr)
+        sys.stderr.write(USAGE + "\n")
         return 2
-    return run(Path(argv[0]), int(argv[1]), argv[3:])
+    return run(argv[0], int(argv[1]), argv[3:])
 
 
 if __name__ == "__main__":
