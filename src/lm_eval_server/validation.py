@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lm_eval_server.catalog import Catalog, close_matches
+from lm_eval_server.catalog import Catalog, UnknownTasks, close_matches
 from lm_eval_server.config import DANGEROUS_ENV_VARS, Settings
 from lm_eval_server.lm_eval_cli import (
     SERVER_FIELDS,
@@ -203,13 +203,28 @@ class RequestValidator:
 
     def _check_tasks(self, tasks: list[str], include_paths: list[Path]) -> None:
         unknown = self._catalog.unknown_tasks(tasks, include_paths)
-        if not unknown:
-            return
+        if unknown is not None:
+            raise UnknownTaskNames(unknown)
+
+
+class UnknownTaskNames(InvalidRequest):
+    """Some tasks are unknown. `describe()` adds close matches; it is slow enough (a fuzzy
+    search over ~15k names) that callers on an event loop should run it in a thread."""
+
+    def __init__(self, unknown: UnknownTasks) -> None:
+        super().__init__(self._message({name: [] for name in unknown.names}))
+        self.unknown = unknown
+
+    def describe(self) -> str:
+        return self._message(self.unknown.suggestions())
+
+    @staticmethod
+    def _message(matches: dict[str, list[str]]) -> str:
         parts = []
-        for task, matches in unknown.items():
-            hint = f" (did you mean: {', '.join(matches)}?)" if matches else ""
+        for task, hints in matches.items():
+            hint = f" (did you mean: {', '.join(hints)}?)" if hints else ""
             parts.append(f"{task!r}{hint}")
-        raise InvalidRequest(
+        return (
             f"Unknown task(s): {'; '.join(parts)}. Tasks come from lm-eval's task list "
             "(`lm_eval ls tasks`) plus the request's include_path"
         )
