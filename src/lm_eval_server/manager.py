@@ -372,6 +372,16 @@ class JobManager:
                 if handle is None:
                     return
             await self._watch(record, live, handle)
+        except Exception as exc:
+            # A bug or an executor failure must not leave the job "Running" forever, nor its
+            # process running unwatched.
+            log.exception("job %d: lost track of its process", record.job_id)
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    await handle.stop(self._settings.stop_grace_s)
+            self._finish(
+                record, JobStatus.failed, None, f"the server lost track of the job: {exc!r}"
+            )
         finally:
             self._live.pop(record.job_id, None)
             self._schedule()

@@ -48,6 +48,11 @@ class RotatingLog:
             view = view[written:]
         self.size += len(data)
 
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def _rotate(self) -> None:
         os.close(self.fd)
         old = self.path + ".1"

@@ -284,7 +284,7 @@ class RayJobHandle:
 
     def _close_log(self) -> None:
         if self._log is not None:
-            self._log.file.close()
+            self._log.close()
             self._log = None
 
     def _append(self, data: bytes) -> None:
