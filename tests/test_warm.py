@@ -21,12 +21,12 @@ from lm_eval_server import launcher, warm
 from lm_eval_server.app import create_app
 from lm_eval_server.config import Settings
 from lm_eval_server.executors.base import LaunchSpec
-from tests.support.completions_server import model_args_for, running_stub_server
+from tests.support.completions_server import running_stub_server
 from tests.support.jobs import (
     DUMMY_JOB,
-    TEST_TASKS,
     group_members,
     process_alive,
+    stub_job,
     submit,
     wait_for,
 )
@@ -35,16 +35,6 @@ from tests.test_launcher import VOLATILE_RESULT_FIELDS
 WARM_MARKER = warm.MARKER_PREFIX + warm.FORKED_MARKER
 READY_TIMEOUT_S = 300.0
 ALL_DOCS_DUMMY_JOB = {k: v for k, v in DUMMY_JOB.items() if k != "limit"}
-
-
-def stub_job(base_url: str, tasks: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "model": "local-completions",
-        "model_args": model_args_for(base_url),
-        "tasks": tasks,
-        "include_path": str(TEST_TASKS),
-        **extra,
-    }
 
 
 def wait_warm(client: TestClient, exclude: frozenset[int] = frozenset()) -> int:

@@ -29,7 +29,7 @@ from fastapi.testclient import TestClient
 from lm_eval_server.app import create_app
 from lm_eval_server.config import Settings
 from tests.support.fake_lm_eval import pattern
-from tests.support.jobs import DUMMY_JOB, fake_job, submit, wait_for
+from tests.support.jobs import DUMMY_JOB, fake_job, session_members, submit, wait_for
 
 try:
     from ray.job_submission import JobStatus as RayJobStatus
@@ -69,27 +69,13 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _session_members(sid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
 def _kill_session(sid: int, grace_s: float = 3.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _session_members(sid):
+        for pid in session_members(sid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
-        while _session_members(sid) and time.monotonic() < deadline:
+        while session_members(sid) and time.monotonic() < deadline:
             time.sleep(0.2)
 
 

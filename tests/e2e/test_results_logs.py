@@ -6,19 +6,9 @@ import threading
 import time
 from typing import Any
 
-from tests.support.completions_server import model_args_for, running_stub_server
+from tests.support.completions_server import running_stub_server
 from tests.support.fake_lm_eval import pattern
-from tests.support.jobs import TEST_TASKS, fake_job, submit, wait_for
-
-
-def stub_job(base_url: str, tasks: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "model": "local-completions",
-        "model_args": model_args_for(base_url),
-        "tasks": tasks,
-        "include_path": str(TEST_TASKS),
-        **extra,
-    }
+from tests.support.jobs import fake_job, stub_job, submit, wait_for
 
 
 def test_known_answers_progress_and_samples(client: Any) -> None:

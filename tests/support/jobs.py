@@ -57,7 +57,8 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def group_members(pgid: int) -> list[int]:
+def _members(field: int, value: int) -> list[int]:
+    """Live processes whose /proc stat field (after the command name) equals `value`."""
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -66,6 +67,27 @@ def group_members(pgid: int) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        if int(fields[field]) == value and fields[0] != "Z":
             members.append(int(entry.name))
     return members
+
+
+def group_members(pgid: int) -> list[int]:
+    return _members(2, pgid)
+
+
+def session_members(sid: int) -> list[int]:
+    return _members(3, sid)
+
+
+def stub_job(base_url: str, tasks: str, **extra: Any) -> dict[str, Any]:
+    """A local-completions job against the test stub server, on the tests' own tasks."""
+    from tests.support.completions_server import model_args_for
+
+    return {
+        "model": "local-completions",
+        "model_args": model_args_for(base_url),
+        "tasks": tasks,
+        "include_path": str(TEST_TASKS),
+        **extra,
+    }
