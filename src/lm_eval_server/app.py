@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -225,10 +223,3 @@ class HttpMetricsMiddleware:
             method = scope["method"]
             self.metrics.http_requests.labels(method, path, str(status_code)).inc()
             self.metrics.http_latency.labels(method, path).observe(time.perf_counter() - started)
-
-
-def openapi_json(app: FastAPI) -> str:
-    return json.dumps(app.openapi(), indent=2)
-
-
-__all__ = ["Path", "create_app", "openapi_json"]

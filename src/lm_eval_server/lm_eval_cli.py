@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -251,27 +250,9 @@ def parse_argv(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
         raise ArgvError(str(exc) or type(exc).__name__) from exc
 
 
-def shell_join(argv: list[str]) -> str:
-    return shlex.join(argv)
-
-
 def task_list(values: dict[str, Any]) -> list[str]:
     tasks = values.get("tasks")
     if tasks is None:
         return []
     items = tasks.split(",") if isinstance(tasks, str) else tasks
     return [t.strip() for t in items if t.strip()]
-
-
-def model_args_dict(value: str | dict[str, Any] | None) -> dict[str, str]:
-    """Best-effort view of model_args for display (never used to build argv)."""
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return {str(k): str(v) for k, v in value.items()}
-    out: dict[str, str] = {}
-    for part in value.split(","):
-        key, sep, val = part.partition("=")
-        if sep:
-            out[key.strip()] = val.strip()
-    return out

@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from lm_eval_server.lm_eval_cli import task_list
+
 
 class JobStatus(StrEnum):
     queued = "Queued"
@@ -61,11 +63,7 @@ class JobRecord:
 
     @property
     def tasks(self) -> list[str]:
-        tasks = self.request.get("tasks")
-        if tasks is None:
-            return []
-        items = tasks.split(",") if isinstance(tasks, str) else tasks
-        return [t.strip() for t in items if t.strip()]
+        return task_list(self.request)
 
     @property
     def duration_s(self) -> float | None:

@@ -2,7 +2,7 @@
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
@@ -141,6 +141,3 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         return BulkAction(message=f"Deleted {len(ids)} job(s).", job_ids=ids)
 
     return router
-
-
-__all__ = ["jobs_router", "status"]
