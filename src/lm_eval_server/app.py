@@ -167,17 +167,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _host_rules(settings: Settings) -> list[hosts.HostRule] | None:
+    """Loopback names and the bound address always (no DNS rebinding can forge them), plus
+    ALLOWED_HOSTS; `*` turns the check off."""
     bound = listen_host(settings.host_hint, sys.argv, dict(os.environ))
-    if settings.allowed_hosts:
-        return hosts.parse_rules(settings.allowed_hosts)
-    if bound.strip("[]") in hosts.WILDCARD_BINDS:
+    if not settings.allowed_hosts and bound.strip("[]") in hosts.WILDCARD_BINDS:
         log.warning(
             "Listening on %s with the default ALLOWED_HOSTS (%s): requests that name this "
             "machine any other way get 400. Set ALLOWED_HOSTS to the names clients use.",
             bound,
             ", ".join(hosts.LOOPBACK_NAMES),
         )
-    return hosts.parse_rules(hosts.default_entries(bound))
+    return hosts.parse_rules([*hosts.default_entries(bound), *settings.allowed_hosts])
 
 
 def _add_dashboard(app: FastAPI) -> None:

@@ -98,9 +98,9 @@ class Settings(BaseSettings):
     # HTTP boundary (Host check, cross-site refusal, slow clients, log followers)
     allowed_hosts: CsvList = Field(
         default_factory=list,
-        description="Host header values the server answers to (names or IPs, optional :port, "
-        "'*.example.com' for subdomains, '*' for any). Default: localhost, 127.0.0.1, ::1 and "
-        "the bound host when it is not 0.0.0.0/::.",
+        description="Host header values the server answers to besides localhost, 127.0.0.1, "
+        "::1 and the bound address (names or IPs, optional :port, '*.example.com' for "
+        "subdomains, '*' for any).",
     )
     body_read_timeout_s: float = Field(
         30.0, gt=0, description="Seconds a client may take to send a request body."

@@ -259,18 +259,13 @@ class JobManager:
         record = self.get(job_id)
         if self._dequeue(record):
             return f"Job {job_id} dequeued."
-        live = self._live.get(job_id)
-        if live is not None and not record.status.is_terminal():
-            # From the moment _schedule hands a job to its runner, only the runner finishes
-            # it: it checks this event before launching and watches it while running.
-            live.stop_reason = live.stop_reason or "stop"
-            live.stop_event.set()
-            if live.task is not None:
-                # wait, not await: the runner's outcome (even a cancellation at shutdown) is
-                # not this request's error, and a client that goes away cancels only its wait.
-                await asyncio.wait({live.task})
-            return f"Job {job_id} stopped."
-        return f"Job {job_id} already {record.status.value}; nothing to stop."
+        runner = self._signal_stop(record)
+        if runner is None:
+            return f"Job {job_id} already {record.status.value}; nothing to stop."
+        # wait, not await: the runner's outcome (even a cancellation at shutdown) is not this
+        # request's error, and a client that goes away cancels only its own wait.
+        await asyncio.wait({runner})
+        return f"Job {job_id} stopped."
 
     def _dequeue(self, record: JobRecord) -> bool:
         """Stopped at once when it is still waiting in the queue (no await: atomic)."""
@@ -280,14 +275,28 @@ class JobManager:
         self._finish(record, JobStatus.stopped, None, None)
         return True
 
+    def _signal_stop(self, record: JobRecord) -> asyncio.Task[None] | None:
+        """From the moment _schedule hands a job to its runner, only the runner finishes it:
+        it checks this event before launching and watches it while running."""
+        live = self._live.get(record.job_id)
+        if live is None or live.task is None or record.status.is_terminal():
+            return None
+        live.stop_reason = live.stop_reason or "stop"
+        live.stop_event.set()
+        return live.task
+
     async def stop_all(self) -> list[int]:
-        targets = [r.job_id for r in self._jobs.values() if not r.status.is_terminal()]
-        # Dequeue every waiting job first, without an await in between, so no job stopped
-        # below frees a slot that starts one of them.
-        for job_id in targets:
-            self._dequeue(self._jobs[job_id])
-        await asyncio.gather(*(self.stop(j) for j in targets if j in self._live))
-        return targets
+        targets = [r for r in self._jobs.values() if not r.status.is_terminal()]
+        # Every job is dequeued or signalled before the first await, so no job stopped here
+        # frees a slot that starts another of them.
+        runners = [
+            runner
+            for record in targets
+            if not self._dequeue(record) and (runner := self._signal_stop(record)) is not None
+        ]
+        if runners:
+            await asyncio.wait(runners)
+        return [r.job_id for r in targets]
 
     async def delete(self, job_id: int) -> None:
         record = self.get(job_id)
