@@ -169,6 +169,22 @@ def test_the_names_the_server_answers_to(guarded: ServerProcess) -> None:
             assert response.status_code == 200, (host, response.text)
 
 
+def test_the_bound_host_is_allowed_unless_it_means_every_interface(servers: Any) -> None:
+    # HOST_HINT is how the CLI tells the app the address it binds (uvicorn's --host here is
+    # 127.0.0.1, which tests can reach).
+    named = servers(HOST_HINT="evalbox.internal")
+    with httpx.Client(base_url=named.url, timeout=30) as http:
+        assert http.get("/jobs", headers={"Host": "evalbox.internal:8000"}).status_code == 200
+        assert http.get("/jobs", headers={"Host": "other.internal"}).status_code == 400
+    named.terminate()
+    wildcard = servers(HOST_HINT="0.0.0.0")
+    with httpx.Client(base_url=wildcard.url, timeout=30) as http:
+        assert http.get("/jobs", headers={"Host": "0.0.0.0:8000"}).status_code == 400
+        assert http.get("/jobs", headers={"Host": "evalbox.internal"}).status_code == 400
+        assert http.get("/jobs").status_code == 200  # 127.0.0.1
+    assert "Set ALLOWED_HOSTS" in wildcard.log_path.read_text()
+
+
 def test_allowed_hosts_is_validated_at_startup(tmp_path: Path, index_dir: Path) -> None:
     server = ServerProcess(tmp_path / "data", index_dir, ALLOWED_HOSTS="ok.example,bad host/x")
     with pytest.raises(RuntimeError, match="server exited"):
