@@ -32,7 +32,13 @@ def test_known_answers_progress_and_samples(client: Any) -> None:
         assert [p for p in seen if 0 < p < 100], f"no intermediate progress in {sorted(seen)}"
         # An API model's bars count the request type lm-eval said it was running.
         assert "generate_until" in phases
-        assert phases <= {"starting", "loading model", "building requests", "generate_until"}
+        assert phases <= {
+            "starting",
+            "loading model",
+            "building requests",
+            "generate_until",
+            "writing results",
+        }
         assert job["inference_progress_pct"] == 100
         assert job["progress"]["done"] == job["progress"]["total"] == 200
 
