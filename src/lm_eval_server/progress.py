@@ -55,19 +55,24 @@ _BUILD_LINE = re.compile(r"\bBuilding contexts for (\S+) on rank (\d+)\.\.\.")
 _GEN_LINE = re.compile(r"(?:^|\]\s)(\S+): Using gen_kwargs:")
 _COUNT_LINE = re.compile(r"\bTask: (\S+); number of requests on this rank: (\d+)")
 _SAVE_LINE = re.compile(r"\b(?:Saving|skipping saving) results aggregated")
-# Cheap substring tests before any regex: most records are none of these. `skip` also
-# searches a flood of output for them with str.find.
-_MARKERS = (
-    "Running ",
-    "Initializing ",
-    "Building contexts for ",
-    "Using gen_kwargs:",
-    "number of requests on this rank",
-    "results aggregated",
+# `skip` finds marker lines in a flood with str.find, then checks the candidate in place
+# (C speed both), so a flood of near-misses ("Running 3 shards") costs no parsing.
+_SKIP_MARKERS = tuple(
+    (literal, re.compile(re.escape(literal) + rest))
+    for literal, rest in (
+        ("Running ", rf"(?:{_TYPES}) requests"),
+        ("Initializing ", r"\S+ model, with arguments"),
+        ("Building contexts for ", r"\S+ on rank \d+\.\.\."),
+        (": Using gen_kwargs:", ""),
+        ("; number of requests on this rank: ", r"\d+"),
+        ("results aggregated", ""),
+    )
 )
 # How many bars `skip` reads back from the end of a segment: enough to see the latest
 # redraw of each bar kind that may be drawn in one phase (plain, described, API).
 _SKIP_BARS = 4
+_MAX_RECORD = 4096
+_SEPARATOR = re.compile(r"[\r\n]")
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,7 @@ class ProgressTracker:
         return self._phases[-1]
 
     def feed(self, text: str) -> None:
-        records = re.split(r"[\r\n]", self._pending + text)
+        records = _SEPARATOR.split(self._pending + text)
         self._pending = records.pop()
         for record in records:
             self._consume(record)
@@ -197,11 +202,15 @@ class ProgressTracker:
         end = max(text.rfind("\r"), text.rfind("\n")) + 1
         body, self._pending = text[:end], text[end:]
         starts: set[int] = set()
-        for marker in _MARKERS:
-            at = body.find(marker)
+        for literal, pattern in _SKIP_MARKERS:
+            at = body.find(literal)
             while at >= 0:
-                starts.add(_record_start(body, at, 0))
-                at = body.find(marker, at + len(marker))
+                if pattern.match(body, at):
+                    starts.add(_record_start(body, at, 0))
+                    at = _record_end(body, at)
+                else:
+                    at += len(literal)
+                at = body.find(literal, at)
         previous = 0
         for start in sorted(starts):
             if start < previous:
@@ -338,12 +347,15 @@ def _inference_kind(desc: str) -> str | None:
 
 
 def _record_start(text: str, at: int, lo: int) -> int:
+    # Bounded, so a flood without one of the two separators stays linear; the records
+    # looked for (marker lines, bars) are short.
+    lo = max(lo, at - _MAX_RECORD)
     return max(lo, text.rfind("\r", lo, at) + 1, text.rfind("\n", lo, at) + 1)
 
 
 def _record_end(text: str, at: int) -> int:
-    ends = [i for i in (text.find("\r", at), text.find("\n", at)) if i >= 0]
-    return min(ends) if ends else len(text)
+    found = _SEPARATOR.search(text, at)
+    return found.start() if found else len(text)
 
 
 def terminal_lines(text: str) -> list[str]:
