@@ -10,6 +10,7 @@ Fixtures (lm-eval 0.4.13, tasks demo_mc (20 docs x 4 choices) and arith_gen_tiny
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import itertools
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lm_eval_server import progress as progress_module
 from lm_eval_server.progress import (
     BUILDING_REQUESTS,
     LOADING_MODEL,
@@ -192,11 +194,29 @@ def test_skip_over_a_flood_keeps_counts_and_markers() -> None:
 
 
 def test_lost_output_drops_the_cut_record() -> None:
+    """After output was dropped unread, the cut record's start must not be joined with
+    whatever comes next (here into a bogus 5/100)."""
     tracker = ProgressTracker()
-    tracker.feed(RUN_LL + "\r" + bar(5, 10)[:12])
+    tracker.feed(RUN_LL + bar(1, 10) + "\r 50%|#####     | 5/1")
     tracker.lost_output()
-    tracker.feed(bar(7, 10)[12:] + "\r" + bar(8, 10))
-    assert (tracker.progress.done, tracker.progress.total) == (8, 10)
+    tracker.feed("00 [00:01<00:02, 3.50it/s]")
+    assert (tracker.progress.done, tracker.progress.total) == (1, 10)
+
+
+def test_progress_module_imports_nothing_of_ours() -> None:
+    """The layering rule: the parser is pure and stands alone."""
+    tree = ast.parse(Path(progress_module.__file__).read_text())
+    imported = {
+        name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for name in (
+            [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else [a.name for a in node.names]
+        )
+    }
+    assert imported == {"__future__", "re", "dataclasses"}
 
 
 # ---------------------------------------------------------------- rules, small inputs
