@@ -144,7 +144,7 @@ def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
             assert job["status"] == "Running", job
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert job["progress"]["phase"] == "api requests"
+        assert job["progress"]["phase"] == "generate_until"  # counted by Requesting API bars
         assert 0 < job["inference_progress_pct"] < 100
         log = stderr_text(client, slow)
         assert f"{WARM_MARKER} {worker}\n" in log
