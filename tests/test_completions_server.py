@@ -152,6 +152,7 @@ def test_model_args_for() -> None:
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_lm_eval_cli_end_to_end(tmp_path: Path) -> None:
     env = {

@@ -48,12 +48,13 @@ def _parse_new_output(
     follower: joblogs.LogFollower,
     tracker: ProgressTracker,
     decoder: codecs.IncrementalDecoder,
-) -> Progress | None:
+) -> Progress:
     """Feeds what the job wrote since the last call to its progress tracker (in a thread)."""
     if follower.backlog() > _MAX_BACKLOG_BYTES:
         # A flood of output: only its end can hold the current bar; don't re-read the rest.
         follower.skip_to_end(keep=_FULL_PARSE_BYTES * 4)
         decoder.reset()
+        tracker.lost_output()
     while data := follower.read_new():
         text = decoder.decode(data)
         if len(text) > _FULL_PARSE_BYTES:
@@ -198,6 +199,7 @@ class JobManager:
         return len(self._live)
 
     def progress_pct(self, record: JobRecord) -> int | None:
+        """The whole job's share of requests answered (the tracker keeps it from going down)."""
         if record.status is JobStatus.completed:
             return 100
         progress: Progress | None = record.progress
@@ -457,6 +459,8 @@ class JobManager:
     async def _watch(self, record: JobRecord, live: _Live, handle: JobHandle) -> None:
         follower = joblogs.LogFollower(stderr_path(Path(record.work_dir)))
         tracker = ProgressTracker()
+        # Running from now on: "starting" until lm-eval prints its first marker.
+        record.progress = tracker.progress
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         waiter = asyncio.create_task(handle.wait())
         stopper = asyncio.create_task(live.stop_event.wait())
@@ -547,9 +551,7 @@ class JobManager:
         tracker: ProgressTracker,
         decoder: codecs.IncrementalDecoder,
     ) -> None:
-        progress = await asyncio.to_thread(_parse_new_output, follower, tracker, decoder)
-        if progress is not None:
-            record.progress = progress
+        record.progress = await asyncio.to_thread(_parse_new_output, follower, tracker, decoder)
 
     def _finish(
         self, record: JobRecord, status: JobStatus, code: int | None, error: str | None
