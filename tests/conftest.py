@@ -43,6 +43,8 @@ def make_settings(tmp_path: Path, index_dir: Path) -> Callable[..., Settings]:
             "lm_eval_paths": [DEFAULT_LM_EVAL, FAKE_LM_EVAL],
             "allowed_paths": [str(tmp_path), str(ROOT / "examples"), str(ROOT / "tests" / "data")],
             "stop_grace_s": 3.0,
+            # TestClient sends `Host: testserver`; Host checks are tested on real servers.
+            "allowed_hosts": ["testserver"],
         }
         values.update(overrides)
         return Settings(**values)

@@ -49,7 +49,8 @@ class JobRecord:
     error: str | None = None
     pid: int | None = None
     results_file: str | None = None
-    idempotency_key: str | None = None
+    idempotency_key: str | None = None  # hash of (caller, Idempotency-Key); see idempotency.py
+    idempotency_body: str | None = None  # SHA-256 of the canonical body sent with that key
     executor_ref: str | None = None  # e.g. the Ray submission id
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None

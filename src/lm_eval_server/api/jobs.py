@@ -6,9 +6,11 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Resp
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
+from lm_eval_server import idempotency
 from lm_eval_server.api import views
 from lm_eval_server.api.deps import Manager
 from lm_eval_server.models import BulkAction, JobAction, JobDetail, JobList, JobStatus
+from lm_eval_server.security import caller_of
 from lm_eval_server.validation import InvalidRequest, RequestValidator, UnknownTaskNames
 
 _NOT_FOUND = {404: {"description": "No job has this id."}}
@@ -51,8 +53,9 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             str | None,
             Header(
                 max_length=200,
-                description="Retries with the same key return the first job instead of "
-                "queuing another.",
+                description="Retries with the same key and body from the same caller (API "
+                "key) return the first job instead of queuing another; the same key with "
+                "another body gets 422.",
             ),
         ] = None,
     ) -> JobAction:
@@ -62,7 +65,12 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         except UnknownTaskNames as exc:
             # The close-match search is the slow part: off the event loop.
             raise InvalidRequest(await run_in_threadpool(exc.describe)) from None
-        record = manager.submit(job, idempotency_key)
+        claim = None
+        if idempotency_key is not None:
+            # Bound to who asks and what they send (idempotency.py).
+            raw = await request.body()  # already read and cached by FastAPI
+            claim = idempotency.claim(idempotency_key, caller_of(request), raw)
+        record = manager.submit(job, claim)
         return JobAction(message=f"Job {record.job_id} successfully queued.", job_id=record.job_id)
 
     @router.get("/jobs", response_model=JobList, summary="List jobs, oldest first")
