@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lm_eval_server import backends
 from lm_eval_server.catalog import Catalog, UnknownTasks, close_matches
 from lm_eval_server.config import DANGEROUS_ENV_VARS, Settings
 from lm_eval_server.lm_eval_cli import (
@@ -84,6 +85,7 @@ class RequestValidator:
         self._specs = specs
         self._catalog = catalog
         self._default_program = tuple(shlex.split(settings.lm_eval_path_allowlist[0]))
+        backends.installed()  # probe the installed backends once, at startup
         metavars = {a.dest: a.metavar for a in parser._actions if isinstance(a.metavar, str)}
         self._path_dests = {
             s.dest
@@ -113,6 +115,8 @@ class RequestValidator:
         if not tasks and not getattr(namespace, "config", None):
             raise InvalidRequest('tasks is required, e.g. "tasks": "mmlu,arc_easy"')
         self._check_model(values.get("model"))
+        if missing := backends.missing_extra(values.get("model"), program, self._settings):
+            raise InvalidRequest(missing)
         self._check_tasks(tasks, include_paths)
         return ValidatedJob(
             values=values,
