@@ -262,7 +262,7 @@ def _process_arguments(config: dict[str, Any], base: Path) -> None:
                 raise LmEvalCheckError(f"samples: cannot read {path}: {exc}") from None
     if config.get("samples") and not isinstance(config["samples"], dict):
         raise LmEvalCheckError(
-            'samples must map task names to lists of indices, e.g. {"arc_easy": [0, 1]}'
+            'samples: must map task names to lists of indices, e.g. {"arc_easy": [0, 1]}'
         )
     model_args = config.get("model_args") or {}
     metadata = config.get("metadata") or {}
