@@ -118,6 +118,22 @@ def check_text(value: Any, where: str, depth: int = 0) -> None:
             check_text(item, f"{where}[{index}]", depth + 1)
 
 
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """`value` with what JSON (UTF-8) cannot carry made visible: non-finite numbers as text,
+    lone surrogates as backslash escapes."""
+    if depth > MAX_DEPTH:
+        return "..."
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(k, depth + 1): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v, depth + 1) for v in value]
+    return value
+
+
 def truthy_key(value: Any, key: str, depth: int = 0) -> bool:
     """True if `key` maps to a truthy value anywhere in `value` (nested dicts and lists), as
     Python code tests it: 1, "yes", 1.0 and the string "False" are all true."""
