@@ -254,6 +254,6 @@ def test_config_snapshot_and_task_directory_run(make_client: Any, tmp_path: Path
     assert job["status"] == "Completed", job
     snapshot = tmp_path / "data" / "jobs" / str(job_id) / "config.yaml"
     assert str(snapshot) in job["argument"] and "trust_remote_code" not in snapshot.read_text()
-    results = client.get(f"/job/{job_id}/results").json()
+    results = client.get(f"/job/{job_id}/results").json()["results"]
     assert list(results["results"]) == ["demo_mc"]
     assert results["config"]["limit"] == 2
