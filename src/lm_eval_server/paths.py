@@ -43,28 +43,36 @@ def confine(value: str, roots: list[Path], base: Path, what: str) -> Path:
     )
 
 
-def server_owned(settings: Settings) -> list[Path]:
-    """Paths under DATA_DIR that belong to the server: no job may write into them."""
-    data = settings.data_dir.resolve()
-    db = settings.db_path.resolve()
-    owned = [settings.jobs_dir.resolve(), settings.task_index_dir, data / "cache"]
-    owned += [db, *(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal"))]
-    return owned
+@dataclass(frozen=True)
+class ServerFiles:
+    """Paths under DATA_DIR that belong to the server: no job may write into them. Resolved
+    once, when the validator is built (settings do not change while the server runs)."""
 
+    jobs_dir: Path
+    owned: tuple[Path, ...]
 
-def refuse_server_owned(path: Path, settings: Settings, what: str) -> None:
-    """`path` (resolved) must not be, or be inside, a server-owned path."""
-    for owned in server_owned(settings):
-        if path == owned or path.is_relative_to(owned):
-            hint = (
-                "another job's directory"
-                if owned == settings.jobs_dir.resolve()
-                else "the server's own files"
-            )
-            raise PathRefused(
-                f"{what}: {path} is inside {owned}, {hint} under DATA_DIR; choose another "
-                "directory (leave output_path out to get the job's own results directory)"
-            )
+    @classmethod
+    def of(cls, settings: Settings) -> ServerFiles:
+        data = settings.data_dir.resolve()
+        db = settings.db_path.resolve()
+        jobs = settings.jobs_dir.resolve()
+        owned = [jobs, settings.task_index_dir, data / "cache"]
+        owned += [db, *(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal"))]
+        return cls(jobs, tuple(owned))
+
+    def refuse(self, path: Path, what: str) -> None:
+        """`path` (resolved) must not be, or be inside, a server-owned path."""
+        for owned in self.owned:
+            if path == owned or path.is_relative_to(owned):
+                hint = (
+                    "another job's directory"
+                    if owned == self.jobs_dir
+                    else "the server's own files"
+                )
+                raise PathRefused(
+                    f"{what}: {path} is inside {owned}, {hint} under DATA_DIR; choose another "
+                    "directory (leave output_path out to get the job's own results directory)"
+                )
 
 
 def model_name(model_args: dict[str, object]) -> str | None:
@@ -75,13 +83,13 @@ def model_name(model_args: dict[str, object]) -> str | None:
     return None
 
 
-def check_results_dir(output: Path, model_args: dict[str, object], settings: Settings) -> None:
+def check_results_dir(output: Path, model_args: dict[str, object], server: ServerFiles) -> None:
     """lm-eval writes results to `output/<sanitised model name>/` (or next to `output` when it
     ends in .json): that directory must stay inside `output` and outside server files."""
     if output.suffix == ".json":
-        refuse_server_owned(output.parent, settings, "output_path")
+        server.refuse(output.parent, "output_path")
         return
-    refuse_server_owned(output, settings, "output_path")
+    server.refuse(output, "output_path")
     name = model_name(model_args)
     if name is None:
         return  # lm-eval picks a random id
@@ -91,7 +99,7 @@ def check_results_dir(output: Path, model_args: dict[str, object], settings: Set
             f"model_args: the model name {name!r} would make lm-eval write its results to "
             f"{output / sanitized}, outside output_path; name the model by a path or hub id"
         )
-    refuse_server_owned((output / sanitized).resolve(), settings, "output_path")
+    server.refuse((output / sanitized).resolve(), "output_path")
 
 
 @dataclass(frozen=True)

@@ -140,12 +140,14 @@ def truthy_key(value: Any, key: str, depth: int = 0) -> bool:
     if depth > MAX_DEPTH:
         return True  # too deep to judge: refuse rather than guess
     if isinstance(value, dict):
-        return any(
-            (k == key and bool(v)) or truthy_key(v, key, depth + 1) for k, v in value.items()
-        )
-    if isinstance(value, list):
-        return any(truthy_key(item, key, depth + 1) for item in value)
-    return False
+        if value.get(key):
+            return True
+        items = value.values()
+    elif isinstance(value, list):
+        items = value
+    else:
+        return False
+    return any(isinstance(item, dict | list) and truthy_key(item, key, depth + 1) for item in items)
 
 
 def values_of(value: Any, key: str, depth: int = 0) -> list[Any]:
@@ -177,6 +179,9 @@ class RequestValidator:
         self._specs = specs
         self._catalog = catalog
         self._default_program = tuple(shlex.split(settings.lm_eval_path_allowlist[0]))
+        # Resolved once: settings do not change while the server runs.
+        self._roots = settings.allowed_roots
+        self._server_files = paths.ServerFiles.of(settings)
         metavars = {a.dest: a.metavar for a in parser._actions if isinstance(a.metavar, str)}
         self._path_dests = {
             s.dest
@@ -225,9 +230,10 @@ class RequestValidator:
         self._check_code(configured)
         self._check_urls(configured)
         include_paths = self._check_paths(configured, user_output)
-        names = [t for t in task_items(configured.get("tasks")) if not paths.is_path_like(t)]
-        if not task_items(configured.get("tasks")):
+        all_tasks = task_items(configured.get("tasks"))
+        if not all_tasks:
             raise InvalidRequest('tasks is required, e.g. "tasks": "mmlu,arc_easy"')
+        names = [t for t in all_tasks if not paths.is_path_like(t)]
         self._check_model(configured.get("model"))
         self._check_tasks(names, include_paths)
         return ValidatedJob(
@@ -244,7 +250,7 @@ class RequestValidator:
     # ------------------------------------------------------------------ paths
     def _absolute_paths(self, values: dict[str, Any], base: Path) -> None:
         """Path options confined and made absolute in place (the job runs in its own dir)."""
-        roots = self._settings.allowed_roots
+        roots = self._roots
         for dest in self._path_dests:
             value = values.get(dest)
             if value is None:
@@ -258,7 +264,7 @@ class RequestValidator:
                 values[dest] = str(confine(value, roots, base, dest))
 
     def _task_paths(self, tasks: list[str], base: Path) -> list[str]:
-        roots = self._settings.allowed_roots
+        roots = self._roots
         out = []
         for task in tasks:
             try:
@@ -278,7 +284,7 @@ class RequestValidator:
         except lm_eval_checks.LmEvalCheckError as exc:
             raise InvalidRequest(f"config: {exc}") from None
         check_text(data, "config")
-        roots = self._settings.allowed_roots
+        roots = self._roots
         for dest in self._path_dests - {CONFIG_DEST}:
             value = data.get(dest)
             if value is None:
@@ -311,16 +317,16 @@ class RequestValidator:
                 )
 
     def _check_paths(self, configured: dict[str, Any], user_output: str | None) -> list[Path]:
-        settings = self._settings
+        server = self._server_files
         try:
             if user_output:
-                paths.check_results_dir(
-                    Path(user_output), configured.get("model_args") or {}, settings
-                )
+                # Already absolute and resolved (request or config file alike).
+                model_args = configured.get("model_args") or {}
+                paths.check_results_dir(Path(user_output), model_args, server)
             for dest in self._path_dests - {CONFIG_DEST, "output_path"}:
                 value = configured.get(dest)
                 if isinstance(value, str) and value:
-                    paths.refuse_server_owned(Path(value).resolve(), settings, dest)
+                    server.refuse(Path(value), dest)
         except paths.PathRefused as exc:
             raise InvalidRequest(str(exc)) from None
         include = configured.get("include_path")
