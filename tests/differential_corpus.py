@@ -303,6 +303,13 @@ CORPUS: list[dict[str, Any]] = [
         ["--system_instruction=-be brief"],
     ),
     case("use_cache inside", {"use_cache": "{TMP}/cache/x"}, ["--use_cache", "{TMP}/cache/x"]),
+    case(
+        "use_cache prefix at an allowed root",
+        {"use_cache": "{TMP}"},
+        ["--use_cache", "{TMP}"],
+        "policy",
+        "ALLOWED_PATHS",  # lm-eval writes {TMP}_rank0.db, beside the root
+    ),
     case("model_args false remote code", {"model_args": "trust_remote_code=False"}, None)
     | {"argv": [*BASE_ARGV, "--model_args", "trust_remote_code=False"]},
     case("model_args zero remote code", {"model_args": {"trust_remote_code": 0}}, None)

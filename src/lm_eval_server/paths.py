@@ -83,11 +83,14 @@ def model_name(model_args: dict[str, object]) -> str | None:
     return None
 
 
-def check_results_dir(output: Path, model_args: dict[str, object], server: ServerFiles) -> None:
+def check_results_dir(
+    output: Path, model_args: dict[str, object], server: ServerFiles, roots: list[Path]
+) -> None:
     """lm-eval writes results to `output/<sanitised model name>/` (or next to `output` when it
-    ends in .json): that directory must stay inside `output` and outside server files."""
+    ends in .json): that directory must stay inside `output`, inside ALLOWED_PATHS (a symlink
+    there is followed) and outside server files."""
     if output.suffix == ".json":
-        server.refuse(output.parent, "output_path")
+        server.refuse(confine(str(output.parent), roots, output, "output_path"), "output_path")
         return
     server.refuse(output, "output_path")
     name = model_name(model_args)
@@ -99,7 +102,17 @@ def check_results_dir(output: Path, model_args: dict[str, object], server: Serve
             f"model_args: the model name {name!r} would make lm-eval write its results to "
             f"{output / sanitized}, outside output_path; name the model by a path or hub id"
         )
-    server.refuse((output / sanitized).resolve(), "output_path")
+    target = confine(str(output / sanitized), roots, output, "output_path")
+    server.refuse(target, "output_path")
+
+
+def check_cache_prefix(value: Path, roots: list[Path], server: ServerFiles) -> None:
+    """lm-eval's use_cache is a file name prefix: it writes `<use_cache>_rank<N>.db` next to it,
+    so the directory holding it, and the file itself, must be confined."""
+    confine(str(value.parent), roots, value, "use_cache")
+    db = confine(f"{value}_rank0.db", roots, value, "use_cache")
+    server.refuse(db.parent, "use_cache")
+    server.refuse(db, "use_cache")
 
 
 @dataclass(frozen=True)

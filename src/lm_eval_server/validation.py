@@ -322,11 +322,14 @@ class RequestValidator:
             if user_output:
                 # Already absolute and resolved (request or config file alike).
                 model_args = configured.get("model_args") or {}
-                paths.check_results_dir(Path(user_output), model_args, server)
+                paths.check_results_dir(Path(user_output), model_args, server, self._roots)
             for dest in self._path_dests - {CONFIG_DEST, "output_path"}:
                 value = configured.get(dest)
                 if isinstance(value, str) and value:
                     server.refuse(Path(value), dest)
+            cache = configured.get("use_cache")
+            if isinstance(cache, str) and cache:
+                paths.check_cache_prefix(Path(cache), self._roots, server)
         except paths.PathRefused as exc:
             raise InvalidRequest(str(exc)) from None
         include = configured.get("include_path")
