@@ -30,7 +30,10 @@ def confine(value: str, roots: list[Path], base: Path, what: str) -> Path:
     """`value` as an absolute path, which must resolve (symlinks followed) inside a root."""
     if "\0" in value:
         raise PathRefused(f"{what}: a path cannot contain NUL bytes")
-    path = Path(value).expanduser()
+    if value.startswith("~"):
+        # No shell expands it for the job, and the server's home means nothing to a caller.
+        raise PathRefused(f"{what}: {value!r}: '~' is not expanded; give an absolute path")
+    path = Path(value)
     if not path.is_absolute():
         path = base / path
     resolved = path.resolve()
@@ -133,13 +136,15 @@ def resolve_task_path(task: str, roots: list[Path], base: Path, single: bool) ->
     entries are task names and return None. Every file a glob or directory yields, and its
     base directory, must resolve inside ALLOWED_PATHS (a symlink inside pointing out is
     refused)."""
+    if task.startswith("~"):
+        raise PathRefused(f"tasks: {task!r}: '~' is not expanded; give an absolute path")
     if task.endswith(".yml") and not any(ch in task for ch in GLOB_CHARS):
         raise PathRefused(
             f"tasks: {task!r}: lm-eval reads task files only with the .yaml suffix (it would "
             "look for a task named like this); rename the file to .yaml"
         )
     if task.endswith(".yaml"):
-        path = Path(task).expanduser()
+        path = Path(task)
         absolute = path if path.is_absolute() else base / path
         if not any(ch in task for ch in GLOB_CHARS):
             resolved = confine(str(absolute), roots, base, "tasks")
@@ -149,7 +154,7 @@ def resolve_task_path(task: str, roots: list[Path], base: Path, single: bool) ->
         return _glob_task(str(absolute), task, roots, base)
     if not is_path_like(task):
         return None
-    path = Path(task).expanduser()
+    path = Path(task)
     absolute = path if path.is_absolute() else base / path
     if single and absolute.is_dir():
         directory = confine(str(absolute), roots, base, "tasks")

@@ -197,6 +197,13 @@ class RequestValidator:
         }
 
     def validate(self, request: BaseModel) -> ValidatedJob:
+        try:
+            return self._validate(request)
+        except OSError as exc:
+            # A path the filesystem will not even look up (too long, unreadable, ...).
+            raise InvalidRequest(f"a path in the request cannot be used: {exc}") from None
+
+    def _validate(self, request: BaseModel) -> ValidatedJob:
         values = request.model_dump(exclude_none=True)
         check_text(values, "request")
         server = {k: values.pop(k) for k in SERVER_FIELDS if k in values}

@@ -229,7 +229,7 @@ def test_lm_eval_run_time_checks_at_submission(make_client: Any, tmp_path: Path)
     assert "--fewshot_as_multiturn false" in detail["argument"]
 
 
-def test_edge_inputs_get_422(make_client: Any) -> None:
+def test_edge_inputs_get_422(make_client: Any, tmp_path: Path) -> None:
     client = make_client()
     fake = json.dumps(FAKE)[:-1]
     for raw in ("NaN", "Infinity", "-Infinity", "1e300", "0"):
@@ -239,6 +239,16 @@ def test_edge_inputs_get_422(make_client: Any) -> None:
     refused(client, f'{fake}, "model_args": {{"k\\udfff": 1}}}}'.encode(), "surrogate")
     refused(client, f'{fake}, "limit": NaN}}'.encode(), "finite")
     refused(client, {**FAKE, "model_args": "a=1 -b 8"}, "starts with '-'")
+    long_name = f"{tmp_path}/{'x' * 5000}"
+    for body in (
+        {"tasks": long_name},
+        {"tasks": long_name + ".yaml"},
+        {"config": long_name},
+        {"samples": long_name},
+    ):
+        refused(client, {**FAKE, **body, "limit": None}, "cannot be used")
+    for body in ({"tasks": "~/x.yaml"}, {"output_path": "~/out"}, {"tasks": "~root"}):
+        refused(client, {**FAKE, **body}, "'~' is not expanded")
     assert job_count(client) == 0
 
 
