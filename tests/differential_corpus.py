@@ -400,6 +400,15 @@ CORPUS: list[dict[str, Any]] = [
         files={"{TMP}/list.yaml": "- a\n- b\n"},
     ),
     case(
+        "config cache_requests as text",
+        {"config": "{TMP}/cr.yaml"},
+        ["--config", "{TMP}/cr.yaml"],
+        "refused_later",
+        "cache_requests must be a mapping",
+        files={"{TMP}/cr.yaml": OK_CONFIG + "cache_requests: refresh\n"},
+        base=False,
+    ),
+    case(
         "config trust_remote_code",
         {"config": "{TMP}/trc.yaml"},
         ["--config", "{TMP}/trc.yaml"],

@@ -217,6 +217,15 @@ def check(merged: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in dict_keys:
         if isinstance(config.get(key), str):
             config[key] = simple_parse_args_string(config[key])
+    if fields is not None:
+        # Fields whose default is a mapping are read with .get() by `lm_eval run` (e.g.
+        # cache_requests); a config file can set them to anything.
+        for key, default in fields.defaults.items():
+            if isinstance(default, dict) and not isinstance(config.get(key, {}), dict):
+                raise LmEvalCheckError(
+                    f"{key} must be a mapping, got {type(config[key]).__name__} "
+                    f"({config[key]!r}); lm-eval reads it as one"
+                )
     _validate_arguments(config)
     _process_arguments(config, base)
     _normalize_seed(config, default_seed)
