@@ -267,3 +267,15 @@ def test_config_snapshot_and_task_directory_run(make_client: Any, tmp_path: Path
     results = client.get(f"/job/{job_id}/results").json()["results"]
     assert list(results["results"]) == ["demo_mc"]
     assert results["config"]["limit"] == 2
+
+
+def test_task_glob_runs(make_client: Any) -> None:
+    """A real lm-eval run: a glob of task YAMLs, as lm-eval's CLI takes it."""
+    client = make_client()
+    job_id = submit(
+        client, {"model": "dummy", "tasks": f"{EXAMPLES_TASKS}/demo_*.yaml", "limit": 2}
+    )
+    job = wait_for(client, job_id)
+    assert job["status"] == "Completed", job
+    results = client.get(f"/job/{job_id}/results").json()["results"]
+    assert list(results["results"]) == ["demo_mc"]
