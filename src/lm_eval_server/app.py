@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,7 +40,7 @@ from lm_eval_server.security import (
     require_api_key,
 )
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
-from lm_eval_server.validation import InvalidRequest, RequestValidator
+from lm_eval_server.validation import InvalidRequest, RequestValidator, json_safe
 
 if TYPE_CHECKING:
     from lm_eval_server.warm import WarmPool
@@ -214,6 +216,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(JobNotCompleted, conflict)
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(ShuttingDown, unavailable)
+
+    async def request_invalid(_: Request, exc: Exception) -> JSONResponse:
+        # FastAPI's own handler echoes each input; a NaN or a lone surrogate in it made that
+        # response itself fail with a 500.
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        return JSONResponse({"detail": json_safe(jsonable_encoder(errors))}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, request_invalid)
 
 
 def _add_http_metrics(app: FastAPI, metrics: AppMetrics) -> None:

@@ -143,6 +143,18 @@ class Settings(BaseSettings):
         0, ge=0, description="Pre-started lm-eval processes that fork jobs (local executor)."
     )
 
+    # Request -> argv boundary (semantics): remote/unsafe code, where model tokens may go
+    allow_unsafe_code: bool = Field(
+        False,
+        description="Allow confirm_run_unsafe_code (tasks that execute model-written code); "
+        "separate from ALLOW_REMOTE_CODE.",
+    )
+    model_url_prefixes: CsvList = Field(
+        default_factory=list,
+        description="When set, a base_url in model_args/metadata must start with one of "
+        "these URLs (compared after normalisation).",
+    )
+
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")
 
@@ -152,11 +164,19 @@ class Settings(BaseSettings):
         "allowed_paths",
         "allowed_env_vars",
         "allowed_hosts",
+        "model_url_prefixes",
         mode="before",
     )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("model_url_prefixes")
+    @classmethod
+    def _url_prefixes(cls, value: list[str]) -> list[str]:
+        from lm_eval_server.urls import normalise_url
+
+        return [normalise_url(prefix, "MODEL_URL_PREFIXES") for prefix in value]
 
     @model_validator(mode="after")
     def _load_key_file(self) -> Settings:

@@ -30,7 +30,7 @@ from lm_eval_server.idempotency import IdempotencyClaim
 from lm_eval_server.models import JobRecord, JobStatus, utcnow
 from lm_eval_server.progress import Progress, ProgressTracker
 from lm_eval_server.store import JobStore, TerminalStateError
-from lm_eval_server.validation import ValidatedJob
+from lm_eval_server.validation import ValidatedJob, job_lm_args
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,9 @@ class JobManager:
             )
         job_id = self._store.next_id()
         work_dir = (self._settings.jobs_dir / str(job_id)).resolve()
-        lm_args = list(job.lm_args)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        # The job reads the validated snapshot of its config file, never the file itself.
+        lm_args = job_lm_args(job, work_dir)
         output_path = job.user_output_path
         if output_path is None:
             output_path = str(work_dir / "results")
