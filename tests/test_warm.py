@@ -203,7 +203,8 @@ def test_warm_worker_honours_disabled_hook_and_its_jobs_outlive_the_server(
             assert "running plain lm-eval: LM_EVAL_SERVER_DISABLE_HOOK=1" in log
 
             slow = submit(first, stub_job(stub.base_url, "arith_gen"))
-            eventually(lambda: "Requesting API" in stderr_text(first, slow))
+            # Plain lm-eval indexes every task itself first: 15-50 s on a busy machine.
+            eventually(lambda: "Requesting API" in stderr_text(first, slow), timeout_s=180)
             assert WARM_MARKER in stderr_text(first, slow)
             leader = first.app.state.manager.get(slow).pid  # type: ignore[attr-defined]
             # Leaving the block shuts the server and its worker down; the job runs on...

@@ -259,3 +259,33 @@ def test_data_dir_and_jobs_db_are_the_owners_only(
     make_client(data_dir=old)
     assert mode(old / "jobs.db") == 0o600
     assert mode(old / "jobs") == 0o700
+
+
+def test_a_ray_job_gets_only_its_environment(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("ray", reason="the `ray` extra is optional")
+    from tests.e2e.test_ray import JOB_TIMEOUT_S, running_head
+
+    # The head is started from this environment: the secret is in the Ray node's environment.
+    monkeypatch.setenv("SERVER_SECRET", SERVER_SECRET)
+    with running_head() as head:
+        client = make_client(
+            executor="ray",
+            ray_address=head.address,
+            ray_job_runtime_env={"env_vars": {"FROM_OPERATOR": "op"}},
+        )
+        # Ray would expand ${NAME} in runtime_env.env_vars from the node's environment.
+        env_vars = {"FAKE_DUMP_ENV": "fake-env.json", "OPENAI_API_KEY": "${SERVER_SECRET}"}
+        job_id = submit(client, fake_job(**env_vars))
+        job = wait_for(client, job_id, timeout_s=JOB_TIMEOUT_S)
+        assert job["status"] == "Completed", job
+        record = client.app.state.manager.get(job_id)  # type: ignore[attr-defined]
+        work_dir = Path(record.work_dir)
+        settings: Settings = client.app.state.settings  # type: ignore[attr-defined]
+        seen = json.loads((work_dir / "fake-env.json").read_text())
+        expected = job_env.job_environment(settings, work_dir, env_vars)
+        assert seen == {**expected, "FROM_OPERATOR": "op"}
+        assert not (work_dir / "job-env.json").exists()
+        info = head.client().get_job_info(record.executor_ref)
+        assert "SERVER_SECRET" not in json.dumps(info.runtime_env)
