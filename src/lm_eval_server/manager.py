@@ -317,8 +317,8 @@ class JobManager:
 
     @staticmethod
     def _warm_eligible(record: JobRecord) -> bool:
-        # A warm worker has imported lm-eval under the server's environment, and some
-        # variables are read at import time: only launcher jobs without env_vars qualify.
+        # A warm worker has imported lm-eval under the base job environment (job_env), and
+        # some variables are read at import time: only launcher jobs without env_vars qualify.
         launcher = [sys.executable, "-m", LAUNCHER_MODULE]
         return not record.env_vars and record.argv[: len(launcher)] == launcher
 
