@@ -384,6 +384,7 @@ class Server:
             "LM_EVAL_PATHS": ",".join(lm_eval_paths),
             "ALLOWED_PATHS": f"{self.data_dir},{ROOT / 'examples'}",
             "STOP_GRACE_S": "3",
+            "ALLOWED_ENV_VARS": "FAKE_*",  # what tests/support/fake_lm_eval.py follows
             # An interrupted bench must not leave its sleeping jobs behind.
             "SHUTDOWN_STOPS_JOBS": "true",
             **env,

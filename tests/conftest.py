@@ -16,7 +16,8 @@ from lm_eval_server.app import create_app
 from lm_eval_server.config import Settings
 from tests.support.jobs import DEFAULT_LM_EVAL, FAKE_LM_EVAL, ROOT
 
-# Jobs inherit the server's environment: no test may reach the internet.
+# No test may reach the internet. These reach every job through JOB_ENV_PASSTHROUGH's defaults
+# (a job's environment is built from nothing, see lm_eval_server.job_env).
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,6 +46,8 @@ def make_settings(tmp_path: Path, index_dir: Path) -> Callable[..., Settings]:
             "stop_grace_s": 3.0,
             # TestClient sends `Host: testserver`; Host checks are tested on real servers.
             "allowed_hosts": ["testserver"],
+            # The stand-in lm_eval (tests/support/fake_lm_eval.py) follows FAKE_* variables.
+            "allowed_env_vars": ["FAKE_*"],
         }
         values.update(overrides)
         return Settings(**values)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from lm_eval_server import launcher, warm
+from lm_eval_server import job_env, launcher, warm
 from lm_eval_server.app import create_app
 from lm_eval_server.config import Settings
 from lm_eval_server.executors.base import LaunchSpec
@@ -188,10 +188,13 @@ def test_warm_worker_honours_disabled_hook_and_its_jobs_outlive_the_server(
     make_client: Callable[..., TestClient],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Workers inherit the server's environment, as cold jobs do.
+    # Workers get the operator's JOB_ENV_PASSTHROUGH names from the server's environment, as
+    # cold jobs do.
     monkeypatch.setenv(launcher.ENV_DISABLE_HOOK, "1")
+    passthrough = [*job_env.DEFAULT_JOB_ENV_PASSTHROUGH, launcher.ENV_DISABLE_HOOK]
+    settings = make_settings(warm_workers=1, job_env_passthrough=passthrough)
     with running_stub_server(delay_s=0.5) as stub:
-        with TestClient(create_app(make_settings(warm_workers=1))) as first:
+        with TestClient(create_app(settings)) as first:
             worker = wait_warm(first)
             [info] = first.app.state.warm_pool.ready_info()  # type: ignore[attr-defined]
             assert info["hook"] == "LM_EVAL_SERVER_DISABLE_HOOK=1"
@@ -203,7 +206,8 @@ def test_warm_worker_honours_disabled_hook_and_its_jobs_outlive_the_server(
             assert "running plain lm-eval: LM_EVAL_SERVER_DISABLE_HOOK=1" in log
 
             slow = submit(first, stub_job(stub.base_url, "arith_gen"))
-            eventually(lambda: "Requesting API" in stderr_text(first, slow))
+            # Plain lm-eval indexes every task itself first: 15-50 s on a busy machine.
+            eventually(lambda: "Requesting API" in stderr_text(first, slow), timeout_s=180)
             assert WARM_MARKER in stderr_text(first, slow)
             leader = first.app.state.manager.get(slow).pid  # type: ignore[attr-defined]
             # Leaving the block shuts the server and its worker down; the job runs on...

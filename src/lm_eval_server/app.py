@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lm_eval_server import hosts, lm_eval_cli
+from lm_eval_server import hosts, job_env, lm_eval_cli
 from lm_eval_server.api import files, health
 from lm_eval_server.api.jobs import jobs_router
 from lm_eval_server.catalog import Catalog
@@ -29,7 +29,6 @@ from lm_eval_server.manager import (
     JobNotFound,
     QueueFull,
     ShuttingDown,
-    base_job_env,
 )
 from lm_eval_server.metrics import AppMetrics
 from lm_eval_server.security import (
@@ -66,7 +65,8 @@ def _make_warm_pool(settings: Settings) -> WarmPool | None:
         return None
     from lm_eval_server.warm import WarmPool
 
-    return WarmPool(settings.warm_workers, base_job_env(settings), settings.data_dir / "warm")
+    run_dir = settings.data_dir.resolve() / "warm"
+    return WarmPool(settings.warm_workers, job_env.worker_environment(settings, run_dir), run_dir)
 
 
 def _make_executor(settings: Settings, warm_pool: WarmPool | None = None) -> Executor:
@@ -100,7 +100,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Job records and directories hold requests' env_vars (API keys), logs and results:
+        # owner only. An existing DATA_DIR keeps its mode; jobs/ and jobs.db are tightened.
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        settings.jobs_dir.mkdir(mode=0o700, exist_ok=True)
+        settings.jobs_dir.chmod(0o700)
         host = listen_host(settings.host_hint, sys.argv, dict(os.environ))
         if not settings.api_keys and not is_loopback(host):
             log.warning(

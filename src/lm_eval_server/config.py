@@ -13,34 +13,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lm_eval_server import job_env
 from lm_eval_server.hosts import parse_rules
-
-# Loader and interpreter hooks: a job that may set these runs code of the caller's choosing
-# before lm-eval starts, so they are refused unless the operator opts in.
-DANGEROUS_ENV_VARS = frozenset(
-    {
-        "LD_PRELOAD",
-        "LD_LIBRARY_PATH",
-        "LD_AUDIT",
-        "LD_DEBUG_OUTPUT",
-        "PYTHONPATH",
-        "PYTHONSTARTUP",
-        "PYTHONHOME",
-        "PYTHONUSERBASE",
-        "PYTHONEXECUTABLE",
-        "PYTHONINSPECT",
-        "PYTHONBREAKPOINT",
-        "PATH",
-        "BASH_ENV",
-        "ENV",
-        "IFS",
-        "SHELLOPTS",
-        "PERL5OPT",
-        "NODE_OPTIONS",
-        "LM_EVAL_SERVER_INDEX_DIR",
-        "LM_EVAL_SERVER_DISABLE_HOOK",
-    }
-)
 
 
 class StoreKind(StrEnum):
@@ -90,7 +64,7 @@ class Settings(BaseSettings):
     allowed_env_vars: CsvList = Field(default_factory=list)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     max_queued_jobs: int = Field(10_000, ge=1)
-    max_log_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
+    max_log_bytes: int = Field(100 * 1024 * 1024, ge=1024)  # per job and stream; tail kept
     allow_remote_code: bool = False
     max_env_vars: int = Field(64, ge=0)
     max_env_value_bytes: int = Field(32 * 1024, ge=1)
@@ -120,6 +94,24 @@ class Settings(BaseSettings):
     def _hosts(cls, value: list[str]) -> list[str]:
         parse_rules(value)  # a ValueError names the bad entry
         return value
+
+    # Job environment (issue 12, part "env"; lm_eval_server.job_env). ALLOWED_ENV_VARS above:
+    # names or case-sensitive glob patterns a request's env_vars may set besides the defaults.
+    job_env_passthrough: CsvList = Field(
+        default_factory=lambda: list(job_env.DEFAULT_JOB_ENV_PASSTHROUGH),
+        description="Names copied from the server's environment into every job's.",
+    )
+
+    @field_validator("job_env_passthrough", mode="before")
+    @classmethod
+    def _csv_passthrough(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _check_job_env(self) -> Settings:
+        job_env.check_allowed_patterns(self.allowed_env_vars)
+        job_env.check_passthrough(self.job_env_passthrough, type(self).model_fields)
+        return self
 
     # Executors
     executor: ExecutorKind = ExecutorKind.local

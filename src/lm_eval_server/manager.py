@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from lm_eval_server import joblogs, results
+from lm_eval_server import job_env, joblogs, results
 from lm_eval_server.config import Settings
 from lm_eval_server.executors.base import Executor, JobHandle, LaunchSpec, stderr_path
 from lm_eval_server.idempotency import IdempotencyClaim
@@ -62,15 +62,6 @@ def _parse_new_output(
             text = text[-_FULL_PARSE_BYTES:]
         tracker.feed(text)
     return tracker.progress
-
-
-def base_job_env(settings: Settings) -> dict[str, str]:
-    """What every job gets on top of the server's environment (before its own env_vars)."""
-    return {
-        # stdout reaches the logs as it is written, not when the job ends.
-        "PYTHONUNBUFFERED": "1",
-        "LM_EVAL_SERVER_INDEX_DIR": str(settings.task_index_dir),
-    }
 
 
 class JobNotFound(LookupError):
@@ -362,12 +353,13 @@ class JobManager:
         return [*program, *lm_args]
 
     def _job_env(self, record: JobRecord) -> dict[str, str]:
-        return {**base_job_env(self._settings), **record.env_vars}
+        # Built from nothing at each start (job_env): never the server's own environment.
+        return job_env.job_environment(self._settings, Path(record.work_dir), record.env_vars)
 
     @staticmethod
     def _warm_eligible(record: JobRecord) -> bool:
-        # A warm worker has imported lm-eval under the server's environment, and some
-        # variables are read at import time: only launcher jobs without env_vars qualify.
+        # A warm worker has imported lm-eval under the base job environment (job_env), and
+        # some variables are read at import time: only launcher jobs without env_vars qualify.
         launcher = [sys.executable, "-m", LAUNCHER_MODULE]
         return not record.env_vars and record.argv[: len(launcher)] == launcher
 

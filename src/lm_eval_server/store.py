@@ -7,7 +7,9 @@ the original server's in-memory behaviour. Both refuse to move a job out of a te
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 from datetime import datetime
@@ -119,9 +121,19 @@ def _from_row(row: sqlite3.Row) -> JobRecord:
     return JobRecord(**kwargs)
 
 
+def _owner_only(path: Path) -> None:
+    """Records hold requests' env_vars (API keys): the database is 0600. SQLite creates its
+    -wal and -shm files with the database file's mode; older ones are tightened too."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", 0o600)
+
+
 class SqliteJobStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _owner_only(path)
         # One connection guarded by a lock: writes come from the event loop thread, but
         # check_same_thread=False lets maintenance run from a worker thread safely.
         self._lock = threading.Lock()

@@ -23,7 +23,8 @@ from pydantic import BaseModel
 
 from lm_eval_server import backends, lm_eval_checks, paths
 from lm_eval_server.catalog import Catalog, UnknownTasks, close_matches
-from lm_eval_server.config import DANGEROUS_ENV_VARS, Settings
+from lm_eval_server.config import Settings
+from lm_eval_server.job_env import EnvVarsRefused, check_env_vars
 from lm_eval_server.lm_eval_cli import (
     SERVER_FIELDS,
     ArgvError,
@@ -35,7 +36,6 @@ from lm_eval_server.lm_eval_cli import (
 )
 from lm_eval_server.urls import url_allowed
 
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # lm-eval options that name files or directories the job reads or writes.
 PATH_DESTS = frozenset({"output_path", "include_path", "use_cache", "config"})
 # EvaluatorConfig reads `samples` as JSON text or, failing that, as a path to a JSON file.
@@ -390,29 +390,10 @@ class RequestValidator:
         return shlex.split(lm_eval_path)
 
     def _env_vars(self, env_vars: dict[str, str]) -> dict[str, str]:
-        settings = self._settings
-        if len(env_vars) > settings.max_env_vars:
-            raise InvalidRequest(
-                f"env_vars has {len(env_vars)} entries; the limit is {settings.max_env_vars} "
-                "(MAX_ENV_VARS)"
-            )
-        allowed = set(settings.allowed_env_vars)
-        for name, value in env_vars.items():
-            if not ENV_NAME.match(name):
-                raise InvalidRequest(
-                    f"env_vars: {name!r} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"
-                )
-            if name.upper() in DANGEROUS_ENV_VARS and name not in allowed:
-                raise InvalidRequest(
-                    f"env_vars: {name} can make the job run code of the caller's choosing and "
-                    "is refused; the operator can allow it with ALLOWED_ENV_VARS"
-                )
-            if "\0" in value or len(value.encode()) > settings.max_env_value_bytes:
-                raise InvalidRequest(
-                    f"env_vars: the value of {name} is longer than "
-                    f"{settings.max_env_value_bytes} bytes or contains a NUL byte"
-                )
-        return env_vars
+        try:
+            return check_env_vars(env_vars, self._settings)
+        except EnvVarsRefused as exc:
+            raise InvalidRequest(str(exc)) from exc
 
     def _check_model(self, model: str | None) -> None:
         names = self._catalog.model_names

@@ -39,13 +39,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lm_eval_server import jobdir
+from lm_eval_server import job_env, jobdir
 from lm_eval_server.executors.base import LaunchSpec
 
 log = logging.getLogger(__name__)
@@ -116,9 +117,10 @@ def launcher_args(argv: list[str]) -> list[str] | None:
 class WarmPool:
     """N warm workers, each replaced when it dies; hands a job to a ready one, or declines.
 
-    ``env``: the variables a job gets on top of the server's environment (the manager's base
-    job environment); a worker is started with exactly those, so only a job whose environment
-    is the same may run in it.
+    ``env``: a worker's whole environment (``job_env.worker_environment``): a job's, with a
+    HOME and TMPDIR of the worker's own. Modules read some variables when they are imported, so
+    only a job whose environment is the same but for HOME and TMPDIR (no env_vars of its own)
+    may run in a worker; its fork then gets exactly the job's environment.
     """
 
     def __init__(
@@ -188,7 +190,8 @@ class WarmPool:
         """Forks `spec` from a warm worker: the pid of its session leader, or None if the job
         must start cold (not eligible, or no worker ready, or the worker failed)."""
         args = launcher_args(spec.argv) if spec.warm_eligible else None
-        if args is None or spec.env != self._env or self._closing:
+        same_env = job_env.shared_part(spec.env) == job_env.shared_part(self._env)
+        if args is None or not same_env or self._closing:
             return None
         ready = [w for w in self._workers.values() if w.ready]
         if not ready:
@@ -294,7 +297,7 @@ class WarmPool:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "lm_eval_server.warm", "--control-fd", str(theirs.fileno())],
-                env={**os.environ, **self._env},
+                env=self._env,  # never the server's own environment
                 # An empty directory: sys.path[0] of the worker while it imports.
                 cwd=self._run_dir,
                 stdin=subprocess.DEVNULL,
@@ -480,13 +483,37 @@ class _Warm:
     pid: int
     start_dir: str  # sys.path[0], as `python -m` set it
     plain_reason: str | None  # why the index hook is not installed, if it is not
+    # What the warm-up's imports did to os.environ (lm_eval sets HF_XET_HIGH_PERFORMANCE, ...):
+    # a cold job's imports do the same to its environment. None: the import removed it.
+    import_changes: dict[str, str | None] = field(default_factory=dict)
+
+
+def environ_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, str | None]:
+    changes: dict[str, str | None] = {k: v for k, v in after.items() if before.get(k) != v}
+    changes.update({k: None for k in before if k not in after})
+    return changes
+
+
+def job_environ(env: dict[str, str], import_changes: dict[str, str | None]) -> dict[str, str]:
+    """A forked job's os.environ: its own environment as a cold job's imports leave it."""
+    result = dict(env)
+    for name, value in import_changes.items():
+        if name in job_env.PER_JOB_NAMES:
+            continue
+        if value is None:
+            result.pop(name, None)
+        else:
+            result[name] = value
+    return result
 
 
 def serve(control_fd: int) -> int:
     os.set_inheritable(control_fd, False)
     start_dir = os.getcwd()
+    environ_before = dict(os.environ)
     info = warm_up()
-    warm = _Warm(os.getpid(), start_dir, info["hook"])
+    changes = environ_changes(environ_before, dict(os.environ))
+    warm = _Warm(os.getpid(), start_dir, info["hook"], changes)
     signal.signal(signal.SIGCHLD, _reap_children)
     try:
         _send(control_fd, info)
@@ -604,7 +631,10 @@ def _job_process(job: _Job, out_w: int, err_w: int, warm: _Warm) -> int:
     os.close(out_w)
     os.close(err_w)
     _fresh_stdio()
-    os.environ.update(job.env)
+    # Exactly the job's environment, nothing of the worker's (which had another HOME/TMPDIR).
+    os.environ.clear()
+    os.environ.update(job_environ(job.env, warm.import_changes))
+    tempfile.tempdir = None  # found again from TMPDIR on first use
     # `python -m` puts its cwd first on sys.path; a cold job's cwd is its work dir.
     if sys.path and sys.path[0] == warm.start_dir:
         sys.path[0] = str(job.work_dir)

@@ -3,11 +3,13 @@
 Allowlisted through LM_EVAL_PATHS as `<python> <this file>`; it ignores lm-eval's arguments
 and follows FAKE_* environment variables (sent as the job's env_vars):
 FAKE_STDERR_BYTES (write that many deterministic bytes to stderr), FAKE_SLEEP_S,
-FAKE_EXIT (exit code), FAKE_IGNORE_TERM (ignore SIGTERM), FAKE_CHILD (spawn a sleeping child).
+FAKE_EXIT (exit code), FAKE_IGNORE_TERM (ignore SIGTERM), FAKE_CHILD (spawn a sleeping child),
+FAKE_DUMP_ENV (write os.environ as JSON to that file, relative to the job's directory).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +28,10 @@ def pattern(total: int) -> bytes:
 
 
 def main() -> int:
+    dump = os.environ.get("FAKE_DUMP_ENV")
+    if dump:
+        with open(dump, "w") as out:
+            json.dump(dict(os.environ), out)
     total = int(os.environ.get("FAKE_STDERR_BYTES", "0"))
     if total:
         data = pattern(total)

@@ -35,6 +35,7 @@ class ServerProcess:
             "LM_EVAL_PATHS": f"{DEFAULT_LM_EVAL},{FAKE_LM_EVAL}",
             "ALLOWED_PATHS": f"{data_dir},{ROOT / 'examples'},{ROOT / 'tests' / 'data'}",
             "STOP_GRACE_S": "3",
+            "ALLOWED_ENV_VARS": "FAKE_*",  # what tests/support/fake_lm_eval.py follows
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

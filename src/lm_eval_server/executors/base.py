@@ -11,13 +11,15 @@ from typing import Protocol
 class LaunchSpec:
     job_id: int
     argv: list[str]
-    env: dict[str, str]  # the job's additions to the environment, not the whole environment
+    # The job's whole environment (lm_eval_server.job_env.job_environment), to be used as is:
+    # an executor adds nothing of its own process's environment.
+    env: dict[str, str]
     work_dir: Path
     num_gpus: float | None = None
     num_cpus: float | None = None
     memory: int | None = None
-    # argv runs the bundled lm-eval through the launcher and env adds nothing job-specific,
-    # so a warm worker (lm_eval_server.warm) may run it; executors without one ignore this.
+    # argv runs the bundled lm-eval through the launcher and the job has no env_vars of its
+    # own, so a warm worker (lm_eval_server.warm) may run it; executors without one ignore this.
     warm_eligible: bool = False
 
 

@@ -116,7 +116,9 @@ class LocalExecutor:
             "--",
             *spec.argv,
         ]
-        env = {**os.environ, **spec.env}
+        # The job's whole environment (job_env), never the server's: the supervisor starts
+        # with `-I` and hands it on unchanged.
+        env = dict(spec.env)
         errors = os.open(spec.work_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             # posix_spawn: no fork of this (large) process, and no Popen object whose

@@ -2,10 +2,15 @@
 
 Only this module imports ray; the server imports it only when EXECUTOR=ray.
 
-- The entrypoint is `cd WORK_DIR && exec ARGV...`; the job's env additions, plus the server's
-  HF_*_OFFLINE-style flags, go to `runtime_env.env_vars`. WORK_DIR (and lm-eval's
-  `--output_path` under it) are the server's absolute paths, so the cluster's nodes must see
-  DATA_DIR at the same path: trivially for a head on this machine, else shared storage.
+- The entrypoint is `cd WORK_DIR && exec PYTHON -I -S -c EXEC_WITH_ENV ENV_FILE ARGV...`: the
+  job's whole environment (job_env, as for a local job) is written to ENV_FILE (0600, in the
+  job's directory, removed once read) and the program is exec'd with exactly that environment,
+  plus the names of RAY_JOB_RUNTIME_ENV's own env_vars. Nothing else of the Ray node's
+  environment reaches the job, and the request's values never pass through a shell or through
+  `runtime_env.env_vars` (Ray expands `${NAME}` there from the node's environment, and shows
+  them on its dashboard). WORK_DIR (and lm-eval's `--output_path` under it) are the server's
+  absolute paths, so the cluster's nodes must see DATA_DIR at the same path: trivially for a
+  head on this machine, else shared storage.
 - Logs: Ray keeps one combined stdout+stderr log per job. It is copied into `stderr.log`
   (`stdout.log` stays empty), while the job runs from Ray's log websocket and, when the job has
   ended, completed from the full log. Ray's log stream always starts at the beginning, so the
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import secrets
@@ -46,14 +52,20 @@ from lm_eval_server.supervise import RotatingLog
 
 log = logging.getLogger(__name__)
 
-# Server environment variables that jobs on the cluster also get (not secrets: runtime_env
-# env_vars are visible to anyone who can read the Ray dashboard).
-PASSTHROUGH_ENV = (
-    "HF_DATASETS_OFFLINE",
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "HF_EVALUATE_OFFLINE",
-)
+ENV_FILE = "job-env.json"
+# Run by the entrypoint with `python -I -S -c` (stdlib only, nothing of the node's environment
+# can hook it): reads and removes ENV_FILE, then execs ARGV with exactly that environment. A
+# bare program name is looked up on the node's PATH (a runtime_env may have put it there).
+EXEC_WITH_ENV = """\
+import json, os, shutil, sys
+path, argv = sys.argv[1], sys.argv[2:]
+with open(path) as f:
+    spec = json.load(f)
+os.unlink(path)
+env = {k: os.environ[k] for k in spec["keep"] if k in os.environ}
+env.update(spec["env"])
+os.execve(shutil.which(argv[0]) or argv[0], argv, env)
+"""
 NOTE_PREFIX = "[lm-eval-server] "
 _MAX_NOTE_CHARS = 4000
 # After a stop's grace, how long more to wait for Ray to report the end (Ray itself sends
@@ -385,9 +397,10 @@ class RayExecutor:
             kwargs["entrypoint_num_cpus"] = spec.num_cpus
         if spec.memory is not None:
             kwargs["entrypoint_memory"] = spec.memory
+        env_file = self.write_env_file(spec)
         submit = functools.partial(
             self.client.submit_job,
-            entrypoint=self.entrypoint(spec),
+            entrypoint=self.entrypoint(spec, env_file),
             submission_id=submission_id,
             runtime_env=self.runtime_env(spec),
             metadata={
@@ -416,17 +429,26 @@ class RayExecutor:
         log.info("job %d submitted to Ray as %s", spec.job_id, submission_id)
         return RayJobHandle(self, submission_id, spec.work_dir)
 
-    def entrypoint(self, spec: LaunchSpec) -> str:
+    def write_env_file(self, spec: LaunchSpec) -> Path:
+        path = spec.work_dir / ENV_FILE
+        keep = sorted(self._runtime_env.get("env_vars") or {})
+        data = json.dumps({"env": spec.env, "keep": keep}).encode()
+        path.unlink(missing_ok=True)  # created afresh, so 0600 holds
+        with open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as out:
+            out.write(data)
+        return path
+
+    def entrypoint(self, spec: LaunchSpec, env_file: Path) -> str:
+        python = self._python or sys.executable
         argv = list(spec.argv)
         if self._python and argv and argv[0] == sys.executable:
             argv[0] = self._python
-        return f"cd {shlex.quote(str(spec.work_dir))} && exec {shlex.join(argv)}"
+        start = [python, "-I", "-S", "-c", EXEC_WITH_ENV, str(env_file), *argv]
+        return f"cd {shlex.quote(str(spec.work_dir))} && exec {shlex.join(start)}"
 
     def runtime_env(self, spec: LaunchSpec) -> dict[str, Any]:
-        env = {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
-        env.update(self._runtime_env.get("env_vars") or {})
-        env.update(spec.env)
-        return {**self._runtime_env, "env_vars": env}
+        # The operator's runtime_env as is; the job's own variables go through ENV_FILE.
+        return dict(self._runtime_env)
 
     def adopt(
         self, job_id: int, work_dir: Path, pid: int | None, ref: str | None
