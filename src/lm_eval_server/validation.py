@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
