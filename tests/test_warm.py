@@ -39,7 +39,7 @@ ALL_DOCS_DUMMY_JOB = {k: v for k, v in DUMMY_JOB.items() if k != "limit"}
 
 def wait_warm(client: TestClient, exclude: frozenset[int] = frozenset()) -> int:
     """Waits until a warm worker (not one of `exclude`) is ready; returns its pid."""
-    pool = client.app.state.warm_pool  # type: ignore[attr-defined]
+    pool = client.app.state.server.warm_pool  # type: ignore[attr-defined]
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         ready = client.get("/ready").json().get("warm_workers", {})
@@ -113,7 +113,7 @@ def test_cold_launcher_and_warm_write_identical_results(
         got = {key: comparable(servers[key[0]], job_id, key[1]) for key, job_id in ids.items()}
 
     for (mode, _), job_id in ids.items():
-        argv = servers[mode].app.state.manager.get(job_id).argv  # type: ignore[attr-defined]
+        argv = servers[mode].app.state.server.manager.get(job_id).argv  # type: ignore[attr-defined]
         assert (argv[1:3] == ["-m", "lm_eval_server.launcher"]) == (mode != "cold")
         assert (WARM_MARKER in stderr_text(servers[mode], job_id)) == (mode == "warm")
     for task in jobs:
@@ -131,7 +131,7 @@ def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
 ) -> None:
     client = make_client(warm_workers=1)
     worker = wait_warm(client)
-    db = str(client.app.state.settings.db_path.resolve())  # type: ignore[attr-defined]
+    db = str(client.app.state.server.settings.db_path.resolve())  # type: ignore[attr-defined]
     fds = [os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")]
     assert db not in fds  # started with close_fds, not forked from the server
 
@@ -157,7 +157,7 @@ def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
         assert WARM_MARKER not in stderr_text(client, cold)
 
         # A worker that dies is replaced; the jobs it forked run on in their own sessions.
-        leader = client.app.state.manager.get(slow).pid  # type: ignore[attr-defined]
+        leader = client.app.state.server.manager.get(slow).pid  # type: ignore[attr-defined]
         assert leader in children_of(worker)
         os.kill(worker, signal.SIGKILL)
         replacement = wait_warm(client, exclude=frozenset({worker}))
@@ -196,7 +196,7 @@ def test_warm_worker_honours_disabled_hook_and_its_jobs_outlive_the_server(
     with running_stub_server(delay_s=0.5) as stub:
         with TestClient(create_app(settings)) as first:
             worker = wait_warm(first)
-            [info] = first.app.state.warm_pool.ready_info()  # type: ignore[attr-defined]
+            [info] = first.app.state.server.warm_pool.ready_info()  # type: ignore[attr-defined]
             assert info["hook"] == "LM_EVAL_SERVER_DISABLE_HOOK=1"
             job_id = submit(first, {**DUMMY_JOB, "limit": 2})
             job = wait_for(first, job_id)
@@ -209,13 +209,13 @@ def test_warm_worker_honours_disabled_hook_and_its_jobs_outlive_the_server(
             # Plain lm-eval indexes every task itself first: 15-50 s on a busy machine.
             eventually(lambda: "Requesting API" in stderr_text(first, slow), timeout_s=180)
             assert WARM_MARKER in stderr_text(first, slow)
-            leader = first.app.state.manager.get(slow).pid  # type: ignore[attr-defined]
+            leader = first.app.state.server.manager.get(slow).pid  # type: ignore[attr-defined]
             # Leaving the block shuts the server and its worker down; the job runs on...
         assert process_alive(leader)
         assert not process_alive(worker)
         # ...and the next server re-adopts it like a cold job, by its supervisor.
         second = make_client()
-        assert second.app.state.manager.get(slow).pid == leader  # type: ignore[attr-defined]
+        assert second.app.state.server.manager.get(slow).pid == leader  # type: ignore[attr-defined]
         assert second.get(f"/job/{slow}").json()["status"] == "Running"
         assert second.post(f"/job/{slow}/stop").status_code == 200
         assert second.get(f"/job/{slow}").json()["status"] == "Stopped"

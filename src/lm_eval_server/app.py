@@ -17,19 +17,15 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lm_eval_server import hosts, job_env, lm_eval_cli
-from lm_eval_server.api import files, health
+from lm_eval_server.api import dashboard, files, health
+from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
 from lm_eval_server.catalog import Catalog
 from lm_eval_server.config import ExecutorKind, Settings, StoreKind
+from lm_eval_server.errors import DomainError
 from lm_eval_server.executors.base import Executor
-from lm_eval_server.manager import (
-    IdempotencyConflict,
-    JobManager,
-    JobNotCompleted,
-    JobNotFound,
-    QueueFull,
-    ShuttingDown,
-)
+from lm_eval_server.jobfiles import JobFiles
+from lm_eval_server.manager import JobManager
 from lm_eval_server.metrics import AppMetrics
 from lm_eval_server.security import (
     BodyLimitMiddleware,
@@ -39,7 +35,7 @@ from lm_eval_server.security import (
     require_api_key,
 )
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
-from lm_eval_server.validation import InvalidRequest, RequestValidator, json_safe
+from lm_eval_server.validation import RequestValidator, json_safe
 
 if TYPE_CHECKING:
     from lm_eval_server.warm import WarmPool
@@ -116,11 +112,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         warm_pool = _make_warm_pool(settings)
         executor = _make_executor(settings, warm_pool)
         store = _make_store(settings)
-        app.state.warm_pool = warm_pool
         manager = JobManager(settings, store, executor)
         metrics.watch(manager)
-        app.state.manager = manager
-        app.state.store_open = True
+        state.warm_pool = warm_pool
+        state.manager = manager
+        state.files = JobFiles(manager)
+        state.store_open = True
         catalog.start()
         await manager.start()
         if warm_pool is not None:
@@ -134,7 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if warm_pool is not None:
                 await warm_pool.close()
             store.close()
-            app.state.store_open = False
+            state.store_open = False
 
     app = FastAPI(
         title="lm-eval-server",
@@ -144,22 +141,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,  # api/dashboard.py serves /docs from a local Swagger UI copy
     )
-    app.state.settings = settings
-    app.state.catalog = catalog
-    app.state.metrics = metrics
-    app.state.store_open = False
-    app.state.warm_pool = None
-    app.state.api_keys = [key.encode() for key in settings.api_keys]
-    app.state.validator = RequestValidator(settings, parser, specs, catalog)
-    app.state.request_model = request_model
-    app.state.log_followers = files.FollowerSlots(settings.max_log_followers)
+    state = ServerState(
+        settings=settings,
+        catalog=catalog,
+        metrics=metrics,
+        validator=RequestValidator(settings, parser, specs, catalog),
+        api_keys=[key.encode() for key in settings.api_keys],
+        log_followers=FollowerSlots(settings.max_log_followers),
+    )
+    app.state.server = state
 
     secured = [Depends(require_api_key)]
     app.include_router(health.router)
     app.include_router(health.secured_router, dependencies=secured)
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
-    _add_dashboard(app)
+    app.include_router(dashboard.router)
     _add_error_handlers(app)
     _add_http_metrics(app, metrics)
     app.add_middleware(
@@ -186,40 +183,20 @@ def _host_rules(settings: Settings) -> list[hosts.HostRule] | None:
     return hosts.parse_rules([*hosts.default_entries(bound), *settings.allowed_hosts])
 
 
-def _add_dashboard(app: FastAPI) -> None:
-    try:
-        from lm_eval_server.api import dashboard
-    except ImportError:
-        return
-    app.include_router(dashboard.router)
-
-
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    async def not_found(_: Request, exc: Exception) -> JSONResponse:
-        return _error(404, str(exc))
+    async def domain_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DomainError)
+        return _error(exc.status_code, str(exc), exc.headers)
 
-    async def invalid(_: Request, exc: Exception) -> JSONResponse:
-        return _error(422, str(exc))
-
-    async def conflict(_: Request, exc: Exception) -> JSONResponse:
-        return _error(409, str(exc))
-
-    async def queue_full(_: Request, exc: Exception) -> JSONResponse:
-        return _error(429, str(exc), {"Retry-After": str(QueueFull.retry_after_s)})
-
-    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+    async def not_started(_: Request, exc: Exception) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "5"})
 
-    app.add_exception_handler(JobNotFound, not_found)
-    app.add_exception_handler(InvalidRequest, invalid)
-    app.add_exception_handler(IdempotencyConflict, invalid)
-    app.add_exception_handler(JobNotCompleted, conflict)
-    app.add_exception_handler(QueueFull, queue_full)
-    app.add_exception_handler(ShuttingDown, unavailable)
+    app.add_exception_handler(DomainError, domain_error)
+    app.add_exception_handler(NotStarted, not_started)
 
     async def request_invalid(_: Request, exc: Exception) -> JSONResponse:
         # FastAPI's own handler echoes each input; a NaN or a lone surrogate in it made that

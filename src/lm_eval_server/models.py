@@ -30,6 +30,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# What summaries and the state machine read from a request after the job has launched.
+SUMMARY_REQUEST_KEYS = ("model", "tasks", "timeout_s")
+
+
 @dataclass
 class JobRecord:
     """The server's own view of a job; API schemas are built from it, never the reverse."""
@@ -56,6 +60,12 @@ class JobRecord:
     progress: Any = None
     # The API's JSON for this job once it is finished (it cannot change any more).
     summary_json: bytes | None = field(default=None, compare=False, repr=False)
+
+    def release_launch_inputs(self) -> None:
+        """Forget what only the launch needed (the request body and the job's environment): up
+        to a megabyte each, for as many jobs as the server keeps. The store keeps them."""
+        self.request = {k: self.request[k] for k in SUMMARY_REQUEST_KEYS if k in self.request}
+        self.env_vars = {}
 
     @property
     def model(self) -> str | None:

@@ -27,7 +27,7 @@ async def require_api_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    keys: list[bytes] = request.app.state.api_keys
+    keys: list[bytes] = request.app.state.server.api_keys
     if not keys:
         return
     supplied = credentials.credentials.encode() if credentials is not None else b""

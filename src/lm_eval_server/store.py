@@ -71,6 +71,16 @@ _COLUMNS = (
     "executor_ref",
     "idempotency_body",
 )
+_MUTABLE_COLUMNS = (
+    "status",
+    "started_at",
+    "finished_at",
+    "exit_code",
+    "error",
+    "pid",
+    "results_file",
+    "executor_ref",
+)
 _JSON_COLUMNS = {"request", "argv", "env_vars"}
 _TIME_COLUMNS = {"created_at", "started_at", "finished_at"}
 
@@ -181,11 +191,14 @@ class SqliteJobStore:
 
     def update(self, record: JobRecord, previous: JobStatus) -> None:
         _check_transition(previous, record.status)
-        assignments = ",".join(f"{name}=?" for name in _COLUMNS[1:])
+        # Only what changes over a job's life: the request, argv and environment are written
+        # once, so the manager may drop its in-memory copies of them after the launch.
+        row = dict(zip(_COLUMNS, _to_row(record), strict=True))
+        assignments = ",".join(f"{name}=?" for name in _MUTABLE_COLUMNS)
         with self._lock:
             self._db.execute(
                 f"UPDATE jobs SET {assignments} WHERE job_id=?",
-                (*_to_row(record)[1:], record.job_id),
+                (*(row[name] for name in _MUTABLE_COLUMNS), record.job_id),
             )
 
     def delete(self, job_ids: list[int]) -> None:

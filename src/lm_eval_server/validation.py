@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from lm_eval_server import backends, lm_eval_checks, paths
 from lm_eval_server.catalog import Catalog, UnknownTasks, close_matches
 from lm_eval_server.config import Settings
+from lm_eval_server.errors import InvalidRequest
 from lm_eval_server.job_env import EnvVarsRefused, check_env_vars
 from lm_eval_server.lm_eval_cli import (
     SERVER_FIELDS,
@@ -46,10 +47,6 @@ UNSAFE_CODE_KEY = "confirm_run_unsafe_code"
 URL_KEY = "base_url"
 # Bounds on walking a request's nested values (each JSON level costs a recursion).
 MAX_DEPTH = 32
-
-
-class InvalidRequest(ValueError):
-    """The request cannot run as given; the message says why and what to change."""
 
 
 @dataclass(frozen=True)

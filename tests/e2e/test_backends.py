@@ -202,7 +202,7 @@ def test_stop_while_torch_computes_leaves_no_process(
             break
         assert time.monotonic() < deadline, job
         time.sleep(0.2)
-    pid = backend_client.app.state.manager.get(job_id).pid
+    pid = backend_client.app.state.server.manager.get(job_id).pid
     assert pid and group_members(pid)
     assert backend_client.post(f"/job/{job_id}/stop").status_code == 200
     job = backend_client.get(f"/job/{job_id}").json()

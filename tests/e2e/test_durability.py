@@ -186,7 +186,7 @@ def test_idempotency_key_dedupes_concurrent_retries(servers: Any) -> None:
 
 
 def test_submissions_get_503_while_shutting_down(client: Any) -> None:
-    client.portal.call(client.app.state.manager.shutdown)
+    client.portal.call(client.app.state.server.manager.shutdown)
     response = client.post("/job", json=fake_job())
     assert response.status_code == 503
     assert "shutting down" in response.json()["detail"]

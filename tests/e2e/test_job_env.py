@@ -54,7 +54,7 @@ def refused(client: Any, env_vars: dict[str, str], *needles: str) -> str:
 def dumped(client: TestClient, job_id: int) -> dict[str, Any]:
     job = wait_for(client, job_id, timeout_s=300)
     assert job["status"] == "Completed", job["error"]
-    work_dir = Path(client.app.state.manager.get(job_id).work_dir)  # type: ignore[attr-defined]
+    work_dir = Path(client.app.state.server.manager.get(job_id).work_dir)  # type: ignore[attr-defined]
     seen: dict[str, Any] = json.loads((work_dir / DUMP_FILE).read_text())
     seen["work_dir"] = str(work_dir)
     return seen
@@ -169,7 +169,7 @@ def test_a_cold_job_gets_only_what_the_server_built(
         allowed_env_vars=["MYCO_*", "FAKE_*"],
     )
     client.headers["Authorization"] = "Bearer env-key"
-    settings: Settings = client.app.state.settings  # type: ignore[attr-defined]
+    settings: Settings = client.app.state.server.settings  # type: ignore[attr-defined]
     env_vars = {"OPENAI_API_KEY": "sk-caller", "MYCO_FLAG": "1"}
     seen = dumped(client, submit(client, {**ENV_DUMP_JOB, "env_vars": env_vars}))
     env = assert_built_from_nothing(seen, settings)
@@ -178,7 +178,7 @@ def test_a_cold_job_gets_only_what_the_server_built(
     # Any program, not only lm-eval: the stand-in dumps its environment too.
     fake = submit(client, fake_job(FAKE_DUMP_ENV="fake-env.json"))
     assert wait_for(client, fake)["status"] == "Completed"
-    fake_dir = Path(client.app.state.manager.get(fake).work_dir)  # type: ignore[attr-defined]
+    fake_dir = Path(client.app.state.server.manager.get(fake).work_dir)  # type: ignore[attr-defined]
     fake_env = json.loads((fake_dir / "fake-env.json").read_text())
     expected = job_env.job_environment(settings, fake_dir, {"FAKE_DUMP_ENV": "fake-env.json"})
     assert fake_env == expected
@@ -246,7 +246,7 @@ def test_data_dir_and_jobs_db_are_the_owners_only(
     assert mode(fresh / "jobs") == 0o700
     for name in ("jobs.db", "jobs.db-wal", "jobs.db-shm"):
         assert mode(fresh / name) == 0o600, name
-    work_dir = Path(client.app.state.manager.get(job_id).work_dir)  # type: ignore[attr-defined]
+    work_dir = Path(client.app.state.server.manager.get(job_id).work_dir)  # type: ignore[attr-defined]
     assert mode(work_dir / "home") == mode(work_dir / "tmp") == 0o700
     assert mode(fresh / "cache") == 0o700
 
@@ -280,9 +280,9 @@ def test_a_ray_job_gets_only_its_environment(
         job_id = submit(client, fake_job(**env_vars))
         job = wait_for(client, job_id, timeout_s=JOB_TIMEOUT_S)
         assert job["status"] == "Completed", job
-        record = client.app.state.manager.get(job_id)  # type: ignore[attr-defined]
+        record = client.app.state.server.manager.get(job_id)  # type: ignore[attr-defined]
         work_dir = Path(record.work_dir)
-        settings: Settings = client.app.state.settings  # type: ignore[attr-defined]
+        settings: Settings = client.app.state.server.settings  # type: ignore[attr-defined]
         seen = json.loads((work_dir / "fake-env.json").read_text())
         expected = job_env.job_environment(settings, work_dir, env_vars)
         assert seen == {**expected, "FROM_OPERATOR": "op"}

@@ -73,9 +73,9 @@ def test_stop_running_job_leaves_no_process(client: Any) -> None:
     while "sleeping" not in "".join(client.get(f"/job/{job_id}").json()["stderr"]):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    record_pid = client.app.state.manager.get(job_id).pid
+    record_pid = client.app.state.server.manager.get(job_id).pid
     assert record_pid and len(group_members(record_pid)) >= 3  # supervisor, fake, its child
-    lm_pid = client.app.state.manager.get(lm_id).pid
+    lm_pid = client.app.state.server.manager.get(lm_id).pid
     # lm_eval first: with cached bytecode it can finish within the fake job's stop grace.
     assert client.post(f"/job/{lm_id}/stop").status_code == 200
     response = client.get(f"/job/{job_id}/stop")
@@ -112,7 +112,7 @@ def test_stop_all_and_delete_all(client: Any) -> None:
     stopped = client.get("/jobs/stop").json()
     assert sorted(stopped["job_ids"]) == ids
     assert {client.get(f"/job/{i}").json()["status"] for i in ids} == {"Stopped"}
-    work_dir = client.app.state.manager.get(ids[0]).work_dir
+    work_dir = client.app.state.server.manager.get(ids[0]).work_dir
     deleted = client.delete("/jobs").json()
     assert sorted(deleted["job_ids"]) == ids
     assert client.get("/jobs").json() == {"jobs": [], "total": 0}
@@ -125,7 +125,7 @@ def test_stop_all_and_delete_all(client: Any) -> None:
 def test_delete_running_job_stops_it_first(client: Any) -> None:
     job_id = submit(client, fake_job(FAKE_SLEEP_S="60"))
     wait_for(client, job_id, {"Running"})
-    pid = client.app.state.manager.get(job_id).pid
+    pid = client.app.state.server.manager.get(job_id).pid
     response = client.delete(f"/job/{job_id}")
     assert response.status_code == 200
     assert response.json()["message"] == f"Job {job_id} deleted."

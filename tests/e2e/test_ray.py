@@ -185,12 +185,12 @@ def eventually(probe: Callable[[], Any], what: str) -> Any:
 
 
 def submission_id(client: TestClient, job_id: int) -> str:
-    manager = client.app.state.manager  # type: ignore[attr-defined]
+    manager = client.app.state.server.manager  # type: ignore[attr-defined]
     return str(eventually(lambda: manager.get(job_id).executor_ref, "Ray submission id"))
 
 
 def stderr_bytes(client: TestClient, job_id: int) -> bytes:
-    work_dir = Path(client.app.state.manager.get(job_id).work_dir)  # type: ignore[attr-defined]
+    work_dir = Path(client.app.state.server.manager.get(job_id).work_dir)  # type: ignore[attr-defined]
     return (work_dir / "stderr.log").read_bytes()
 
 

@@ -171,7 +171,7 @@ def test_log_cap_keeps_the_tail(make_client: Any) -> None:
     job_id = submit(client, fake_job(FAKE_STDERR_BYTES=str(size)))
     job = wait_for(client, job_id)
     assert job["status"] == "Completed" and job["stderr_truncated"]
-    work_dir = Path(client.app.state.manager.get(job_id).work_dir)
+    work_dir = Path(client.app.state.server.manager.get(job_id).work_dir)
     on_disk = sum(p.stat().st_size for p in work_dir.glob("stderr.log*") if p.suffix != ".cut")
     assert on_disk <= 1024 * 1024
     text = client.get(f"/job/{job_id}/logs").content

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from lm_eval_server import joblogs, results
-from lm_eval_server.api.deps import Manager
-from lm_eval_server.config import Settings
+from lm_eval_server.api.deps import Files, Manager, State
 from lm_eval_server.manager import JobManager
 from lm_eval_server.models import JobResults, Metric
 
@@ -42,8 +41,8 @@ class Stream(StrEnum):
         409: {"description": "The job is not Completed."},
     },
 )
-async def get_results(manager: Manager, job_id: int) -> JobResults:
-    data, path = await run_in_threadpool(manager.results, job_id)
+async def get_results(files: Files, job_id: int) -> JobResults:
+    data, path = await files.results(job_id)
     metrics = [Metric(**row) for row in results.flatten_metrics(data)]
     return JobResults(job_id=job_id, results=data, metrics=metrics, results_file=str(path))
 
@@ -54,12 +53,9 @@ async def get_results(manager: Manager, job_id: int) -> JobResults:
     responses={200: {"content": {"application/x-ndjson": {}}}},
 )
 async def get_samples(
-    manager: Manager, job_id: int, task: Annotated[str, Query(min_length=1, max_length=500)]
+    files: Files, job_id: int, task: Annotated[str, Query(min_length=1, max_length=500)]
 ) -> FileResponse:
-    try:
-        path = manager.samples_path(job_id, task)
-    except FileNotFoundError as exc:
-        raise HTTPException(404, str(exc)) from exc
+    path = await files.samples_path(job_id, task)
     return FileResponse(path, media_type="application/x-ndjson", filename=path.name)
 
 
@@ -73,19 +69,19 @@ async def get_samples(
     summary="A job's stdout or stderr as text; follow=true streams until the job ends",
 )
 async def get_logs(
-    request: Request,
+    state: State,
     manager: Manager,
+    files: Files,
     job_id: int,
     stream: Stream = Stream.stderr,
     tail: Annotated[int | None, Query(ge=0, le=1_000_000)] = None,
     follow: bool = False,
 ) -> StreamingResponse:
-    path = manager.log_path(job_id, stream.value)
+    path = files.log_path(job_id, stream.value)
     inode, size = joblogs.current_size(path)
     if not follow:
         return StreamingResponse(_read(path, tail, size), media_type="text/plain; charset=utf-8")
-    settings: Settings = request.app.state.settings
-    slots: FollowerSlots = request.app.state.log_followers
+    settings, slots = state.settings, state.log_followers
     if not slots.acquire():
         raise HTTPException(
             429,
@@ -99,23 +95,6 @@ async def get_logs(
         release=slots.release,
         hard_limit_s=limits.total_s + FOLLOW_SEND_GRACE_S,
     )
-
-
-class FollowerSlots:
-    """How many follow streams are open; the cap keeps idle followers from piling up."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-
-    def acquire(self) -> bool:
-        if self.active >= self.limit:
-            return False
-        self.active += 1
-        return True
-
-    def release(self) -> None:
-        self.active -= 1
 
 
 @dataclass(frozen=True)

@@ -96,13 +96,13 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             statuses = active if statuses is None else statuses & active
         records, total = manager.list(statuses, limit, offset)
         # Pre-serialised JSON (finished jobs are cached): the schema is JobList, as declared.
-        return Response(views.job_list_json(manager, records, total), media_type="application/json")
+        return Response(views.job_list_json(records, total), media_type="application/json")
 
     @router.get("/job/{job_id}", response_model=JobDetail, responses=_NOT_FOUND)
     async def get_job(request: Request, manager: Manager, job_id: int) -> JobDetail:
         record = manager.get(job_id)
         tail = request.app.state.settings.log_tail_lines
-        return await run_in_threadpool(views.detail, manager, record, tail)
+        return await run_in_threadpool(views.detail, record, tail)
 
     async def stop_job(manager: Manager, job_id: int) -> JobAction:
         return JobAction(message=await manager.stop(job_id), job_id=job_id)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lm_eval_server import joblogs
-from lm_eval_server.executors.base import stderr_path, stdout_path
-from lm_eval_server.manager import JobManager
+from lm_eval_server import jobdir, joblogs
 from lm_eval_server.models import (
     JobDetail,
     JobRecord,
@@ -16,6 +14,14 @@ from lm_eval_server.models import (
     ProgressInfo,
 )
 from lm_eval_server.progress import STARTING_PROGRESS, Progress
+
+
+def progress_pct(record: JobRecord) -> int:
+    """The whole job's share of requests answered (the tracker keeps it from going down)."""
+    if record.status is JobStatus.completed:
+        return 100
+    progress: Progress | None = record.progress
+    return progress.pct if progress is not None else 0
 
 
 def progress_info(record: JobRecord) -> ProgressInfo | None:
@@ -34,14 +40,14 @@ def progress_info(record: JobRecord) -> ProgressInfo | None:
     )
 
 
-def summary(manager: JobManager, record: JobRecord) -> JobSummary:
+def summary(record: JobRecord) -> JobSummary:
     return JobSummary(
         job_id=record.job_id,
         argument=record.argument,
         status=record.status,
         timestamp=record.started_at,
         exit_code=record.exit_code,
-        inference_progress_pct=manager.progress_pct(record),
+        inference_progress_pct=progress_pct(record),
         progress=progress_info(record),
         model=record.model,
         tasks=record.tasks,
@@ -53,27 +59,27 @@ def summary(manager: JobManager, record: JobRecord) -> JobSummary:
     )
 
 
-def summary_json(manager: JobManager, record: JobRecord) -> bytes:
+def summary_json(record: JobRecord) -> bytes:
     """The summary as JSON; cached for finished jobs, so listing 10,000 of them stays cheap."""
     if record.summary_json is not None:
         return record.summary_json
-    data = summary(manager, record).model_dump_json().encode()
+    data = summary(record).model_dump_json().encode()
     if record.status.is_terminal():
         record.summary_json = data
     return data
 
 
-def job_list_json(manager: JobManager, records: list[JobRecord], total: int) -> bytes:
-    parts = b",".join(summary_json(manager, r) for r in records)
+def job_list_json(records: list[JobRecord], total: int) -> bytes:
+    parts = b",".join(summary_json(r) for r in records)
     return b'{"jobs":[' + parts + b'],"total":' + str(total).encode() + b"}"
 
 
-def detail(manager: JobManager, record: JobRecord, tail_lines: int) -> JobDetail:
+def detail(record: JobRecord, tail_lines: int) -> JobDetail:
     work_dir = Path(record.work_dir)
-    out = joblogs.tail_lines(stdout_path(work_dir), tail_lines)
-    err = joblogs.tail_lines(stderr_path(work_dir), tail_lines)
+    out = joblogs.tail_lines(Path(jobdir.stdout_log(work_dir)), tail_lines)
+    err = joblogs.tail_lines(Path(jobdir.stderr_log(work_dir)), tail_lines)
     return JobDetail(
-        **summary(manager, record).model_dump(),
+        **summary(record).model_dump(),
         stdout=out.lines,
         stderr=err.lines,
         stdout_truncated=out.truncated,

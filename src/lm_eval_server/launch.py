@@ -1,0 +1,78 @@
+"""The launch policy: what command a validated job runs, with what environment, and whether a
+warm worker may run it. The manager asks this module; executors receive its `LaunchSpec`."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lm_eval_server import job_env, jobdir
+from lm_eval_server.config import Settings
+from lm_eval_server.executors.base import LaunchSpec
+from lm_eval_server.models import JobRecord
+from lm_eval_server.validation import ValidatedJob, job_lm_args
+
+LAUNCHER_MODULE = "lm_eval_server.launcher"
+
+
+def launcher_command() -> list[str]:
+    return [sys.executable, "-m", LAUNCHER_MODULE]
+
+
+def warm_args(argv: list[str], env_vars: dict[str, str]) -> list[str] | None:
+    """The lm-eval arguments a warm worker would run for this job, or None if it may not.
+
+    A warm worker has imported lm-eval under the base job environment, and some variables are
+    read at import time: only launcher jobs that add no variables of their own qualify.
+    """
+    prefix = launcher_command()
+    if env_vars or argv[: len(prefix)] != prefix:
+        return None
+    return argv[len(prefix) :]
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: list[str]  # what runs (maybe through the launcher)
+    argument: str  # the lm_eval command the user asked for, shell-quoted
+    output_path: str
+
+
+class LaunchPolicy:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._default_program = shlex.split(settings.default_lm_eval_path)
+        self._launcher = settings.use_launcher and (
+            importlib.util.find_spec(LAUNCHER_MODULE) is not None
+        )
+
+    def command(self, job: ValidatedJob, work_dir: Path) -> Command:
+        """The job's command; writes the snapshot of its config file into `work_dir`."""
+        lm_args = job_lm_args(job, work_dir)
+        output_path = job.user_output_path
+        if output_path is None:
+            output_path = jobdir.path(work_dir, jobdir.RESULTS)
+            lm_args += ["--output_path", output_path]
+        if self._launcher and job.program == self._default_program:
+            argv = [*launcher_command(), *lm_args]
+        else:
+            argv = [*job.program, *lm_args]
+        return Command(argv, shlex.join([*job.program, *lm_args]), output_path)
+
+    def spec(self, record: JobRecord) -> LaunchSpec:
+        work_dir = Path(record.work_dir)
+        resources = record.request.get("resources") or {}
+        return LaunchSpec(
+            job_id=record.job_id,
+            argv=record.argv,
+            # Built from nothing at each start: never the server's own environment.
+            env=job_env.job_environment(self._settings, work_dir, record.env_vars),
+            work_dir=work_dir,
+            num_gpus=resources.get("num_gpus"),
+            num_cpus=resources.get("num_cpus"),
+            memory=resources.get("memory"),
+            warm_eligible=warm_args(record.argv, record.env_vars) is not None,
+        )
