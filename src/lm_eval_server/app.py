@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lm_eval_server import lm_eval_cli
 from lm_eval_server.api import files, health
 from lm_eval_server.api.jobs import jobs_router
-from lm_eval_server.catalog import Catalog
+from lm_eval_server.catalog import Catalog, TaskIndexUnavailable, TaskLimits
 from lm_eval_server.config import ExecutorKind, Settings, StoreKind
 from lm_eval_server.executors.base import Executor
 from lm_eval_server.manager import (
@@ -91,7 +91,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     parser = lm_eval_cli.make_raising(lm_eval_cli.load_parser())
     specs = lm_eval_cli.describe_options(parser)
     request_model = lm_eval_cli.build_request_model(specs)
-    catalog = Catalog(settings.task_index_dir, build_index=settings.task_index)
+    catalog = Catalog(
+        settings.task_index_dir,
+        build_index=settings.task_index,
+        limits=TaskLimits.from_settings(settings),
+    )
     metrics = AppMetrics()
 
     @asynccontextmanager
@@ -185,11 +189,16 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "5"})
 
+    async def index_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, TaskIndexUnavailable)
+        return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+
     app.add_exception_handler(JobNotFound, not_found)
     app.add_exception_handler(InvalidRequest, invalid)
     app.add_exception_handler(JobNotCompleted, conflict)
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(ShuttingDown, unavailable)
+    app.add_exception_handler(TaskIndexUnavailable, index_unavailable)
 
 
 def _add_http_metrics(app: FastAPI, metrics: AppMetrics) -> None:

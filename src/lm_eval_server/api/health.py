@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from lm_eval_server.catalog import IndexState
+
 router = APIRouter(tags=["operations"])
 # Readiness and metrics describe the server's jobs: they sit behind the API key like the rest.
 secured_router = APIRouter(tags=["operations"])
@@ -16,16 +18,22 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@secured_router.get("/ready", summary="Readiness: store open and task index loaded")
+@secured_router.get(
+    "/ready",
+    summary="Readiness: store open, task index loaded (or TASK_INDEX=false), accepting jobs",
+)
 async def ready(request: Request) -> JSONResponse:
     state = request.app.state
+    catalog = state.catalog
     checks = {
         "store": state.store_open,
-        "task_index": state.catalog.tasks_ready or not state.settings.task_index,
+        "task_index": catalog.state in (IndexState.ready, IndexState.disabled),
         "accepting_jobs": not state.manager.shutting_down,
     }
     ok = all(checks.values())
-    body: dict[str, object] = {"ready": ok, "checks": checks}
+    # state: building, ready, failed (with the error and when the build is tried again) or
+    # disabled; submissions get 503 with the same reason until it is ready.
+    body: dict[str, object] = {"ready": ok, "checks": checks, "task_index": catalog.status()}
     pool = state.warm_pool
     if pool is not None:
         # Informational: without a ready warm worker, jobs simply start cold.
