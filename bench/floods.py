@@ -130,6 +130,39 @@ async def probe_health(port: int, stop: asyncio.Event) -> list[float]:
     return latencies
 
 
+async def probe_main(port: int) -> None:
+    """`floods.py --probe PORT`: probe /health until stdin closes, then print the latencies.
+
+    The prober is a process of its own so that the flood client (writing megabytes) cannot
+    delay it: what it measures is the server.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(sys.stdin.fileno(), stop.set)
+    print("ready", flush=True)
+    latencies = await probe_health(port, stop)
+    print(json.dumps(latencies))
+
+
+async def probe_in_process(port: int, started: asyncio.Event, stop: asyncio.Event) -> list[float]:
+    proc = await asyncio.create_subprocess_exec(
+        run.PY,
+        __file__,
+        "--probe",
+        str(port),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    await proc.stdout.readline()
+    started.set()
+    await stop.wait()
+    out, _ = await proc.communicate(b"stop\n")
+    if proc.returncode != 0:
+        raise run.BenchError(f"the /health prober failed ({proc.returncode})")
+    return [float(x) for x in json.loads(out)]
+
+
 async def send_flood(
     port: int, flood: Flood, until: float, clients: int
 ) -> tuple[list[float], set[int]]:
@@ -155,7 +188,11 @@ async def send_flood(
 
 async def measure(srv: Any, flood: Flood | None, seconds: float, clients: int) -> dict[str, Any]:
     stop = asyncio.Event()
-    probe = asyncio.create_task(probe_health(srv.port, stop))
+    started = asyncio.Event()
+    probe = asyncio.create_task(probe_in_process(srv.port, started, stop))
+    await asyncio.wait([probe, asyncio.create_task(started.wait())], return_when="FIRST_COMPLETED")
+    if probe.done():
+        await probe  # it failed to start: its error
     cpu_before = sum(run.cpu_s(srv.pid))
     sent: list[float] = []
     statuses: set[int] = set()
@@ -261,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=None, help="flood connections (2)")
     parser.add_argument("--out", type=Path, default=run.OUT_DIR / "floods.json")
     parser.add_argument("--index-dir", type=Path, default=run.OUT_DIR / "index")
+    parser.add_argument("--probe", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe:
+        asyncio.run(probe_main(args.probe))
+        return 0
     args.seconds = args.seconds or (0.3 if args.quick else 5.0)
     args.clients = args.clients or (1 if args.quick else 2)
     # The default MAX_INCLUDE_ENTRIES; --quick makes its include_path trees small.
