@@ -348,8 +348,9 @@ def yaml_files(root: Path | str, max_entries: int | None = None) -> list[YamlFil
     following symlinks. Looks at no more than ``max_entries`` directory entries
     (ScanLimitExceeded beyond), so its cost has a bound whatever the tree holds.
     """
-    base = os.fspath(Path(root))
-    if any(part in _IGNORE_DIRS for part in Path(base).parts):
+    # A Path is already in the form glob yields (no trailing or doubled separators).
+    base = os.fspath(root if isinstance(root, Path) else Path(root))
+    if not _IGNORE_DIRS.isdisjoint(base.split(os.sep)):
         return []
     found: list[YamlFile] = []
     seen_entries = 0
