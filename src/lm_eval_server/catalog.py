@@ -29,7 +29,7 @@ import threading
 import time
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -168,13 +168,15 @@ class NameSuggester:
 class UnknownTasks:
     names: list[str]
     extra: frozenset[str]
-    suggester: NameSuggester = field(repr=False, compare=False)
+    # The catalog's shared suggester, built on first use (~1 s of CPU, once).
+    suggester: Callable[[], NameSuggester] = field(repr=False, compare=False)
 
     def suggestions(self) -> dict[str, list[str]]:
         """Close matches for the first MAX_SUGGESTED_NAMES unknown names (each a few ms; run it
         in a thread); the other names are listed with none."""
+        suggester = self.suggester()
         return {
-            name: self.suggester.suggest(name, self.extra) if index < MAX_SUGGESTED_NAMES else []
+            name: suggester.suggest(name, self.extra) if index < MAX_SUGGESTED_NAMES else []
             for index, name in enumerate(self.names)
         }
 
@@ -189,9 +191,14 @@ class IndexState(enum.StrEnum):
 
 class Catalog:
     def __init__(
-        self, index_dir: Path, build_index: bool, limits: TaskLimits | None = None
+        self,
+        index_dir: Path,
+        build_index: bool,
+        limits: TaskLimits | None = None,
+        retry_first_s: float = RETRY_FIRST_S,
     ) -> None:
         self._index_dir = index_dir
+        self._retry_first_s = retry_first_s
         self._build_index = build_index
         self.limits = limits or TaskLimits()
         self.model_names = load_model_names()
@@ -230,7 +237,7 @@ class Catalog:
         self._task = asyncio.create_task(self._build_until_ready(), name="task-index-build")
 
     async def _build_until_ready(self) -> None:
-        delay_s = RETRY_FIRST_S
+        delay_s = self._retry_first_s
         settled = self._settled
         assert settled is not None
         while True:
@@ -254,6 +261,12 @@ class Catalog:
     async def _build_once(self) -> set[str]:
         from lm_eval_server import task_index
 
+        if self.build_attempts > 1:
+            # After a failure, an index built meanwhile (by hand with `python -m
+            # lm_eval_server.task_index build`, or by another server) is taken as it is.
+            names = await asyncio.to_thread(task_index.load_names, self._index_dir)
+            if names is not None:
+                return names
         await asyncio.to_thread(self._index_dir.mkdir, parents=True, exist_ok=True)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -398,7 +411,7 @@ class Catalog:
             unknown.append(task)
         if not unknown:
             return None
-        return UnknownTasks(unknown, frozenset(extra), self._name_suggester())
+        return UnknownTasks(unknown, frozenset(extra), self._name_suggester)
 
     def _name_suggester(self) -> NameSuggester:
         if self._suggester is None:
