@@ -43,6 +43,8 @@ def make_settings(tmp_path: Path, index_dir: Path) -> Callable[..., Settings]:
             "lm_eval_paths": [DEFAULT_LM_EVAL, FAKE_LM_EVAL],
             "allowed_paths": [str(tmp_path), str(ROOT / "examples"), str(ROOT / "tests" / "data")],
             "stop_grace_s": 3.0,
+            # TestClient sends `Host: testserver`; Host checks are tested on real servers.
+            "allowed_hosts": ["testserver"],
         }
         values.update(overrides)
         return Settings(**values)
@@ -70,3 +72,17 @@ def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[...
 @pytest.fixture
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
+
+
+# Fixtures that start real servers or build lm-eval's task index: a test using one is end to end.
+_E2E_FIXTURES = frozenset({"index_dir", "make_settings", "make_client", "client", "server"})
+_E2E_DIR = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`-m "not e2e"` selects the fast unit tests: everything under tests/e2e/, every test that
+    uses a server or the task index, and tests marked by hand are end to end."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(_E2E_DIR) or fixtures & _E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)

@@ -242,3 +242,14 @@ def test_parse_submit_follows_the_schema() -> None:
         cli.parse_submit(["--log_samples=maybe"], properties)
     with pytest.raises(cli.CliError, match="needs a value"):
         cli.parse_submit(["--model"], properties)
+
+
+def test_progress_column_names_the_phase_before_the_first_request() -> None:
+    from lm_eval_server.cli import fmt_progress
+
+    loading = {"phase": "loading model", "done": 0, "total": 0, "eta_s": None}
+    counting = {"phase": "loglikelihood", "done": 5, "total": 20, "eta_s": 3.0}
+    assert fmt_progress({"status": "Queued"}) == "-"
+    assert fmt_progress({"status": "Running", "progress": loading}) == "0% loading model"
+    running = {"status": "Running", "inference_progress_pct": 25, "progress": counting}
+    assert fmt_progress(running).startswith("25% 5/20 eta ")

@@ -152,6 +152,7 @@ def test_model_args_for() -> None:
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_lm_eval_cli_end_to_end(tmp_path: Path) -> None:
     env = {
@@ -201,3 +202,50 @@ def test_lm_eval_cli_end_to_end(tmp_path: Path) -> None:
     assert frames, proc.stderr[-4000:]
     assert ("100", "220", "220") in frames
     assert any(0 < int(done) < int(total) for _, done, total in frames)
+
+
+def test_chat_answers_the_last_question_of_a_multiturn_chat() -> None:
+    # lm-eval's few-shot-as-multiturn chats: examples as earlier user/assistant turns.
+    messages = [
+        {"role": "system", "content": "You add numbers."},
+        {"role": "user", "content": "Question 0: What is 1 + 1?\nAnswer:"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "Question 2: What is 20 + 22?\nAnswer:"},
+    ]
+    with running_stub_server() as server, httpx.Client() as client:
+        first = client.post(server.chat_base_url, json={"messages": messages, "stop": ["\n"]})
+        again = client.post(server.chat_base_url, json={"messages": messages, "stop": ["\n"]})
+        no_stop = client.post(server.chat_base_url, json={"messages": messages[:2]})
+        assert server.request_count == 3 and server.prompt_count == 3
+    body = first.json()
+    assert first.status_code == 200 and body["object"] == "chat.completion"
+    assert body["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": "43"}, "finish_reason": "stop"}
+    ]  # id 2 is one of the stub's misses: 42 + 1
+    # Deterministic: the same chat gets the same answer, apart from the response id and time.
+    assert again.json()["choices"] == body["choices"]
+    assert no_stop.json()["choices"][0]["message"]["content"] == "2\n"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{}, {"messages": "Question 0: What is 1 + 1?"}, {"messages": {"role": "user"}}],
+    ids=["no-messages", "string", "object"],
+)
+def test_chat_refuses_requests_without_a_message_list(payload: dict[str, Any]) -> None:
+    with running_stub_server() as server, httpx.Client() as client:
+        response = client.post(server.chat_base_url, json=payload)
+        assert server.request_count == 0
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "messages must be a list"
+
+
+def test_chat_ignores_non_text_content_parts() -> None:
+    messages = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+        {"role": "user", "content": "Question 0: What is 3 + 4?"},
+        "not a message",
+    ]
+    with running_stub_server() as server, httpx.Client() as client:
+        response = client.post(server.chat_base_url, json={"messages": messages, "stop": "\n"})
+    assert response.json()["choices"][0]["message"]["content"] == "7"

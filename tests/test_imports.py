@@ -12,7 +12,7 @@ import json, sys
 from fastapi.testclient import TestClient
 from lm_eval_server.app import create_app
 from lm_eval_server.config import Settings
-app = create_app(Settings(data_dir=sys.argv[1], task_index=False))
+app = create_app(Settings(data_dir=sys.argv[1], task_index=False, allowed_hosts=["testserver"]))
 with TestClient(app) as client:
     client.get("/jobs")
     client.get("/openapi.json")

@@ -295,6 +295,7 @@ def warm_cache(index_dir: Path) -> Path:
     return index_dir
 
 
+@pytest.mark.e2e
 def test_build_command_writes_the_cache(warm_cache: Path) -> None:
     names = task_index.load_names(warm_cache)
     assert names is not None and {"arc_easy", "mmlu", "ai2_arc"} <= names
@@ -312,6 +313,7 @@ def result_files(out_dir: Path) -> tuple[dict, list[dict]]:
     return data, [json.loads(line) for line in samples.read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_fidelity_plain_vs_cached_vs_fallback(warm_cache: Path, tmp_path: Path) -> None:
     def job(name: str) -> list[str]:
         return [
@@ -348,6 +350,7 @@ def test_fidelity_plain_vs_cached_vs_fallback(warm_cache: Path, tmp_path: Path) 
     assert runs["cached"][1] == runs["plain"][1] == runs["fallback"][1]
 
 
+@pytest.mark.e2e
 def test_launcher_builds_and_saves_a_missing_cache(tmp_path: Path) -> None:
     # (An unreadable or stale cache takes the same path; see test_task_index for
     # how read_index_payload tells them apart.)

@@ -211,3 +211,86 @@ def test_releases_up_to_0_4_9_use_setup_parser(monkeypatch: pytest.MonkeyPatch) 
     parser = lm_eval_cli.load_parser()
     dests = {s.dest for s in lm_eval_cli.describe_options(parser)}
     assert "brand_new_knob" in dests and "tasks" in dests
+
+
+def test_false_tokens_follow_each_actions_type(real) -> None:  # type: ignore[no-untyped-def]
+    _, specs, _ = real
+    tokens = {s.dest: s.false_token for s in specs if s.kind is OptionKind.optional_value}
+    # fewshot_as_multiturn's type turns "false" into False; apply_chat_template's (str) keeps
+    # a template named "false", and cache_requests' refuses it: both say false by omission.
+    assert tokens == {
+        "fewshot_as_multiturn": "false",
+        "apply_chat_template": None,
+        "cache_requests": None,
+    }
+
+
+def test_schema_shows_lm_eval_defaults_deprecation_and_examples(real) -> None:  # type: ignore[no-untyped-def]
+    _, _, model = real
+    props = model.model_json_schema()["properties"]
+    assert props["batch_size"]["default"] == 1
+    assert props["seed"]["default"] == [0, 1234, 1234, 1234]
+    assert props["model"]["default"] == "hf"
+    assert props["verbosity"]["deprecated"] is True
+    assert "deprecated" not in props["limit"]
+    assert props["cache_requests"]["examples"] == ["true", "refresh", "delete"]
+    # Informational only: an empty request carries none of them.
+    assert model(tasks="x").model_dump(exclude_none=True) == {"tasks": "x"}
+    timeout = props["timeout_s"]["anyOf"][0]
+    assert timeout["exclusiveMinimum"] == 0 and timeout["maximum"] == lm_eval_cli.MAX_TIMEOUT_S
+
+
+def test_choices_become_enums() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["fast", "slow"], help="Mode")
+    model = lm_eval_cli.build_request_model(lm_eval_cli.describe_options(parser))
+    assert model.model_json_schema()["properties"]["mode"]["anyOf"][0]["enum"] == ["fast", "slow"]
+    with pytest.raises(ValidationError):
+        model(mode="medium")
+
+
+def test_evaluator_defaults_read_without_import_match_the_dataclass() -> None:
+    from dataclasses import asdict
+
+    from lm_eval.config.evaluate_config import DICT_KEYS, EvaluatorConfig
+
+    from lm_eval_server import lm_eval_checks
+
+    fields = lm_eval_checks.evaluator_fields()
+    assert fields is not None
+    assert fields.defaults == asdict(EvaluatorConfig())
+    assert fields.dict_keys == frozenset(DICT_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("a=1 b=2", ["a=1", "b=2"]),
+        ("a=1,b=2", ["a=1,b=2"]),
+        ("stop=['a b'] x=1", ["stop=['a b']", "x=1"]),
+        ('until=["\\n\\n", " "]', ['until=["\\n\\n", " "]']),
+        ("  a=1   ", ["a=1"]),
+        ("note='a b' c=d", ["note='a b'", "c=d"]),
+    ],
+)
+def test_split_words_keeps_quotes_and_brackets(text: str, words: list[str]) -> None:
+    assert lm_eval_cli.split_words(text) == words
+
+
+def test_values_become_cli_text() -> None:
+    render = lm_eval_cli.render_value
+    assert render(8, "batch_size") == "8"
+    assert render(8.0, "batch_size") == "8"
+    assert render([0, None, 8, 52], "seed") == "0,None,8,52"
+    assert render({"arc_easy": [0, 1]}, "samples") == '{"arc_easy": [0, 1]}'
+    for bad in (True, float("nan"), float("inf")):
+        with pytest.raises(lm_eval_cli.ArgvError):
+            render(bad, "x")
+
+
+def test_items_that_look_like_options_are_refused(real) -> None:  # type: ignore[no-untyped-def]
+    _, specs, _ = real
+    with pytest.raises(lm_eval_cli.ArgvError, match="starts with '-'"):
+        lm_eval_cli.request_to_argv({"model_args": "a=1 -b 8"}, specs)
+    # A single value starting with '-' is safe in the `--flag=value` form.
+    assert lm_eval_cli.request_to_argv({"model_args": "-x=1"}, specs) == ["--model_args=-x=1"]

@@ -90,6 +90,7 @@ def comparable(client: TestClient, job_id: int, task: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.e2e
 def test_cold_launcher_and_warm_write_identical_results(
     make_client: Callable[..., TestClient], tmp_path: Path
 ) -> None:
@@ -124,6 +125,7 @@ def test_cold_launcher_and_warm_write_identical_results(
     assert arith["exact_match,none"] == 13 / 20  # the stub's known answers
 
 
+@pytest.mark.e2e
 def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
     make_client: Callable[..., TestClient],
 ) -> None:
@@ -144,7 +146,7 @@ def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
             assert job["status"] == "Running", job
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert job["progress"]["phase"] == "api requests"
+        assert job["progress"]["phase"] == "generate_until"  # counted by Requesting API bars
         assert 0 < job["inference_progress_pct"] < 100
         log = stderr_text(client, slow)
         assert f"{WARM_MARKER} {worker}\n" in log
@@ -180,6 +182,7 @@ def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
     eventually(lambda: children_of(replacement) == [])
 
 
+@pytest.mark.e2e
 def test_warm_worker_honours_disabled_hook_and_its_jobs_outlive_the_server(
     make_settings: Callable[..., Settings],
     make_client: Callable[..., TestClient],

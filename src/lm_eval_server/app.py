@@ -11,16 +11,19 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lm_eval_server import lm_eval_cli
+from lm_eval_server import hosts, lm_eval_cli
 from lm_eval_server.api import files, health
 from lm_eval_server.api.jobs import jobs_router
 from lm_eval_server.catalog import Catalog, TaskIndexUnavailable, TaskLimits
 from lm_eval_server.config import ExecutorKind, Settings, StoreKind
 from lm_eval_server.executors.base import Executor
 from lm_eval_server.manager import (
+    IdempotencyConflict,
     JobManager,
     JobNotCompleted,
     JobNotFound,
@@ -31,12 +34,13 @@ from lm_eval_server.manager import (
 from lm_eval_server.metrics import AppMetrics
 from lm_eval_server.security import (
     BodyLimitMiddleware,
+    HttpGuardMiddleware,
     is_loopback,
     listen_host,
     require_api_key,
 )
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
-from lm_eval_server.validation import InvalidRequest, RequestValidator
+from lm_eval_server.validation import InvalidRequest, RequestValidator, json_safe
 
 if TYPE_CHECKING:
     from lm_eval_server.warm import WarmPool
@@ -148,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api_keys = [key.encode() for key in settings.api_keys]
     app.state.validator = RequestValidator(settings, parser, specs, catalog)
     app.state.request_model = request_model
+    app.state.log_followers = files.FollowerSlots(settings.max_log_followers)
 
     secured = [Depends(require_api_key)]
     app.include_router(health.router)
@@ -157,8 +162,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_dashboard(app)
     _add_error_handlers(app)
     _add_http_metrics(app, metrics)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_read_timeout_s,
+    )
+    # Outermost: a request for a foreign Host or from a foreign site touches nothing else.
+    app.add_middleware(HttpGuardMiddleware, rules=_host_rules(settings))
     return app
+
+
+def _host_rules(settings: Settings) -> list[hosts.HostRule] | None:
+    """Loopback names and the bound address always (no DNS rebinding can forge them), plus
+    ALLOWED_HOSTS; `*` turns the check off."""
+    bound = listen_host(settings.host_hint, sys.argv, dict(os.environ))
+    if not settings.allowed_hosts and bound.strip("[]") in hosts.WILDCARD_BINDS:
+        log.warning(
+            "Listening on %s with the default ALLOWED_HOSTS (%s): requests that name this "
+            "machine any other way get 400. Set ALLOWED_HOSTS to the names clients use.",
+            bound,
+            ", ".join(hosts.LOOPBACK_NAMES),
+        )
+    return hosts.parse_rules([*hosts.default_entries(bound), *settings.allowed_hosts])
 
 
 def _add_dashboard(app: FastAPI) -> None:
@@ -195,10 +220,19 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(JobNotFound, not_found)
     app.add_exception_handler(InvalidRequest, invalid)
+    app.add_exception_handler(IdempotencyConflict, invalid)
     app.add_exception_handler(JobNotCompleted, conflict)
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(ShuttingDown, unavailable)
     app.add_exception_handler(TaskIndexUnavailable, index_unavailable)
+
+    async def request_invalid(_: Request, exc: Exception) -> JSONResponse:
+        # FastAPI's own handler echoes each input; a NaN or a lone surrogate in it made that
+        # response itself fail with a 500.
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        return JSONResponse({"detail": json_safe(jsonable_encoder(errors))}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, request_invalid)
 
 
 def _add_http_metrics(app: FastAPI, metrics: AppMetrics) -> None:

@@ -156,6 +156,9 @@ def fmt_progress(job: dict[str, Any]) -> str:
     text = f"{job.get('inference_progress_pct') or 0}%"
     progress = job.get("progress")
     if job["status"] == "Running" and progress:
+        if not progress.get("total"):
+            # Before the first request (starting, loading model): the phase says more.
+            return f"{text} {progress.get('phase') or ''}".rstrip()
         text += f" {progress['done']}/{progress['total']}"
         if progress.get("eta_s") is not None:
             text += f" eta {fmt_duration(progress['eta_s'])}"

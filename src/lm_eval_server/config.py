@@ -13,6 +13,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lm_eval_server.hosts import parse_rules
+
 # Loader and interpreter hooks: a job that may set these runs code of the caller's choosing
 # before lm-eval starts, so they are refused unless the operator opts in.
 DANGEROUS_ENV_VARS = frozenset(
@@ -116,6 +118,32 @@ class Settings(BaseSettings):
         2000, ge=100, description="JSON values (keys, items, scalars) in one request body."
     )
 
+    # HTTP boundary (Host check, cross-site refusal, slow clients, log followers)
+    allowed_hosts: CsvList = Field(
+        default_factory=list,
+        description="Host header values the server answers to besides localhost, 127.0.0.1, "
+        "::1 and the bound address (names or IPs, optional :port, '*.example.com' for "
+        "subdomains, '*' for any).",
+    )
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a client may take to send a request body."
+    )
+    max_log_followers: int = Field(
+        64, ge=1, description="Concurrent logs?follow=true streams; more get 429."
+    )
+    log_follow_idle_s: float = Field(
+        900.0, gt=0, description="A follow stream ends after this long without new output."
+    )
+    log_follow_max_s: float = Field(
+        6 * 3600.0, gt=0, description="A follow stream ends after this long in total."
+    )
+
+    @field_validator("allowed_hosts", mode="after")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        parse_rules(value)  # a ValueError names the bad entry
+        return value
+
     # Executors
     executor: ExecutorKind = ExecutorKind.local
     ray_address: str | None = None
@@ -138,15 +166,40 @@ class Settings(BaseSettings):
         0, ge=0, description="Pre-started lm-eval processes that fork jobs (local executor)."
     )
 
+    # Request -> argv boundary (semantics): remote/unsafe code, where model tokens may go
+    allow_unsafe_code: bool = Field(
+        False,
+        description="Allow confirm_run_unsafe_code (tasks that execute model-written code); "
+        "separate from ALLOW_REMOTE_CODE.",
+    )
+    model_url_prefixes: CsvList = Field(
+        default_factory=list,
+        description="When set, a base_url in model_args/metadata must start with one of "
+        "these URLs (compared after normalisation).",
+    )
+
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")
 
     @field_validator(
-        "api_keys", "lm_eval_paths", "allowed_paths", "allowed_env_vars", mode="before"
+        "api_keys",
+        "lm_eval_paths",
+        "allowed_paths",
+        "allowed_env_vars",
+        "allowed_hosts",
+        "model_url_prefixes",
+        mode="before",
     )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("model_url_prefixes")
+    @classmethod
+    def _url_prefixes(cls, value: list[str]) -> list[str]:
+        from lm_eval_server.urls import normalise_url
+
+        return [normalise_url(prefix, "MODEL_URL_PREFIXES") for prefix in value]
 
     @model_validator(mode="after")
     def _load_key_file(self) -> Settings:

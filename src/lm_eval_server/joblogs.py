@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lm_eval_server import jobdir
 from lm_eval_server.progress import terminal_lines
 
 # GET /job/{id} reads at most this much from the end of a log to find its last lines.
@@ -16,13 +17,13 @@ CHUNK = 1 << 16
 
 def segments(path: Path) -> list[Path]:
     """The log's files, oldest first."""
-    rotated = path.with_name(path.name + ".1")
+    rotated = Path(jobdir.rotated_segment(path))
     return [p for p in (rotated, path) if p.exists()]
 
 
 def bytes_cut(path: Path) -> int:
     try:
-        return int(path.with_name(path.name + ".cut").read_text() or 0)
+        return int(Path(jobdir.cut_record(path)).read_text() or 0)
     except (OSError, ValueError):
         return 0
 
@@ -149,7 +150,7 @@ class LogFollower:
         self._offset = max(self._offset if st.st_ino == self._inode else 0, st.st_size - keep)
 
     def _read_rotated(self) -> bytes:
-        rotated = self._path.with_name(self._path.name + ".1")
+        rotated = jobdir.rotated_segment(self._path)
         try:
             with open(rotated, "rb") as f:
                 if os.fstat(f.fileno()).st_ino != self._inode:

@@ -1,22 +1,28 @@
 """lm-eval's own argparse parser -> the JSON request model, and a request -> an argv list.
 
-The schema is derived at startup, so an option added to lm-eval appears in the API without a
-code change. Everything here is pure apart from `load_parser`, which imports lm-eval's CLI
-module (tens of milliseconds, no torch, no task index).
+The schema is derived at startup from the parser's actions (their nargs, const, type and
+choices), so an option added to lm-eval appears in the API without a code change, and a value
+reaches lm-eval with the meaning the request gave it. Everything here is pure apart from
+`load_parser`, which imports lm-eval's CLI module (tens of milliseconds, no torch, no task
+index).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+import math
+import shlex
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-# Options whose values are key=value lists in every lm-eval release (older releases typed them
-# as plain strings, newer ones use MergeDictAction).
+from lm_eval_server import lm_eval_checks
+
+# Options whose values are key=value lists in lm-eval releases that typed them as plain
+# strings (newer ones use MergeDictAction, which is what is recognised first).
 KEY_VALUE_DESTS = frozenset(
     {
         "model_args",
@@ -32,14 +38,25 @@ LIST_DESTS = frozenset({"tasks"})
 # The server's own fields; they never reach lm-eval's argv.
 SERVER_FIELDS = ("env_vars", "lm_eval_path", "timeout_s", "resources")
 SKIPPED_DESTS = frozenset({"help", "command", "func"})
+# A job may run for at most this long (timeout_s); more is a typo, not a plan.
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
 
 
 class OptionKind(StrEnum):
-    flag = "flag"  # store_true
+    flag = "flag"  # nargs=0 (store_true): present or absent
     list = "list"  # nargs="+" item lists (tasks)
-    key_value = "key_value"  # k=v,k2=v2 or a JSON object
+    key_value = "key_value"  # k=v,k2=v2, several k=v items, or a JSON object
     optional_value = "optional_value"  # nargs="?" with a const: bare flag or a value
     value = "value"
+
+
+class ValueType(StrEnum):
+    """What JSON a value option takes, from its action's `type`."""
+
+    int = "int"
+    float = "float"
+    str = "str"  # type=str or none: any scalar, rendered as text
+    custom = "custom"  # a type function: whatever renders to text it accepts
 
 
 @dataclass(frozen=True)
@@ -50,10 +67,21 @@ class OptionSpec:
     value_type: type
     help: str
     json_value: bool  # key_value option whose parser accepts a JSON object
+    converter: ValueType = ValueType.str
+    comma_list: bool = False  # list option whose action splits items on commas (SplitArgs)
+    # For optional_value options: the CLI text lm-eval parses to a false value that survives
+    # EvaluatorConfig.from_cli, or None when false can only be said by leaving the option out.
+    false_token: str | None = None
+    choices: tuple[str, ...] | None = None
+    examples: tuple[str, ...] | None = None
+    deprecated: bool = False
+    lm_default: Any = field(default=None, compare=False)
+    has_lm_default: bool = False
 
 
 class ArgvError(ValueError):
-    """lm-eval's parser rejected the argv built from a request."""
+    """lm-eval's parser rejected the argv built from a request, or a value cannot be written
+    as an argv at all."""
 
 
 class _RaisingParser(argparse.ArgumentParser):
@@ -84,6 +112,56 @@ def _value_type(action: argparse.Action) -> type:
     return str
 
 
+def _converter(action: argparse.Action) -> ValueType:
+    if action.type is int:
+        return ValueType.int
+    if action.type is float:
+        return ValueType.float
+    if action.type in (None, str) or getattr(action.type, "__objclass__", None) is str:
+        return ValueType.str  # str or a str method such as str.upper
+    return ValueType.custom
+
+
+def _convert(action: argparse.Action, text: str) -> tuple[bool, Any]:
+    """(True, value) as the parser would convert `text` for `action`, or (False, None)."""
+    if action.type is None:
+        return True, text
+    try:
+        return True, action.type(text)  # type: ignore[misc, operator]
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False, None
+
+
+def _false_token(action: argparse.Action) -> str | None:
+    # A value that parses to something false and that from_cli keeps (`v or v == 0`), so
+    # that it also overrides a config file; "false" is what a person would type.
+    ok, value = _convert(action, "false")
+    if ok and not value and value == 0:
+        return "false"
+    return None
+
+
+def _choices(action: argparse.Action) -> tuple[str, ...] | None:
+    return tuple(str(c) for c in action.choices) if action.choices is not None else None
+
+
+def _metavar_values(action: argparse.Action) -> tuple[str, ...] | None:
+    # lm-eval spells some closed sets only in the metavar ("true|refresh|delete") and checks
+    # them in the type function: shown as examples (the parser, not the schema, judges).
+    metavar = action.metavar
+    if isinstance(metavar, str) and "|" in metavar and " " not in metavar:
+        options = tuple(metavar.split("|"))
+        if all(_convert(action, option)[0] for option in options):
+            return options
+    return None
+
+
+def _has_lm_default(action: argparse.Action) -> tuple[bool, Any]:
+    if action.default not in (None, argparse.SUPPRESS) and action.nargs != 0:
+        return True, action.default
+    return lm_eval_checks.known_default(action.dest)
+
+
 def describe_options(parser: argparse.ArgumentParser) -> list[OptionSpec]:
     """One spec per option of `parser`, in the parser's order."""
     specs: list[OptionSpec] = []
@@ -93,18 +171,23 @@ def describe_options(parser: argparse.ArgumentParser) -> list[OptionSpec]:
         if isinstance(action, argparse._HelpAction | argparse._VersionAction):
             continue
         json_value = False
-        if isinstance(action, argparse._StoreTrueAction):
+        comma_list = False
+        false_token = None
+        if action.nargs == 0:
             kind = OptionKind.flag
         elif action.dest in KEY_VALUE_DESTS or type(action).__name__ == "MergeDictAction":
             kind = OptionKind.key_value
             json_value = type(action).__name__ == "MergeDictAction"
         elif action.dest in LIST_DESTS or action.nargs in ("+", "*"):
             kind = OptionKind.list
+            comma_list = type(action).__name__ == "SplitArgs"
         elif action.nargs == "?" and action.const is not None:
             kind = OptionKind.optional_value
+            false_token = _false_token(action)
         else:
             kind = OptionKind.value
         help_text = (action.help or "").replace("%(default)s", str(action.default))
+        has_default, default = _has_lm_default(action)
         specs.append(
             OptionSpec(
                 dest=action.dest,
@@ -113,27 +196,44 @@ def describe_options(parser: argparse.ArgumentParser) -> list[OptionSpec]:
                 value_type=_value_type(action),
                 help=" ".join(help_text.split()),
                 json_value=json_value,
+                converter=_converter(action),
+                comma_list=comma_list,
+                false_token=false_token,
+                choices=_choices(action),
+                examples=_metavar_values(action),
+                deprecated="(deprecated)" in help_text.lower(),
+                lm_default=default,
+                has_lm_default=has_default,
             )
         )
     return specs
 
 
+Scalar = str | int | float
+
+
 def _field_annotation(spec: OptionSpec) -> Any:
+    enum: Any = Literal[spec.choices] if spec.choices else None  # type: ignore[valid-type]
     match spec.kind:
         case OptionKind.flag:
             return bool | None
         case OptionKind.list:
             return str | list[str] | None
         case OptionKind.key_value:
-            return str | dict[str, Any] | None
+            return dict[str, Any] | str | list[str] | None
         case OptionKind.optional_value:
-            return bool | str | None
+            return bool | (enum if enum is not None else str) | None
+    if enum is not None:
+        return enum | None
+    match spec.converter:
+        case ValueType.int:
+            return int | None
+        case ValueType.float:
+            return float | None
+        case ValueType.str:
+            return str | int | float | None
         case _:
-            if spec.value_type is int:
-                return int | None
-            if spec.value_type is float:
-                return float | None
-            return str | None
+            return Scalar | list[Scalar | None] | dict[str, Any] | None
 
 
 class Resources(BaseModel):
@@ -145,13 +245,28 @@ class Resources(BaseModel):
     memory: int | None = Field(None, ge=0, le=2**49, description="Ray entrypoint_memory, in bytes.")
 
 
+def _description(spec: OptionSpec) -> str:
+    text = f"`{spec.flag}`: {spec.help}" if spec.help else spec.flag
+    if spec.has_lm_default and spec.lm_default is not None:
+        text += f" (lm-eval's default: {json.dumps(spec.lm_default)}; sent only if given)"
+    return text
+
+
 def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
     """The pydantic model of a job request: one optional field per lm-eval option."""
     fields: dict[str, Any] = {}
     for spec in specs:
+        extra: dict[str, Any] = {}
+        if spec.has_lm_default and spec.lm_default is not None:
+            # Informational: the field's own default stays null, so nothing extra is sent.
+            extra["default"] = spec.lm_default
+        if spec.deprecated:
+            extra["deprecated"] = True
+        if spec.examples:
+            extra["examples"] = list(spec.examples)
         fields[spec.dest] = (
             _field_annotation(spec),
-            Field(None, description=f"`{spec.flag}`: {spec.help}" if spec.help else spec.flag),
+            Field(None, description=_description(spec), json_schema_extra=extra or None),
         )
     fields["env_vars"] = (
         dict[str, str] | None,
@@ -167,7 +282,14 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
     )
     fields["timeout_s"] = (
         float | None,
-        Field(None, gt=0, description="Stop the job and mark it Failed after this many seconds."),
+        Field(
+            None,
+            gt=0,
+            le=MAX_TIMEOUT_S,
+            allow_inf_nan=False,
+            description="Stop the job and mark it Failed after this many seconds "
+            f"(at most {MAX_TIMEOUT_S:.0f}, 30 days).",
+        ),
     )
     fields["resources"] = (
         Resources | None,
@@ -184,16 +306,108 @@ def _key_value_string(value: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in value.items())
 
 
-def _scalar(value: Any) -> str:
-    # JSON numbers arrive as floats for float options; 10 reads better than 10.0 in `argument`.
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+def _scalar(value: Any, dest: str) -> str:
+    if isinstance(value, bool):
+        raise ArgvError(f"{dest}: true/false is not a value of this option")
+    if value is None:
+        return "None"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ArgvError(f"{dest}: {value} is not a finite number")
+        # JSON numbers arrive as floats for float options; 10 reads better than 10.0.
+        if value.is_integer():
+            return str(int(value))
     return str(value)
+
+
+def render_value(value: Any, dest: str) -> str:
+    """The CLI text for a value option: a list as lm-eval's comma lists (`0,None,8,52`), an
+    object as JSON text, a number as a person would type it."""
+    if isinstance(value, list):
+        return ",".join(_scalar(item, dest) for item in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return _scalar(value, dest)
 
 
 def _option(flag: str, value: str) -> list[str]:
     # A value that starts with "-" would be read by argparse as the next option.
     return [f"{flag}={value}"] if value.startswith("-") else [flag, value]
+
+
+def split_words(text: str) -> list[str]:
+    """Split on whitespace outside quotes and brackets, keeping quotes (as a person types
+    `--model_args pretrained=x 'stop=["a b"]'`, each word stays as lm-eval's parser takes it)."""
+    words: list[str] = []
+    buf: list[str] = []
+    depth = 0
+    quote: str | None = None
+    for char in text:
+        if quote is not None:
+            if char == quote:
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char in "[({":
+            depth += 1
+        elif char in "])}":
+            depth = max(depth - 1, 0)
+        elif char.isspace() and depth == 0:
+            if buf:
+                words.append("".join(buf))
+                buf = []
+            continue
+        buf.append(char)
+    if buf:
+        words.append("".join(buf))
+    return words
+
+
+def task_items(value: str | list[str] | None) -> list[str]:
+    """Task entries as lm-eval sees them: a string is split as a shell would split it, then
+    every entry on commas (lm-eval's SplitArgs)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ArgvError(
+                f"tasks: {exc} in {value!r}; write tasks as a JSON list of names or paths"
+            ) from None
+    else:
+        words = list(value)
+    return [t.strip() for word in words for t in word.split(",") if t.strip()]
+
+
+def _key_value_items(spec: OptionSpec, value: Any) -> list[str]:
+    if isinstance(value, dict):
+        if not value:
+            return []
+        return [json.dumps(value) if spec.json_value else _key_value_string(value)]
+    if isinstance(value, list):
+        return [str(item) for item in value if str(item).strip()]
+    text = value.strip()
+    if not text:
+        return []
+    if not spec.json_value:
+        return [text]
+    if text.startswith("{"):
+        return [text]  # a JSON object is one word; lm-eval's parser judges it
+    return split_words(text)
+
+
+def _several(flag: str, items: list[str]) -> list[str]:
+    if len(items) == 1:
+        return _option(flag, items[0])
+    for item in items:
+        if item.startswith("-"):
+            # argparse would read it as another option (e.g. `-b 8` becoming batch_size).
+            raise ArgvError(
+                f"{flag}: {item!r} starts with '-'; argparse would read it as an option. "
+                "Pass the value as a JSON object instead"
+            )
+    return [flag, *items]
 
 
 def request_to_argv(values: dict[str, Any], specs: list[OptionSpec]) -> list[str]:
@@ -208,26 +422,37 @@ def request_to_argv(values: dict[str, Any], specs: list[OptionSpec]) -> list[str
                 if value:
                     argv.append(spec.flag)
             case OptionKind.list:
-                items = value.split(",") if isinstance(value, str) else value
-                items = [item.strip() for item in items if item.strip()]
-                if items:
+                items = task_items(value) if spec.comma_list else _list_items(value)
+                if spec.comma_list and items:
                     argv += _option(spec.flag, ",".join(items))
+                elif items:
+                    argv += _several(spec.flag, items)
             case OptionKind.key_value:
-                if isinstance(value, dict):
-                    if not value:
-                        continue
-                    text = json.dumps(value) if spec.json_value else _key_value_string(value)
-                    argv += _option(spec.flag, text)
-                elif value != "":
-                    argv += _option(spec.flag, value)
+                items = _key_value_items(spec, value)
+                if items:
+                    argv += _several(spec.flag, items)
             case OptionKind.optional_value:
                 if value is True:
                     argv.append(spec.flag)
-                elif value is not False:
-                    argv += _option(spec.flag, value)
+                elif value is False:
+                    # Without a false token, false is lm-eval's default when left out; the
+                    # validator checks a config file does not say otherwise.
+                    if spec.false_token is not None:
+                        argv += [spec.flag, spec.false_token]
+                else:
+                    argv += _option(spec.flag, render_value(value, spec.dest))
             case _:
-                argv += _option(spec.flag, _scalar(value))
+                argv += _option(spec.flag, render_value(value, spec.dest))
     return argv
+
+
+def _list_items(value: str | list[str]) -> list[str]:
+    if isinstance(value, str):
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            raise ArgvError(f"{exc} in {value!r}; write the items as a JSON list") from None
+    return [item for item in value if item.strip()]
 
 
 def make_raising(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -251,8 +476,7 @@ def parse_argv(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 
 
 def task_list(values: dict[str, Any]) -> list[str]:
-    tasks = values.get("tasks")
-    if tasks is None:
+    try:
+        return task_items(values.get("tasks"))
+    except ArgvError:
         return []
-    items = tasks.split(",") if isinstance(tasks, str) else tasks
-    return [t.strip() for t in items if t.strip()]

@@ -26,10 +26,11 @@ from typing import Any
 from lm_eval_server import joblogs, results
 from lm_eval_server.config import Settings
 from lm_eval_server.executors.base import Executor, JobHandle, LaunchSpec, stderr_path
+from lm_eval_server.idempotency import IdempotencyClaim
 from lm_eval_server.models import JobRecord, JobStatus, utcnow
 from lm_eval_server.progress import Progress, ProgressTracker
 from lm_eval_server.store import JobStore, TerminalStateError
-from lm_eval_server.validation import ValidatedJob
+from lm_eval_server.validation import ValidatedJob, job_lm_args
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,13 @@ def _parse_new_output(
     follower: joblogs.LogFollower,
     tracker: ProgressTracker,
     decoder: codecs.IncrementalDecoder,
-) -> Progress | None:
+) -> Progress:
     """Feeds what the job wrote since the last call to its progress tracker (in a thread)."""
     if follower.backlog() > _MAX_BACKLOG_BYTES:
         # A flood of output: only its end can hold the current bar; don't re-read the rest.
         follower.skip_to_end(keep=_FULL_PARSE_BYTES * 4)
         decoder.reset()
+        tracker.lost_output()
     while data := follower.read_new():
         text = decoder.decode(data)
         if len(text) > _FULL_PARSE_BYTES:
@@ -86,6 +88,10 @@ class QueueFull(RuntimeError):
 
 
 class ShuttingDown(RuntimeError):
+    pass
+
+
+class IdempotencyConflict(ValueError):
     pass
 
 
@@ -193,19 +199,27 @@ class JobManager:
         return len(self._live)
 
     def progress_pct(self, record: JobRecord) -> int | None:
+        """The whole job's share of requests answered (the tracker keeps it from going down)."""
         if record.status is JobStatus.completed:
             return 100
         progress: Progress | None = record.progress
         return progress.pct if progress is not None else 0
 
     # ------------------------------------------------------------------ commands
-    def submit(self, job: ValidatedJob, idempotency_key: str | None = None) -> JobRecord:
+    def submit(self, job: ValidatedJob, idempotency: IdempotencyClaim | None = None) -> JobRecord:
         if self._shutting_down:
             raise ShuttingDown("the server is shutting down; submit the job again shortly")
-        if idempotency_key is not None:
-            existing = self._idempotency.get(idempotency_key)
+        if idempotency is not None:
+            existing = self._idempotency.get(idempotency.scope)
             if existing is not None and existing in self._jobs:
-                return self._jobs[existing]
+                first = self._jobs[existing]
+                if first.idempotency_body != idempotency.body_sha256:
+                    raise IdempotencyConflict(
+                        f"Idempotency-Key {idempotency.key!r} was already used for job "
+                        f"{existing} with a different request body; send the same body to "
+                        "retry that job, or use a new key for a new job"
+                    )
+                return first
         if len(self._queue) >= self._settings.max_queued_jobs:
             raise QueueFull(
                 f"the queue is full ({self._settings.max_queued_jobs} jobs, MAX_QUEUED_JOBS); "
@@ -213,7 +227,9 @@ class JobManager:
             )
         job_id = self._store.next_id()
         work_dir = (self._settings.jobs_dir / str(job_id)).resolve()
-        lm_args = list(job.lm_args)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        # The job reads the validated snapshot of its config file, never the file itself.
+        lm_args = job_lm_args(job, work_dir)
         output_path = job.user_output_path
         if output_path is None:
             output_path = str(work_dir / "results")
@@ -228,46 +244,70 @@ class JobManager:
             work_dir=str(work_dir),
             output_path=output_path,
             created_at=self._clock(),
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency.scope if idempotency else None,
+            idempotency_body=idempotency.body_sha256 if idempotency else None,
         )
         work_dir.mkdir(parents=True, exist_ok=True)
         self._store.insert(record)
         self._jobs[job_id] = record
-        if idempotency_key is not None:
-            self._idempotency[idempotency_key] = job_id
+        if idempotency is not None:
+            self._idempotency[idempotency.scope] = job_id
         self._queue.append(job_id)
         self._schedule()
         return record
 
     async def stop(self, job_id: int) -> str:
+        """Stop a job at whatever point it is: waiting in the queue, handed to a runner but not
+        started, starting, running or finishing. Returns once the job is terminal and its
+        process is gone."""
         record = self.get(job_id)
-        if record.status is JobStatus.queued:
-            self._queue.remove(job_id)
-            self._finish(record, JobStatus.stopped, None, None)
+        if self._dequeue(record):
             return f"Job {job_id} dequeued."
-        live = self._live.get(job_id)
-        if record.status is JobStatus.running and live is not None:
-            live.stop_reason = live.stop_reason or "stop"
-            live.stop_event.set()
-            if live.task is not None:
-                await asyncio.shield(live.task)
-            return f"Job {job_id} stopped."
-        return f"Job {job_id} already {record.status.value}; nothing to stop."
+        runner = self._signal_stop(record)
+        if runner is None:
+            return f"Job {job_id} already {record.status.value}; nothing to stop."
+        # wait, not await: the runner's outcome (even a cancellation at shutdown) is not this
+        # request's error, and a client that goes away cancels only its own wait.
+        await asyncio.wait({runner})
+        return f"Job {job_id} stopped."
+
+    def _dequeue(self, record: JobRecord) -> bool:
+        """Stopped at once when it is still waiting in the queue (no await: atomic)."""
+        if record.status is not JobStatus.queued or record.job_id not in self._queue:
+            return False
+        self._queue.remove(record.job_id)
+        self._finish(record, JobStatus.stopped, None, None)
+        return True
+
+    def _signal_stop(self, record: JobRecord) -> asyncio.Task[None] | None:
+        """From the moment _schedule hands a job to its runner, only the runner finishes it:
+        it checks this event before launching and watches it while running."""
+        live = self._live.get(record.job_id)
+        if live is None or live.task is None or record.status.is_terminal():
+            return None
+        live.stop_reason = live.stop_reason or "stop"
+        live.stop_event.set()
+        return live.task
 
     async def stop_all(self) -> list[int]:
-        targets = [r.job_id for r in self._jobs.values() if not r.status.is_terminal()]
-        # Dequeue first, so stopping running jobs cannot start queued ones.
-        for job_id in targets:
-            if self._jobs[job_id].status is JobStatus.queued:
-                await self.stop(job_id)
-        await asyncio.gather(*(self.stop(j) for j in targets if j in self._live))
-        return targets
+        targets = [r for r in self._jobs.values() if not r.status.is_terminal()]
+        # Every job is dequeued or signalled before the first await, so no job stopped here
+        # frees a slot that starts another of them.
+        runners = [
+            runner
+            for record in targets
+            if not self._dequeue(record) and (runner := self._signal_stop(record)) is not None
+        ]
+        if runners:
+            await asyncio.wait(runners)
+        return [r.job_id for r in targets]
 
     async def delete(self, job_id: int) -> None:
         record = self.get(job_id)
         if not record.status.is_terminal():
             await self.stop(job_id)
-        self._forget([record])
+        if record.job_id in self._jobs:  # a concurrent delete may have removed it already
+            self._forget([record])
 
     async def delete_all(self) -> list[int]:
         await self.stop_all()
@@ -297,11 +337,12 @@ class JobManager:
 
     def samples_path(self, job_id: int, task: str) -> Path:
         _, results_file = self.results(job_id)
-        path = results.find_samples_file(results_file, task)
+        files = results.samples_files(results_file)
+        path = files.get(task)
         if path is None:
+            have = ", ".join(files) if files else "none (run the job with log_samples=true)"
             raise FileNotFoundError(
-                f"Job {job_id} has no samples for task {task!r}; samples are written when "
-                "the job ran with log_samples=true"
+                f"Job {job_id} has no samples for task {task[:200]!r}; tasks with samples: {have}"
             )
         return path
 
@@ -337,7 +378,9 @@ class JobManager:
             and not self._shutting_down
         ):
             job_id = self._queue.popleft()
-            record = self._jobs[job_id]
+            record = self._jobs.get(job_id)
+            if record is None or record.status is not JobStatus.queued:
+                continue  # removed or finished while it waited
             live = _Live(stop_event=asyncio.Event())
             self._live[job_id] = live
             live.task = asyncio.create_task(self._run(record, live, None), name=f"job-{job_id}")
@@ -368,6 +411,10 @@ class JobManager:
     async def _run(self, record: JobRecord, live: _Live, handle: JobHandle | None) -> None:
         try:
             if handle is None:
+                if live.stop_event.is_set():
+                    # Stopped between dispatch and launch: nothing was started.
+                    self._finish(record, JobStatus.stopped, None, None)
+                    return
                 handle = await self._launch(record)
                 if handle is None:
                     return
@@ -414,6 +461,8 @@ class JobManager:
     async def _watch(self, record: JobRecord, live: _Live, handle: JobHandle) -> None:
         follower = joblogs.LogFollower(stderr_path(Path(record.work_dir)))
         tracker = ProgressTracker()
+        # Running from now on: "starting" until lm-eval prints its first marker.
+        record.progress = tracker.progress
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         waiter = asyncio.create_task(handle.wait())
         stopper = asyncio.create_task(live.stop_event.wait())
@@ -504,9 +553,7 @@ class JobManager:
         tracker: ProgressTracker,
         decoder: codecs.IncrementalDecoder,
     ) -> None:
-        progress = await asyncio.to_thread(_parse_new_output, follower, tracker, decoder)
-        if progress is not None:
-            record.progress = progress
+        record.progress = await asyncio.to_thread(_parse_new_output, follower, tracker, decoder)
 
     def _finish(
         self, record: JobRecord, status: JobStatus, code: int | None, error: str | None

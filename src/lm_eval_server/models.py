@@ -49,7 +49,8 @@ class JobRecord:
     error: str | None = None
     pid: int | None = None
     results_file: str | None = None
-    idempotency_key: str | None = None
+    idempotency_key: str | None = None  # hash of (caller, Idempotency-Key); see idempotency.py
+    idempotency_body: str | None = None  # SHA-256 of the canonical body sent with that key
     executor_ref: str | None = None  # e.g. the Ray submission id
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
@@ -73,14 +74,34 @@ class JobRecord:
         return round((end - self.started_at).total_seconds(), 3)
 
 
-class ProgressInfo(BaseModel):
-    phase: str = Field(
-        description="loglikelihood, generate_until, loglikelihood_rolling or api requests"
-    )
+_PHASES_DOC = (
+    "starting, loading model, building requests, then each request type in the order lm-eval "
+    "runs them (loglikelihood, generate_until, loglikelihood_rolling; api requests for API "
+    "bars without a request type), then writing results"
+)
+
+
+class PhaseInfo(BaseModel):
+    phase: str
     done: int
-    total: int
-    rate_per_s: float | None = None
-    eta_s: float | None = None
+    total: int | None = Field(
+        description="Requests for a request type, documents for building requests, "
+        "null for phases that are not counted (or before the type's first bar)."
+    )
+
+
+class ProgressInfo(BaseModel):
+    phase: str = Field(description=f"What the job is doing: {_PHASES_DOC}.")
+    done: int = Field(description="Requests answered, all request types.")
+    total: int = Field(
+        description="Requests of all request types: counted for the types that have started, "
+        "estimated from their tasks' documents for the others (so it can grow)."
+    )
+    rate_per_s: float | None = Field(None, description="Requests per second, current type.")
+    eta_s: float | None = Field(None, description="Remaining requests / rate_per_s.")
+    phases: list[PhaseInfo] = Field(
+        [], description="Every phase entered so far, in order, with its count."
+    )
 
 
 class JobSummary(BaseModel):
@@ -89,7 +110,10 @@ class JobSummary(BaseModel):
     status: JobStatus
     timestamp: datetime | None = Field(description="When the job started (README field).")
     exit_code: int | None
-    inference_progress_pct: int | None = Field(description="0-100, from lm-eval's tqdm bars.")
+    inference_progress_pct: int | None = Field(
+        description="0-100: requests answered out of the whole job's requests (all request "
+        "types), from lm-eval's log; never decreases; 100 when Completed."
+    )
     progress: ProgressInfo | None = None
     model: str | None = None
     tasks: list[str] = []

@@ -14,7 +14,6 @@ stops at the first bound it crosses, so its cost is bounded by the limits, not b
   argv or environment can carry a NUL;
 - numbers must be finite and integers fit in 64 bits (`NaN`, `Infinity`, `1e400` and
   100-digit integers are refused: lm-eval would get "inf" or a value no option means);
-- duplicate keys are refused (JSON parsers disagree on which one wins).
 
 Everything refused is a `BodyRefused` with a message a person can act on (422, or 415 for a
 body that is not JSON).
@@ -194,10 +193,8 @@ class _Parser:
         if not self.text.startswith('"', self.pos):
             raise self.syntax("a key in double quotes")
         self.count_value()
-        key = self.string()
-        if key in obj:
-            raise BodyRefused(f"The key {quote(key)} appears twice {self.where()}")
-        return key
+        # A repeated key: the last one wins, as in json.loads (what FastAPI then parses).
+        return self.string()
 
     def string(self) -> str:
         try:
@@ -238,7 +235,9 @@ class _Parser:
             return self.number(number)
         for constant in ("NaN", "Infinity", "-Infinity"):
             if text.startswith(constant, pos):
-                raise BodyRefused(f"{constant} {self.where()} is not a number a job can take")
+                raise BodyRefused(
+                    f"{constant} {self.where()} is not a finite number; send a JSON number"
+                )
         raise self.syntax("a JSON value")
 
     def number(self, match: re.Match[str]) -> int | float:
@@ -247,8 +246,8 @@ class _Parser:
             value = float(match.group())
             if not math.isfinite(value):
                 raise BodyRefused(
-                    f"The number {quote(match.group())} {self.where()} is too large "
-                    "(beyond a 64-bit float)"
+                    f"The number {quote(match.group())} {self.where()} is not finite "
+                    "(too large for a 64-bit float)"
                 )
             return value
         if len(integer) > 20 or abs(value := int(integer)) > INT64_MAX:

@@ -24,14 +24,43 @@ def find_results_file(output_path: Path, not_before: datetime | None) -> Path | 
     return max(fresh, key=lambda p: p.stat().st_mtime) if fresh else None
 
 
-def find_samples_file(results_file: Path, task: str) -> Path | None:
-    """lm-eval writes `samples_<task>_<date>.jsonl` beside `results_<date>.json`."""
+def samples_files(results_file: Path) -> dict[str, Path]:
+    """{task: samples file} for the run that wrote `results_file`, from a listing of its
+    directory: lm-eval writes `samples_<task>_<date>.jsonl` beside `results_<date>.json`.
+
+    Callers look a task name up in this dict; the name a client sends never becomes part of a
+    path, so no value of it (`..`, `/`, a glob, NUL) can reach another file. Symlinks that
+    lead out of the directory are left out.
+    """
+    directory = results_file.parent
     date = results_file.stem.rpartition("_")[2]
-    candidate = results_file.with_name(f"samples_{task}_{date}.jsonl")
-    if candidate.exists():
-        return candidate
-    matches = sorted(results_file.parent.glob(f"samples_{task}_*.jsonl"))
-    return matches[-1] if matches else None
+    found: dict[str, tuple[bool, str, Path]] = {}
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return {}
+    for path in entries:
+        name = path.name
+        if not (name.startswith("samples_") and name.endswith(".jsonl")):
+            continue
+        task, sep, file_date = name[len("samples_") : -len(".jsonl")].rpartition("_")
+        if not sep or not task:
+            continue
+        try:
+            inside = path.resolve(strict=True).parent == directory.resolve()
+        except OSError:
+            continue
+        if not inside or not path.is_file():
+            continue
+        # This run's file first, else the newest.
+        rank = (file_date == date, file_date, path)
+        if task not in found or rank > found[task]:
+            found[task] = rank
+    return {task: rank[2] for task, rank in sorted(found.items())}
+
+
+def find_samples_file(results_file: Path, task: str) -> Path | None:
+    return samples_files(results_file).get(task)
 
 
 def flatten_metrics(results: dict[str, Any]) -> list[dict[str, Any]]:

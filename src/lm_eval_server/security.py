@@ -1,16 +1,22 @@
-"""Authentication and the request-size limit."""
+"""The HTTP boundary: authentication, the Host and cross-site checks, and bounds on bodies."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lm_eval_server import hosts
+from lm_eval_server.idempotency import ANONYMOUS, caller_id
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +32,24 @@ async def require_api_key(
         return
     supplied = credentials.credentials.encode() if credentials is not None else b""
     # Compare against every key so the time taken does not say which key came close.
-    matched = False
+    matched: bytes | None = None
     for key in keys:
-        matched |= hmac.compare_digest(supplied, key)
-    if not matched:
+        if hmac.compare_digest(supplied, key):
+            matched = key
+    if matched is not None:
+        request.state.api_key = matched
+    else:
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="Missing or invalid API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def caller_of(request: Request) -> str:
+    """Who sent the request, as idempotency keys are scoped: the API key used, or nobody."""
+    key: bytes | None = getattr(request.state, "api_key", None)
+    return caller_id(key) if key is not None else ANONYMOUS
 
 
 def listen_host(host_hint: str, argv: list[str], env: dict[str, str]) -> str:
@@ -59,12 +74,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class BodyLimitMiddleware:
-    """413 for a request body above `max_bytes`, declared or streamed."""
+def _json_response(status_code: int, detail: str) -> Callable[[Send], Awaitable[None]]:
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    async def respond(send: Send) -> None:
+        await send({"type": "http.response.start", "status": status_code, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+    return respond
+
+
+class BodyLimitMiddleware:
+    """413 for a request body above `max_bytes`, declared or streamed; 408 for one that has
+    not arrived within `timeout_s` of the request (a slow client holds a connection and a
+    request task for as long as it trickles bytes)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,18 +106,35 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    await self._reject(send)
+                    await _json_response(413, self._message())(send)
                     return
         received = 0
+        complete = False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:
+                # The body is in: what follows is the wait for a disconnect, which a streamed
+                # response listens for as long as it streams.
+                return await receive()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                # An HTTPException, so FastAPI's body reader passes it on as is.
+                raise HTTPException(
+                    status.HTTP_408_REQUEST_TIMEOUT,
+                    f"The request body did not arrive within {self.timeout_s:g} s "
+                    "(BODY_READ_TIMEOUT_S)",
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    # An HTTPException, so FastAPI's body reader passes it on as a 413.
                     raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self._message())
+            else:
+                complete = True
             return message
 
         await self.app(scope, limited_receive, send)
@@ -99,16 +145,61 @@ class BodyLimitMiddleware:
             "(MAX_BODY_BYTES)"
         )
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps({"detail": self._message()}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+class HttpGuardMiddleware:
+    """Outermost guard for requests a browser was tricked into sending.
+
+    - The Host header must be one ALLOWED_HOSTS lists: a page on an attacker's domain that
+      re-resolves to this server (DNS rebinding) still sends the attacker's name.
+    - A state-changing request (any method but GET/HEAD/OPTIONS, and the README's GET stop
+      URLs) is refused when the browser says another site sent it.
+    - A redirect's Location carries a path only, never the Host the client sent.
+    """
+
+    def __init__(self, app: ASGIApp, rules: list[hosts.HostRule] | None) -> None:
+        self.app = app
+        self.rules = rules
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host_values = [v for k, v in scope.get("headers", []) if k == b"host"]
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope.get("headers", [])
+            if k in (b"origin", b"sec-fetch-site", b"referer")
+        }
+        host = host_values[0].decode("latin-1") if len(host_values) == 1 else None
+        if not hosts.host_allowed(host, self.rules):
+            shown = "no Host header" if host is None else f"Host {host[:100]!r}"
+            if len(host_values) > 1:
+                shown = "several Host headers"
+            detail = (
+                f"This server does not answer to {shown}. The operator lists the names "
+                "clients use to reach it in ALLOWED_HOSTS (a check against DNS rebinding)."
+            )
+            await _json_response(400, detail)(send)
+            return
+        if hosts.is_state_changing(scope["method"], scope.get("path", "")):
+            reason = hosts.cross_site_reason(headers, host or "")
+            if reason is not None:
+                detail = (
+                    f"Cross-site request refused ({reason}): a page on another site may not "
+                    "submit, stop or delete jobs. Use the dashboard served by this server, "
+                    "the CLI, or an HTTP client such as curl."
+                )
+                await _json_response(403, detail)(send)
+                return
+
+        async def send_relative(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    (k, hosts.relative_location(v.decode("latin-1")).encode("latin-1"))
+                    if k.lower() == b"location"
+                    else (k, v)
+                    for k, v in message.get("headers", [])
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_relative)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from lm_eval_server.models import JobRecord, JobStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -41,6 +41,12 @@ MIGRATIONS: list[str] = [
         executor_ref TEXT
     );
     """,
+    # Idempotency keys are bound to the caller and the body. Keys stored before that were
+    # bound to neither, so honouring them could hand one caller's job to another: drop them.
+    """
+    ALTER TABLE jobs ADD COLUMN idempotency_body TEXT;
+    UPDATE jobs SET idempotency_key = NULL;
+    """,
 ]
 
 _COLUMNS = (
@@ -61,6 +67,7 @@ _COLUMNS = (
     "results_file",
     "idempotency_key",
     "executor_ref",
+    "idempotency_body",
 )
 _JSON_COLUMNS = {"request", "argv", "env_vars"}
 _TIME_COLUMNS = {"created_at", "started_at", "finished_at"}

@@ -13,9 +13,9 @@ The second form is for a warm worker (`lm_eval_server.warm`): the job's process,
 already running as a child of this process (forked before this program was exec'd) and
 writes to the pipes STDOUT_FD and STDERR_FD, inherited too. Everything else is the same.
 
-Files in WORK_DIR: stdout.log, stderr.log (each rotated to `.1` past half of MAX_LOG_BYTES, so
-the tail is always kept), `<stream>.log.cut` (bytes dropped), child.pid, exit.json (written
-atomically when the command ends).
+The files it writes in WORK_DIR are named by `jobdir`: the two logs (each rotated past half of
+MAX_LOG_BYTES, so the tail is always kept), the count of bytes dropped, the command's pid and
+the exit record (written atomically when the command ends).
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ import _signal  # the C module: `signal` would import enum, which costs millisec
 import os
 import select
 import sys
-import time
+
+if __package__:
+    from lm_eval_server import jobdir
+else:
+    # Started as `python -I -S supervise.py`: neither site-packages nor the package is on
+    # sys.path, only what we put there. jobdir imports nothing but built-in modules.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import jobdir
 
 CHUNK = 1 << 16
 STOP_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
@@ -55,11 +62,11 @@ class RotatingLog:
 
     def _rotate(self) -> None:
         os.close(self.fd)
-        old = self.path + ".1"
+        old = jobdir.rotated_segment(self.path)
         if os.path.exists(old):
-            cut = self.path + ".cut"
+            cut = jobdir.cut_record(self.path)
             dropped = int(_read_text(cut) or 0) if os.path.exists(cut) else 0
-            _write_atomic(cut, str(dropped + os.stat(old).st_size))
+            jobdir.write_atomic(cut, str(dropped + os.stat(old).st_size))
         os.replace(self.path, old)
         self.fd = _open_append(self.path)
         self.size = 0
@@ -75,25 +82,6 @@ def _read_text(path: str) -> str:
         return os.read(fd, 4096).decode()
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _write_exit(work_dir: str, code: int) -> None:
-    # exit.json by hand: importing json would cost more than the rest of this program.
-    _write_atomic(
-        os.path.join(work_dir, "exit.json"),
-        '{"exit_code": %d, "ended_at": %.6f}' % (code, time.time()),  # noqa: UP031
-    )
 
 
 class _Child:
@@ -119,7 +107,7 @@ class _Child:
 
 def run(work_dir: str | os.PathLike[str], max_log_bytes: int, command: list[str]) -> int:
     work_dir = os.fspath(work_dir)
-    _ignore_stop_signals()
+    ignore_stop_signals()
     logs = _open_logs(work_dir, max_log_bytes)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -140,7 +128,7 @@ def run(work_dir: str | os.PathLike[str], max_log_bytes: int, command: list[str]
         )
     except OSError as exc:
         logs["stderr"].write(f"lm-eval-server: cannot start {command[0]!r}: {exc}\n".encode())
-        _write_exit(work_dir, 127)
+        jobdir.write_exit(work_dir, 127)
         return 127
     finally:
         os.close(out_w)
@@ -153,12 +141,12 @@ def run_attached(
 ) -> int:
     """Supervise `pid`, a child of this process already running, as `run` does its command."""
     work_dir = os.fspath(work_dir)
-    _ignore_stop_signals()
+    ignore_stop_signals()
     logs = _open_logs(work_dir, max_log_bytes)
     return _supervise(work_dir, _Child(pid), stdout_fd, stderr_fd, logs)
 
 
-def _ignore_stop_signals() -> None:
+def ignore_stop_signals() -> None:
     # The stop signal goes to the whole process group; the command decides how to end, and
     # this process stays to record how it did.
     for sig in STOP_SIGNALS:
@@ -168,18 +156,17 @@ def _ignore_stop_signals() -> None:
 def _open_logs(work_dir: str, max_log_bytes: int) -> dict[str, RotatingLog]:
     segment = max(1024, max_log_bytes // 2)
     return {
-        "stdout": RotatingLog(os.path.join(work_dir, "stdout.log"), segment),
-        "stderr": RotatingLog(os.path.join(work_dir, "stderr.log"), segment),
+        stream: RotatingLog(jobdir.log_path(work_dir, stream), segment) for stream in jobdir.STREAMS
     }
 
 
 def _supervise(
     work_dir: str, child: _Child, stdout_fd: int, stderr_fd: int, logs: dict[str, RotatingLog]
 ) -> int:
-    _write_atomic(os.path.join(work_dir, "child.pid"), str(child.pid))
+    jobdir.write_atomic(jobdir.path(work_dir, jobdir.CHILD_PID), str(child.pid))
     _pump(child, {stdout_fd: logs["stdout"], stderr_fd: logs["stderr"]})
     code = child.wait()
-    _write_exit(work_dir, code)
+    jobdir.write_exit(work_dir, code)
     return code
 
 

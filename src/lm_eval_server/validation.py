@@ -1,13 +1,18 @@
 """Turns a JSON job request into what will run, or refuses it with a message a person can act on.
 
-Every check happens before a job is queued: lm-eval's own parser, the model registry, the task
-index, and the server's security rules (allowed commands, environment variables, paths, remote
-code).
+Every check happens before a job is queued, on the values lm-eval will see: the request is
+rendered to an argv and parsed by lm-eval's own parser, merged with its `config` file the way
+`EvaluatorConfig.from_cli` does (lm_eval_checks), and the merged options go through every rule:
+lm-eval's run-time checks, the path rule (paths.py), remote and unsafe code judged by
+truthiness wherever a key=value option can carry it, where model URLs may point, and the model
+and task catalogs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -16,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lm_eval_server import backends, lm_eval_checks, paths
 from lm_eval_server.catalog import Catalog, TaskRequestRefused, UnknownTasks, close_matches
 from lm_eval_server.config import DANGEROUS_ENV_VARS, Settings
 from lm_eval_server.lm_eval_cli import (
@@ -25,13 +31,22 @@ from lm_eval_server.lm_eval_cli import (
     OptionSpec,
     parse_argv,
     request_to_argv,
-    task_list,
+    task_items,
 )
+from lm_eval_server.urls import url_allowed
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # lm-eval options that name files or directories the job reads or writes.
 PATH_DESTS = frozenset({"output_path", "include_path", "use_cache", "config"})
-REMOTE_CODE_DESTS = ("trust_remote_code", "confirm_run_unsafe_code")
+# EvaluatorConfig reads `samples` as JSON text or, failing that, as a path to a JSON file.
+JSON_OR_PATH_DESTS = frozenset({"samples"})
+CONFIG_DEST = "config"
+CONFIG_SNAPSHOT = "config.yaml"
+REMOTE_CODE_KEY = "trust_remote_code"
+UNSAFE_CODE_KEY = "confirm_run_unsafe_code"
+URL_KEY = "base_url"
+# Bounds on walking a request's nested values (each JSON level costs a recursion).
+MAX_DEPTH = 32
 
 
 class InvalidRequest(ValueError):
@@ -47,6 +62,23 @@ class ValidatedJob:
     user_output_path: str | None
     timeout_s: float | None
     resources: dict[str, Any] = field(default_factory=dict)
+    # The validated `config` file, as YAML text with its paths made absolute: the job reads
+    # this copy (see `job_lm_args`), so editing the file after submission changes nothing.
+    config_snapshot: str | None = None
+
+
+def job_lm_args(job: ValidatedJob, work_dir: Path) -> list[str]:
+    """The job's lm-eval arguments, with `--config` pointing at the snapshot, written (0600)
+    into `work_dir` (which must exist)."""
+    args = list(job.lm_args)
+    if job.config_snapshot is None:
+        return args
+    snapshot = work_dir / CONFIG_SNAPSHOT
+    snapshot.touch(mode=0o600)
+    snapshot.write_text(job.config_snapshot)
+    index = args.index("--config")
+    args[index + 1] = str(snapshot)
+    return args
 
 
 def is_path_option(spec: OptionSpec, metavar: str | None) -> bool:
@@ -55,20 +87,83 @@ def is_path_option(spec: OptionSpec, metavar: str | None) -> bool:
 
 def confine(value: str, roots: list[Path], base: Path, what: str) -> Path:
     """`value` as an absolute path, which must resolve (symlinks followed) inside a root."""
-    if "\0" in value:
-        raise InvalidRequest(f"{what}: a path cannot contain NUL bytes")
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = base / path
-    resolved = path.resolve()
-    for root in roots:
-        if resolved == root or resolved.is_relative_to(root):
-            return resolved
-    allowed = ", ".join(str(r) for r in roots)
-    raise InvalidRequest(
-        f"{what}: {value!r} resolves to {resolved}, outside the server's ALLOWED_PATHS "
-        f"({allowed}); use a path inside one of them or ask the operator to extend ALLOWED_PATHS"
-    )
+    try:
+        return paths.confine(value, roots, base, what)
+    except paths.PathRefused as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def check_text(value: Any, where: str, depth: int = 0) -> None:
+    """Every string encodable (no lone surrogate) and free of NUL, every number finite."""
+    if depth > MAX_DEPTH:
+        raise InvalidRequest(f"{where}: nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                f"{where}: contains a lone surrogate (an unpaired \\ud800-\\udfff escape), "
+                "which is not text"
+            ) from None
+        if "\0" in value:
+            raise InvalidRequest(f"{where}: contains a NUL character")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequest(f"{where}: {value} is not a finite number")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, where, depth + 1)
+            check_text(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_text(item, f"{where}[{index}]", depth + 1)
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """`value` with what JSON (UTF-8) cannot carry made visible: non-finite numbers as text,
+    lone surrogates as backslash escapes."""
+    if depth > MAX_DEPTH:
+        return "..."
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(k, depth + 1): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v, depth + 1) for v in value]
+    return value
+
+
+def truthy_key(value: Any, key: str, depth: int = 0) -> bool:
+    """True if `key` maps to a truthy value anywhere in `value` (nested dicts and lists), as
+    Python code tests it: 1, "yes", 1.0 and the string "False" are all true."""
+    if depth > MAX_DEPTH:
+        return True  # too deep to judge: refuse rather than guess
+    if isinstance(value, dict):
+        if value.get(key):
+            return True
+        items = value.values()
+    elif isinstance(value, list):
+        items = value
+    else:
+        return False
+    return any(isinstance(item, dict | list) and truthy_key(item, key, depth + 1) for item in items)
+
+
+def values_of(value: Any, key: str, depth: int = 0) -> list[Any]:
+    """Every value stored under `key` in nested dicts and lists."""
+    found: list[Any] = []
+    if depth > MAX_DEPTH:
+        return found
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == key:
+                found.append(v)
+            found += values_of(v, key, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            found += values_of(item, key, depth + 1)
+    return found
 
 
 class RequestValidator:
@@ -84,62 +179,204 @@ class RequestValidator:
         self._specs = specs
         self._catalog = catalog
         self._default_program = tuple(shlex.split(settings.lm_eval_path_allowlist[0]))
+        backends.installed()  # probe the installed backends once, at startup
+        # Resolved once: settings do not change while the server runs.
+        self._roots = settings.allowed_roots
+        self._server_files = paths.ServerFiles.of(settings)
         metavars = {a.dest: a.metavar for a in parser._actions if isinstance(a.metavar, str)}
         self._path_dests = {
             s.dest
             for s in specs
             if s.kind is OptionKind.value and is_path_option(s, metavars.get(s.dest))
         }
+        # Options whose false a request can only say by leaving them out.
+        self._false_by_omission = {
+            s.dest
+            for s in specs
+            if s.kind is OptionKind.flag
+            or (s.kind is OptionKind.optional_value and s.false_token is None)
+        }
 
     def validate(self, request: BaseModel) -> ValidatedJob:
+        try:
+            return self._validate(request)
+        except OSError as exc:
+            # A path the filesystem will not even look up (too long, unreadable, ...).
+            raise InvalidRequest(f"a path in the request cannot be used: {exc}") from None
+
+    def _validate(self, request: BaseModel) -> ValidatedJob:
         values = request.model_dump(exclude_none=True)
+        check_text(values, "request")
         server = {k: values.pop(k) for k in SERVER_FIELDS if k in values}
-        self._check_remote_code(values)
         program = self._program(server.get("lm_eval_path"))
         env_vars = self._env_vars(server.get("env_vars") or {})
         base = Path.cwd()
-        include_paths = self._confine_paths(values, base)
-        tasks = task_list(values)
-        for index, task in enumerate(tasks):
-            if task.endswith((".yaml", ".yml")):
-                tasks[index] = str(confine(task, self._settings.allowed_roots, base, "tasks"))
+        self._absolute_paths(values, base)
+        try:
+            tasks = task_items(values.get("tasks"))
+        except ArgvError as exc:
+            raise InvalidRequest(str(exc)) from None
+        tasks = self._task_paths(tasks, base)
         if tasks:
             values["tasks"] = tasks
-        lm_args = request_to_argv(values, self._specs)
         try:
+            lm_args = request_to_argv(values, self._specs)
             namespace = parse_argv(self._parser, lm_args)
         except ArgvError as exc:
-            raise InvalidRequest(f"lm-eval rejected the options: {exc}") from exc
-        if not tasks and not getattr(namespace, "config", None):
+            raise InvalidRequest(_argv_message(str(exc))) from exc
+        yaml_config, snapshot = self._config(getattr(namespace, CONFIG_DEST, None), base)
+        self._check_false_overrides(values, yaml_config or {})
+        merged = lm_eval_checks.merge(vars(namespace), yaml_config)
+        user_output = merged.get("output_path") or None
+        if not user_output:
+            # The manager gives every job an output directory of its own.
+            merged["output_path"] = str(self._settings.jobs_dir / "<job>" / "results")
+        try:
+            configured = lm_eval_checks.check(merged, base)
+        except lm_eval_checks.LmEvalCheckError as exc:
+            raise InvalidRequest(f"lm-eval would refuse these options: {exc}") from None
+        self._check_code(configured)
+        self._check_urls(configured)
+        include_paths = self._check_paths(configured, user_output)
+        all_tasks = task_items(configured.get("tasks"))
+        if not all_tasks:
             raise InvalidRequest('tasks is required, e.g. "tasks": "mmlu,arc_easy"')
-        self._check_model(values.get("model"))
-        self._check_tasks(tasks, include_paths)
+        names = [t for t in all_tasks if not paths.is_path_like(t)]
+        model = configured.get("model")
+        self._check_model(model)
+        if missing := backends.missing_extra(model, program, self._settings):
+            raise InvalidRequest(missing)
+        self._check_tasks(names, include_paths)
         return ValidatedJob(
             values=values,
             lm_args=lm_args,
             program=program,
             env_vars=env_vars,
-            user_output_path=values.get("output_path"),
+            user_output_path=user_output,
             timeout_s=server.get("timeout_s"),
             resources=server.get("resources") or {},
+            config_snapshot=snapshot,
         )
 
-    def _check_remote_code(self, values: dict[str, Any]) -> None:
-        if self._settings.allow_remote_code:
-            return
-        for dest in REMOTE_CODE_DESTS:
-            if values.get(dest):
+    # ------------------------------------------------------------------ paths
+    def _absolute_paths(self, values: dict[str, Any], base: Path) -> None:
+        """Path options confined and made absolute in place (the job runs in its own dir)."""
+        roots = self._roots
+        for dest in self._path_dests:
+            value = values.get(dest)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise InvalidRequest(f"{dest} must be a path string")
+            values[dest] = str(confine(value, roots, base, dest))
+        for dest in JSON_OR_PATH_DESTS:
+            value = values.get(dest)
+            if isinstance(value, str) and _is_path_text(value):
+                values[dest] = str(confine(value, roots, base, dest))
+
+    def _task_paths(self, tasks: list[str], base: Path) -> list[str]:
+        roots = self._roots
+        out = []
+        for task in tasks:
+            try:
+                found = paths.resolve_task_path(task, roots, base, single=len(tasks) == 1)
+            except paths.PathRefused as exc:
+                raise InvalidRequest(str(exc)) from None
+            out.append(found.text if found is not None else task)
+        return out
+
+    def _config(self, config: str | None, base: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """The config file as lm-eval loads it, its paths confined and made absolute, and the
+        YAML snapshot the job will read."""
+        if not config:
+            return None, None
+        try:
+            data = lm_eval_checks.load_yaml_config(Path(config))
+        except lm_eval_checks.LmEvalCheckError as exc:
+            raise InvalidRequest(f"config: {exc}") from None
+        check_text(data, "config")
+        roots = self._roots
+        for dest in self._path_dests - {CONFIG_DEST}:
+            value = data.get(dest)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise InvalidRequest(f"config file {config}: {dest} must be a path string")
+            data[dest] = str(confine(value, roots, base, f"config file {config}: {dest}"))
+        for dest in JSON_OR_PATH_DESTS:
+            value = data.get(dest)
+            if isinstance(value, str) and _is_path_text(value):
+                data[dest] = str(confine(value, roots, base, f"config file {config}: {dest}"))
+        if data.get("tasks") is not None:
+            value = data["tasks"]
+            if isinstance(value, list) and not all(isinstance(t, str) for t in value):
+                raise InvalidRequest(f"config file {config}: tasks must be names or paths")
+            items = value.split(",") if isinstance(value, str) else value
+            items = [t.strip() for t in items if isinstance(t, str) and t.strip()]
+            data["tasks"] = self._task_paths(items, base)
+        import yaml
+
+        return data, yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+    def _check_false_overrides(self, values: dict[str, Any], yaml_config: dict[str, Any]) -> None:
+        for dest in self._false_by_omission:
+            if values.get(dest) is False and yaml_config.get(dest):
                 raise InvalidRequest(
-                    f"{dest} is refused by this server: it runs code downloaded with the model. "
-                    "The operator can allow it with ALLOW_REMOTE_CODE=true"
+                    f"{dest}: false cannot override the config file's "
+                    f"{yaml_config[dest]!r} on lm-eval's command line (it has no way to say "
+                    f"false); remove {dest} from the config file"
                 )
-        model_args = values.get("model_args")
-        text = str(model_args).lower().replace(" ", "").replace('"', "").replace("'", "")
-        if re.search(r"trust_remote_code[=:]true", text):
+
+    def _check_paths(self, configured: dict[str, Any], user_output: str | None) -> list[Path]:
+        server = self._server_files
+        try:
+            if user_output:
+                # Already absolute and resolved (request or config file alike).
+                model_args = configured.get("model_args") or {}
+                paths.check_results_dir(Path(user_output), model_args, server, self._roots)
+            for dest in self._path_dests - {CONFIG_DEST, "output_path"}:
+                value = configured.get(dest)
+                if isinstance(value, str) and value:
+                    server.refuse(Path(value), dest)
+            cache = configured.get("use_cache")
+            if isinstance(cache, str) and cache:
+                paths.check_cache_prefix(Path(cache), self._roots, server)
+        except paths.PathRefused as exc:
+            raise InvalidRequest(str(exc)) from None
+        include = configured.get("include_path")
+        return [Path(include)] if isinstance(include, str) and include else []
+
+    # ------------------------------------------------------------------ code and hosts
+    def _check_code(self, configured: dict[str, Any]) -> None:
+        settings = self._settings
+        if not settings.allow_remote_code and truthy_key(configured, REMOTE_CODE_KEY):
             raise InvalidRequest(
-                "model_args trust_remote_code=True is refused by this server; the operator "
-                "can allow it with ALLOW_REMOTE_CODE=true"
+                "trust_remote_code is refused by this server (found true in the options, "
+                "model_args, metadata or the config file): it runs code downloaded with the "
+                "model. The operator can allow it with ALLOW_REMOTE_CODE=true"
             )
+        if not settings.allow_unsafe_code and truthy_key(configured, UNSAFE_CODE_KEY):
+            raise InvalidRequest(
+                "confirm_run_unsafe_code is refused by this server: those tasks execute code "
+                "the model wrote. The operator can allow it with ALLOW_UNSAFE_CODE=true "
+                "(ALLOW_REMOTE_CODE does not cover it)"
+            )
+
+    def _check_urls(self, configured: dict[str, Any]) -> None:
+        prefixes = self._settings.model_url_prefixes
+        if not prefixes:
+            return
+        for dest in ("model_args", "metadata"):
+            for url in values_of(configured.get(dest) or {}, URL_KEY):
+                try:
+                    allowed = isinstance(url, str) and url_allowed(url, prefixes)
+                except ValueError as exc:
+                    raise InvalidRequest(f"{dest}: {exc}") from None
+                if not allowed:
+                    raise InvalidRequest(
+                        f"{dest}: base_url {url!r} is not under the server's "
+                        f"MODEL_URL_PREFIXES ({', '.join(prefixes)})"
+                    )
 
     def _program(self, lm_eval_path: str | None) -> list[str]:
         allowlist = self._settings.lm_eval_path_allowlist
@@ -177,20 +414,6 @@ class RequestValidator:
                 )
         return env_vars
 
-    def _confine_paths(self, values: dict[str, Any], base: Path) -> list[Path]:
-        include_paths: list[Path] = []
-        for dest in self._path_dests:
-            value = values.get(dest)
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise InvalidRequest(f"{dest} must be a path string")
-            resolved = confine(value, self._settings.allowed_roots, base, dest)
-            values[dest] = str(resolved)
-            if dest == "include_path":
-                include_paths.append(resolved)
-        return include_paths
-
     def _check_model(self, model: str | None) -> None:
         names = self._catalog.model_names
         if model is None or names is None or model in names:
@@ -209,6 +432,24 @@ class RequestValidator:
             raise InvalidRequest(str(exc)) from None
         if unknown is not None:
             raise UnknownTaskNames(unknown)
+
+
+def _is_path_text(value: str) -> bool:
+    try:
+        json.loads(value)
+    except json.JSONDecodeError:
+        return "{" not in value  # lm-eval refuses broken JSON itself
+    return False
+
+
+def _argv_message(message: str) -> str:
+    text = f"lm-eval rejected the options: {message}"
+    if "expected `key=value`" in message:
+        text += (
+            ". Words separated by spaces are separate key=value items, as on the command "
+            "line: quote a value that contains spaces (key='a b') or send a JSON object"
+        )
+    return text
 
 
 class UnknownTaskNames(InvalidRequest):

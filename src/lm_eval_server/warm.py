@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lm_eval_server import jobdir
 from lm_eval_server.executors.base import LaunchSpec
 
 log = logging.getLogger(__name__)
@@ -531,7 +532,7 @@ def _session_leader(job: _Job, control_fd: int, gate_r: int, warm: _Warm) -> Non
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # our own child's status is ours to collect
     os.setsid()
-    supervise._ignore_stop_signals()
+    supervise.ignore_stop_signals()
     os.close(control_fd)
     if os.read(gate_r, 2) != b"go":
         _say(f"job {job.job_id}: the worker went away before the job started; not started")
@@ -539,7 +540,7 @@ def _session_leader(job: _Job, control_fd: int, gate_r: int, warm: _Warm) -> Non
     os.close(gate_r)
     os.chdir(job.work_dir)
     # As for a cold job: the supervisor's own output goes to supervisor.log.
-    errors = os.open("supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    errors = os.open(jobdir.SUPERVISOR_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(errors, 1)
@@ -570,8 +571,8 @@ def _session_leader(job: _Job, control_fd: int, gate_r: int, warm: _Warm) -> Non
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
         message = f"lm-eval-server: cannot start the supervisor: {exc}\n"
-        supervise.RotatingLog(job.work_dir / "stderr.log", 1 << 30).write(message.encode())
-        supervise._write_atomic(job.work_dir / "exit.json", json.dumps({"exit_code": 127}))
+        supervise.RotatingLog(jobdir.stderr_log(job.work_dir), 1 << 30).write(message.encode())
+        jobdir.write_exit(job.work_dir, 127)
 
 
 def _fresh_stdio() -> None:

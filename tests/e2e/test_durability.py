@@ -180,7 +180,8 @@ def test_idempotency_key_dedupes_concurrent_retries(servers: Any) -> None:
         assert other != answers[0]
     server.terminate()
     with servers().client() as http:  # the key survives a restart
-        again = submit(http, fake_job(), headers={"Idempotency-Key": "run-42"})
+        # The same body: a key reused with another body is a 422 (tests/e2e/test_http_guard.py).
+        again = submit(http, fake_job(FAKE_SLEEP_S="1"), headers={"Idempotency-Key": "run-42"})
         assert again == answers[0]
 
 

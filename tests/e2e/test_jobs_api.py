@@ -30,8 +30,10 @@ def test_dummy_job_completes_with_results_and_logs(make_client: Any) -> None:
     assert job["status"] == "Completed", job["error"]
     assert job["exit_code"] == 0
     assert job["inference_progress_pct"] == 100
-    assert job["progress"]["phase"] == "loglikelihood"
-    assert job["progress"]["done"] == job["progress"]["total"] == 32  # 8 docs x 4 choices
+    assert job["progress"]["phase"] == "writing results"  # its last phase
+    phases = {p["phase"]: (p["done"], p["total"]) for p in job["progress"]["phases"]}
+    assert phases["loglikelihood"] == (32, 32)  # 8 docs x 4 choices
+    assert job["progress"]["done"] == job["progress"]["total"] == 32
     assert job["argument"].split()[1:3] == ["-m", "lm_eval"]
     assert "--tasks demo_mc" in job["argument"]
     table = "".join(job["stdout"])

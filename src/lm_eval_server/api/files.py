@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from lm_eval_server import joblogs, results
 from lm_eval_server.api.deps import Manager
+from lm_eval_server.config import Settings
 from lm_eval_server.manager import JobManager
 from lm_eval_server.models import JobResults, Metric
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["results and logs"])
 FOLLOW_POLL_S = 0.25
+FOLLOW_RETRY_AFTER_S = 5
+# Beyond LOG_FOLLOW_MAX_S, how long a client that stopped reading may hold a stream.
+FOLLOW_SEND_GRACE_S = 30.0
 
 
 class Stream(StrEnum):
@@ -57,10 +66,14 @@ async def get_samples(
 @router.get(
     "/job/{job_id}/logs",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/plain": {}}}},
+    responses={
+        200: {"content": {"text/plain": {}}},
+        429: {"description": "MAX_LOG_FOLLOWERS streams are open already."},
+    },
     summary="A job's stdout or stderr as text; follow=true streams until the job ends",
 )
 async def get_logs(
+    request: Request,
     manager: Manager,
     job_id: int,
     stream: Stream = Stream.stderr,
@@ -69,8 +82,67 @@ async def get_logs(
 ) -> StreamingResponse:
     path = manager.log_path(job_id, stream.value)
     inode, size = joblogs.current_size(path)
-    body = _follow(manager, job_id, path, tail, inode, size) if follow else _read(path, tail, size)
-    return StreamingResponse(body, media_type="text/plain; charset=utf-8")
+    if not follow:
+        return StreamingResponse(_read(path, tail, size), media_type="text/plain; charset=utf-8")
+    settings: Settings = request.app.state.settings
+    slots: FollowerSlots = request.app.state.log_followers
+    if not slots.acquire():
+        raise HTTPException(
+            429,
+            f"{slots.limit} log streams are being followed already (MAX_LOG_FOLLOWERS); "
+            "retry later, or read the log without follow=true",
+            headers={"Retry-After": str(FOLLOW_RETRY_AFTER_S)},
+        )
+    limits = _FollowLimits(settings.log_follow_idle_s, settings.log_follow_max_s)
+    return _FollowResponse(
+        _follow(manager, job_id, path, tail, inode, size, limits),
+        release=slots.release,
+        hard_limit_s=limits.total_s + FOLLOW_SEND_GRACE_S,
+    )
+
+
+class FollowerSlots:
+    """How many follow streams are open; the cap keeps idle followers from piling up."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+@dataclass(frozen=True)
+class _FollowLimits:
+    idle_s: float
+    total_s: float
+
+
+class _FollowResponse(StreamingResponse):
+    """Frees its follower slot however the stream ends (done, client gone, or never started),
+    and gives up on a client that stops reading: a blocked send has no end of its own."""
+
+    def __init__(
+        self, body: AsyncIterator[bytes], release: Callable[[], None], hard_limit_s: float
+    ) -> None:
+        super().__init__(body, media_type="text/plain; charset=utf-8")
+        self._release = release
+        self._hard_limit_s = hard_limit_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with asyncio.timeout(self._hard_limit_s):
+                await super().__call__(scope, receive, send)
+        except TimeoutError:
+            log.info("dropped a log follower that stopped reading")
+        finally:
+            self._release()
 
 
 async def _read(path, tail: int | None, end: int) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
@@ -82,17 +154,38 @@ async def _read(path, tail: int | None, end: int) -> AsyncIterator[bytes]:  # ty
         yield chunk
 
 
+def _ended(why: str) -> bytes:
+    return (
+        f"\n[lm-eval-server: stopped following: {why}; request the log again to go on]\n".encode()
+    )
+
+
 async def _follow(  # type: ignore[no-untyped-def]
-    manager: JobManager, job_id: int, path, tail: int | None, inode: int | None, size: int
+    manager: JobManager,
+    job_id: int,
+    path,
+    tail: int | None,
+    inode: int | None,
+    size: int,
+    limits: _FollowLimits,
 ) -> AsyncIterator[bytes]:
+    started = last_output = time.monotonic()
     async for chunk in _read(path, tail, size):
         yield chunk
     follower = joblogs.LogFollower(path, inode, size)
     while True:
         data = await run_in_threadpool(follower.read_new)
+        now = time.monotonic()
+        if now - started >= limits.total_s:
+            yield data + _ended(f"open for {limits.total_s:g} s (LOG_FOLLOW_MAX_S)")
+            return
         if data:
+            last_output = now
             yield data
             continue
+        if now - last_output >= limits.idle_s:
+            yield _ended(f"no new output for {limits.idle_s:g} s (LOG_FOLLOW_IDLE_S)")
+            return
         try:
             finished = manager.get(job_id).status.is_terminal()
         except LookupError:

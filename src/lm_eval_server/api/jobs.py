@@ -10,6 +10,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.types import Message
 
+from lm_eval_server import idempotency
 from lm_eval_server.api import views
 from lm_eval_server.api.deps import Manager
 from lm_eval_server.catalog import Catalog, IndexState, TaskIndexUnavailable
@@ -17,6 +18,7 @@ from lm_eval_server.config import Settings
 from lm_eval_server.models import BulkAction, JobAction, JobDetail, JobList, JobStatus
 from lm_eval_server.offload import OffloadRequired
 from lm_eval_server.request_body import BodyLimits, BodyRefused, screen_job_body
+from lm_eval_server.security import caller_of
 from lm_eval_server.validation import (
     InvalidRequest,
     RequestValidator,
@@ -155,8 +157,9 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             str | None,
             Header(
                 max_length=200,
-                description="Retries with the same key return the first job instead of "
-                "queuing another.",
+                description="Retries with the same key and body from the same caller (API "
+                "key) return the first job instead of queuing another; the same key with "
+                "another body gets 422.",
             ),
         ] = None,
     ) -> JobAction:
@@ -165,7 +168,12 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             raise HTTPException(refused.status_code, str(refused))
         state = request.app.state
         job = await validate_job(state.validator, state.catalog, body, state.settings.index_wait_s)
-        record = manager.submit(job, idempotency_key)
+        claim = None
+        if idempotency_key is not None:
+            # Bound to who asks and what they send (idempotency.py).
+            raw = await request.body()  # already read and cached by FastAPI
+            claim = idempotency.claim(idempotency_key, caller_of(request), raw)
+        record = manager.submit(job, claim)
         return JobAction(message=f"Job {record.job_id} successfully queued.", job_id=record.job_id)
 
     router.add_api_route(

@@ -7,11 +7,34 @@ from pathlib import Path
 from lm_eval_server import joblogs
 from lm_eval_server.executors.base import stderr_path, stdout_path
 from lm_eval_server.manager import JobManager
-from lm_eval_server.models import JobDetail, JobRecord, JobSummary, ProgressInfo
+from lm_eval_server.models import (
+    JobDetail,
+    JobRecord,
+    JobStatus,
+    JobSummary,
+    PhaseInfo,
+    ProgressInfo,
+)
+from lm_eval_server.progress import STARTING_PROGRESS, Progress
+
+
+def progress_info(record: JobRecord) -> ProgressInfo | None:
+    progress: Progress | None = record.progress
+    if progress is None and record.status is JobStatus.running:
+        progress = STARTING_PROGRESS  # launched, its log not read yet
+    if progress is None:
+        return None
+    return ProgressInfo(
+        phase=progress.phase,
+        done=progress.done,
+        total=progress.total,
+        rate_per_s=progress.rate_per_s,
+        eta_s=progress.eta_s,
+        phases=[PhaseInfo(phase=p.phase, done=p.done, total=p.total) for p in progress.phases],
+    )
 
 
 def summary(manager: JobManager, record: JobRecord) -> JobSummary:
-    progress = record.progress
     return JobSummary(
         job_id=record.job_id,
         argument=record.argument,
@@ -19,15 +42,7 @@ def summary(manager: JobManager, record: JobRecord) -> JobSummary:
         timestamp=record.started_at,
         exit_code=record.exit_code,
         inference_progress_pct=manager.progress_pct(record),
-        progress=ProgressInfo(
-            phase=progress.phase,
-            done=progress.done,
-            total=progress.total,
-            rate_per_s=progress.rate_per_s,
-            eta_s=progress.eta_s,
-        )
-        if progress is not None
-        else None,
+        progress=progress_info(record),
         model=record.model,
         tasks=record.tasks,
         created_at=record.created_at,

@@ -169,11 +169,17 @@ function progressBar(job) {
   const p = job.progress;
   const parts = [queued ? "queued" : `${pct}%`];
   if (job.status === "Running" && p) {
+    parts.push(p.phase);
     if (p.total) parts.push(`${p.done}/${p.total}`);
     if (p.eta_s !== null && p.eta_s !== undefined) parts.push(`ETA ${formatDuration(p.eta_s)}`);
   }
+  // The tooltip lists each phase's own count ("loglikelihood 80/80 · generate_until 3/20").
   const title = p
-    ? `${p.phase}: ${p.done}/${p.total}` + (p.rate_per_s ? `, ${p.rate_per_s.toFixed(1)}/s` : "")
+    ? (p.phases || [])
+        .filter((x) => x.total !== null)
+        .map((x) => `${x.phase} ${x.done}/${x.total}`)
+        .concat(p.rate_per_s ? [`${p.rate_per_s.toFixed(1)}/s`] : [])
+        .join(" · ") || p.phase
     : "";
   const fill = h("div", { class: "progress-fill" });
   // CSSOM, not a style attribute: the page's CSP forbids inline style attributes.
