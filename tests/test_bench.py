@@ -64,3 +64,37 @@ def test_only_and_bad_names(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "unknown benchmark" in proc.stderr
+
+
+FLOODS = ROOT / "bench" / "floods.py"
+
+
+def test_quick_floods_bench_measures_every_flood(tmp_path: Path, index_dir: Path) -> None:
+    out = tmp_path / "floods.json"
+    proc = subprocess.run(
+        [sys.executable, str(FLOODS), "--quick", "--out", str(out), "--index-dir", str(index_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["mode"] == "quick"
+    rows = {row["flood"]: row for row in results["floods"]}
+    assert list(rows) == [
+        "none",
+        "unknown_tasks_300",
+        "unknown_fields_80k",
+        "include_over_cap",
+        "include_under_cap",
+        "task_names_1mb",
+        "nested_1mb",
+    ]
+    for name, row in rows.items():
+        assert row["health_samples"] >= 1, name
+        assert math.isfinite(row["health_p99_ms"]) and row["health_p99_ms"] >= 0, name
+        if name != "none":
+            # Every flood request was answered, and refused (nothing queued: floods.py checks).
+            assert row["requests"] >= 1 and row["status"] == [422], (name, row)
+        assert name in proc.stdout

@@ -124,6 +124,58 @@ def test_scan_include_path_agrees_with_lm_eval(tmp_path: Path) -> None:
     assert task_index.scan_include_path(root) == lm_eval_names | {"odd"}
 
 
+def test_yaml_files_match_lm_eval_traversal(tmp_path: Path) -> None:
+    root = make_task_tree(tmp_path / "tree")
+    write(root, "__pycache__/hidden.yaml", "task: cached\n")
+    write(root, "c/.dot.yaml", "task: dotted\n")
+    (root / "c" / "dir.yaml").mkdir()
+    (root / "link").symlink_to(root / "a", target_is_directory=True)  # not followed
+    glob = sorted(
+        p.as_posix()
+        for p in root.glob("**/*.yaml")
+        if not any(part in {"__pycache__", ".ipynb_checkpoints"} for part in p.parts)
+    )
+    assert [f.path for f in task_index.yaml_files(root)] == glob
+
+
+def test_scan_walks_and_reads_no_more_than_the_cap(tmp_path: Path) -> None:
+    root = make_task_tree(tmp_path)
+    # Every entry is looked at once, but nothing inside an ignored directory.
+    ignored = {"__pycache__", ".ipynb_checkpoints"}
+    entries = sum(1 for p in root.rglob("*") if not ignored & set(p.relative_to(root).parts[:-1]))
+    assert task_index.scan_include_path(root, max_entries=entries) == EXPECTED_TREE_NAMES
+    with pytest.raises(task_index.ScanLimitExceeded):
+        task_index.yaml_files(root, max_entries=entries - 1)
+    # Reads count includes: one file included by 30 others is read 30 times.
+    wide = tmp_path / "wide"
+    write(wide, "_base.yaml", "output_type: multiple_choice\n")
+    for i in range(30):
+        write(wide, f"t{i}.yaml", f"include: _base.yaml\ntask: t{i}\n")
+    files = task_index.yaml_files(wide, max_entries=40)
+    with pytest.raises(task_index.ScanLimitExceeded):
+        task_index.names_in(files, max_reads=40)
+    assert len(task_index.names_in(files, max_reads=61)) == 30
+
+
+def test_scan_skips_fifos_devices_and_huge_files(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.yaml")  # opening it for reading would block forever
+    write(tmp_path, "via_pipe.yaml", "include: pipe.yaml\ntask: via_pipe\n")
+    write(tmp_path, "via_zero.yaml", "include: /dev/zero\ntask: via_zero\n")
+    big = write(tmp_path, "big.yaml", "task: big\n")
+    with big.open("a") as fh:
+        fh.write("# padding\n" * (task_index.MAX_YAML_BYTES // 10 + 1))
+    write(tmp_path, "fine.yaml", "task: fine\n")
+    result: list[set[str]] = []
+    worker = threading.Thread(target=lambda: result.append(task_index.scan_include_path(tmp_path)))
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():  # unblock the thread before failing
+        with open(tmp_path / "pipe.yaml", "w"):
+            pass
+        pytest.fail("the scan blocked on a FIFO")
+    assert result == [{"fine"}]
+
+
 # ----------------------------------------------------------------- cache key
 
 

@@ -20,7 +20,7 @@ from lm_eval_server import hosts, job_env, lm_eval_cli
 from lm_eval_server.api import dashboard, files, health
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
-from lm_eval_server.catalog import Catalog
+from lm_eval_server.catalog import Catalog, TaskLimits
 from lm_eval_server.config import ExecutorKind, Settings, StoreKind
 from lm_eval_server.errors import DomainError
 from lm_eval_server.executors.base import Executor
@@ -91,7 +91,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     parser = lm_eval_cli.make_raising(lm_eval_cli.load_parser())
     specs = lm_eval_cli.describe_options(parser)
     request_model = lm_eval_cli.build_request_model(specs)
-    catalog = Catalog(settings.task_index_dir, build_index=settings.task_index)
+    catalog = Catalog(
+        settings.task_index_dir,
+        build_index=settings.task_index,
+        limits=TaskLimits.from_settings(settings),
+    )
     metrics = AppMetrics()
 
     @asynccontextmanager

@@ -69,6 +69,29 @@ class Settings(BaseSettings):
     max_env_vars: int = Field(64, ge=0)
     max_env_value_bytes: int = Field(32 * 1024, ge=1)
 
+    # Submission readiness and bounded work per request (POST /job): a submission never skips
+    # the task-name check, and what one request can make the server do has a ceiling.
+    index_wait_s: float = Field(
+        30.0,
+        ge=0,
+        le=600,
+        description="While the task index builds, a submission waits this long for it, then "
+        "gets 503 with Retry-After.",
+    )
+    max_tasks_per_request: int = Field(1000, ge=1, description="Task names in one request.")
+    max_task_patterns: int = Field(
+        32, ge=0, description="Glob patterns (*, ?, [) among one request's task names."
+    )
+    max_include_entries: int = Field(
+        10_000,
+        ge=1,
+        description="Directory entries walked, and YAML files read, under one include_path.",
+    )
+    max_body_depth: int = Field(16, ge=2, le=1000, description="Nesting of the JSON body.")
+    max_body_values: int = Field(
+        2000, ge=100, description="JSON values (keys, items, scalars) in one request body."
+    )
+
     # HTTP boundary (Host check, cross-site refusal, slow clients, log followers)
     allowed_hosts: CsvList = Field(
         default_factory=list,

@@ -32,9 +32,10 @@ import importlib.util
 import json
 import os
 import pickle
+import stat
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -219,11 +220,19 @@ def load_names(data_dir: Path) -> set[str] | None:
         return None
 
 
+def _check_writable(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+        pass
+
+
 def build(data_dir: Path, builtin_dir: Path | None = None) -> CachePaths:
     """Index the built-in tasks with lm-eval's own TaskIndex and write the cache.
 
     ``builtin_dir`` defaults to lm-eval's tasks dir; tests pass a small one.
     """
+    # Fail in a second, not after the ~10 s of indexing, when the cache cannot be written.
+    _check_writable(cache_paths(data_dir).index.parent)
     from lm_eval.tasks._index import TaskIndex
 
     if builtin_dir is None:
@@ -263,14 +272,52 @@ _TolerantLoader.add_constructor("!function", _function_ctor)
 _TolerantLoader.add_multi_constructor("", _unknown_tag_ctor)
 
 
-def _load_yaml(path: Path, seen: set[Path]) -> dict[str, Any]:
+class ScanLimitExceeded(ValueError):
+    """An include_path holds more entries, or makes the scan read more YAML files, than allowed."""
+
+
+# A task YAML is a few kilobytes; a bigger file is not a task config, and reading one (or a device
+# or a FIFO named by an `include:`) would hold the scanning thread for as long as it lasts.
+MAX_YAML_BYTES = 4 * 1024 * 1024
+
+
+class _ReadBudget:
+    """YAML files one scan may open, includes counted: a file included by every other file is
+    read once per includer, as lm-eval reads it."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = limit
+
+    def take(self, path: Path) -> None:
+        if self.left is None:
+            return
+        self.left -= 1
+        if self.left < 0:
+            raise ScanLimitExceeded(f"reading {path}: more YAML reads than the scan allows")
+
+
+def _read_regular(path: Path) -> bytes:
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    # O_NONBLOCK: a FIFO swapped in after the stat cannot block the open.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = fh.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_YAML_BYTES} bytes")
+    return data
+
+
+def _load_yaml(path: Path, seen: set[Path], budget: _ReadBudget) -> dict[str, Any]:
     """Mirror of lm_eval.tasks._yaml_loader.load_yaml(resolve_func=False, recursive=True)."""
     path = path.expanduser().resolve()
     if path in seen:
         raise ValueError(f"Include cycle at {path}")
     seen.add(path)
-    with path.open("rb") as fh:
-        cfg = yaml.load(fh, Loader=_TolerantLoader)  # a SafeLoader subclass
+    budget.take(path)
+    cfg = yaml.load(_read_regular(path), Loader=_TolerantLoader)  # a SafeLoader subclass
     if not isinstance(cfg, dict):
         raise ValueError(f"Expected YAML dict from {path}, got {type(cfg).__name__}")
     if "include" not in cfg:
@@ -279,18 +326,57 @@ def _load_yaml(path: Path, seen: set[Path]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for inc in includes if isinstance(includes, list) else [includes]:
         inc_path = Path(inc) if Path(inc).is_absolute() else path.parent / inc
-        inc_cfg = _load_yaml(inc_path, seen)  # seen is shared across siblings, as in lm-eval
+        # seen is shared across siblings, as in lm-eval
+        inc_cfg = _load_yaml(inc_path, seen, budget)
         inc_cfg.pop("task_list", None)
         merged.update(inc_cfg)
     merged.update(cfg)
     return merged
 
 
-def _iter_yaml_files(root: Path) -> Iterator[Path]:
-    # Same traversal as TaskIndex._iter_yaml_files, so the same files are seen.
-    for p in sorted(root.glob("**/*.yaml"), key=lambda p: p.as_posix()):
-        if not any(part in _IGNORE_DIRS for part in p.parts):
-            yield p
+class YamlFile(NamedTuple):
+    path: str
+    mtime_ns: int
+    size: int
+
+
+def yaml_files(root: Path | str, max_entries: int | None = None) -> list[YamlFile]:
+    """The `*.yaml` entries lm-eval indexes under ``root``, in its order, with their stats.
+
+    The same set as TaskIndex._iter_yaml_files (``root.glob("**/*.yaml")`` minus paths with an
+    ignored part): every entry whose name ends in ``.yaml``, in directories reached without
+    following symlinks. Looks at no more than ``max_entries`` directory entries
+    (ScanLimitExceeded beyond), so its cost has a bound whatever the tree holds.
+    """
+    # A Path is already in the form glob yields (no trailing or doubled separators).
+    base = os.fspath(root if isinstance(root, Path) else Path(root))
+    if not _IGNORE_DIRS.isdisjoint(base.split(os.sep)):
+        return []
+    found: list[YamlFile] = []
+    seen_entries = 0
+    stack = [base]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    seen_entries += 1
+                    if max_entries is not None and seen_entries > max_entries:
+                        raise ScanLimitExceeded(
+                            f"{base} holds more than {max_entries} directory entries"
+                        )
+                    if entry.name.endswith(".yaml"):
+                        try:
+                            st = entry.stat()
+                            found.append(YamlFile(entry.path, st.st_mtime_ns, st.st_size))
+                        except OSError:  # a dangling symlink: lm-eval skips it too
+                            found.append(YamlFile(entry.path, -1, -1))
+                    if entry.name not in _IGNORE_DIRS and entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except OSError:
+            continue  # unreadable or missing directory: glob skips it as well
+    found.sort(key=lambda f: f.path)
+    return found
 
 
 def _check_tags(tags: Any) -> None:
@@ -330,20 +416,29 @@ def _register(cfg: dict[str, Any], registered: dict[Any, None]) -> None:
         raise ValueError(f"Unknown config shape: keys={list(cfg)}")
 
 
-def scan_include_path(path: Path | str) -> set[str]:
-    """Task, group and tag names defined by the YAML files under ``path``.
+def names_in(files: list[YamlFile], max_reads: int | None = None) -> set[str]:
+    """Task, group and tag names the YAML files define (``yaml_files`` gives them in order).
 
-    Parses in-process without importing lm_eval. Like TaskIndex.build, a file
-    that fails to load is skipped, but names it registered before failing count.
+    Parses in-process without importing lm_eval. Like TaskIndex.build, a file that fails to load
+    is skipped, but names it registered before failing count. At most ``max_reads`` files are
+    opened, includes counted (ScanLimitExceeded beyond).
     """
     registered: dict[Any, None] = {}
-    for yaml_path in _iter_yaml_files(Path(path)):
+    budget = _ReadBudget(max_reads)
+    for file in files:
         try:
-            _register(_load_yaml(yaml_path, set()), registered)
+            _register(_load_yaml(Path(file.path), set(), budget), registered)
+        except ScanLimitExceeded:
+            raise
         except Exception:
             continue
     # TaskIndex keys int/None names too, but no --tasks string can match them.
     return {name for name in registered if isinstance(name, str)}
+
+
+def scan_include_path(path: Path | str, max_entries: int | None = None) -> set[str]:
+    """Names defined under an include_path; ``max_entries`` bounds the walk and the reads."""
+    return names_in(yaml_files(path, max_entries), max_entries)
 
 
 # ----------------------------------------------------------------- CLI

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lm_eval_server import backends, lm_eval_checks, paths
-from lm_eval_server.catalog import Catalog, UnknownTasks, close_matches
+from lm_eval_server.catalog import Catalog, TaskRequestRefused, UnknownTasks, close_matches
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import InvalidRequest
 from lm_eval_server.job_env import EnvVarsRefused, check_env_vars
@@ -402,7 +402,11 @@ class RequestValidator:
         )
 
     def _check_tasks(self, tasks: list[str], include_paths: list[Path]) -> None:
-        unknown = self._catalog.unknown_tasks(tasks, include_paths)
+        # TaskIndexUnavailable (503) and OffloadRequired (run again in a thread) pass through.
+        try:
+            unknown = self._catalog.unknown_tasks(tasks, include_paths)
+        except TaskRequestRefused as exc:
+            raise InvalidRequest(str(exc)) from None
         if unknown is not None:
             raise UnknownTaskNames(unknown)
 

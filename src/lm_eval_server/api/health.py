@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lm_eval_server.api.deps import Manager, State
+from lm_eval_server.catalog import IndexState
 
 router = APIRouter(tags=["operations"])
 # Readiness and metrics describe the server's jobs: they sit behind the API key like the rest.
@@ -16,16 +19,21 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@secured_router.get("/ready", summary="Readiness: store open and task index loaded")
-async def ready(request: Request) -> JSONResponse:
-    state = request.app.state
+@secured_router.get(
+    "/ready",
+    summary="Readiness: store open, task index loaded (or TASK_INDEX=false), accepting jobs",
+)
+async def ready(state: State, manager: Manager) -> JSONResponse:
+    catalog = state.catalog
     checks = {
         "store": state.store_open,
-        "task_index": state.catalog.tasks_ready or not state.settings.task_index,
-        "accepting_jobs": not state.manager.shutting_down,
+        "task_index": catalog.state in (IndexState.ready, IndexState.disabled),
+        "accepting_jobs": not manager.shutting_down,
     }
     ok = all(checks.values())
-    body: dict[str, object] = {"ready": ok, "checks": checks}
+    # state: building, ready, failed (with the error and when the build is tried again) or
+    # disabled; submissions get 503 with the same reason until it is ready.
+    body: dict[str, object] = {"ready": ok, "checks": checks, "task_index": catalog.status()}
     pool = state.warm_pool
     if pool is not None:
         # Informational: without a ready warm worker, jobs simply start cold.
@@ -34,7 +42,5 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @secured_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    return Response(
-        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,17 +1,30 @@
 """Jobs: submit, list, inspect, stop and delete (the original server's README endpoints)."""
 
+import time
+from collections.abc import Awaitable, Callable, Collection
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.types import Message
 
 from lm_eval_server import idempotency
 from lm_eval_server.api import views
-from lm_eval_server.api.deps import Manager
+from lm_eval_server.api.deps import Manager, SettingsDep, State, Validator
+from lm_eval_server.catalog import Catalog, IndexState, TaskIndexUnavailable
+from lm_eval_server.config import Settings
 from lm_eval_server.models import BulkAction, JobAction, JobDetail, JobList, JobStatus
+from lm_eval_server.offload import OffloadRequired
+from lm_eval_server.request_body import BodyLimits, BodyRefused, screen_job_body
 from lm_eval_server.security import caller_of
-from lm_eval_server.validation import InvalidRequest, RequestValidator, UnknownTaskNames
+from lm_eval_server.validation import (
+    InvalidRequest,
+    RequestValidator,
+    UnknownTaskNames,
+    ValidatedJob,
+)
 
 _NOT_FOUND = {404: {"description": "No job has this id."}}
 
@@ -32,21 +45,114 @@ def parse_statuses(text: str | None) -> set[JobStatus] | None:
     return statuses
 
 
+# Bodies above this size are screened in a worker thread (the screen is pure Python, so the
+# event loop gets the GIL back every few milliseconds); smaller ones take microseconds.
+THREAD_SCREEN_BYTES = 64 * 1024
+_REFUSED = "body_refused"
+
+
+def body_limits(settings: Settings) -> BodyLimits:
+    return BodyLimits(
+        max_depth=settings.max_body_depth,
+        max_values=settings.max_body_values,
+        max_tasks=settings.max_tasks_per_request,
+    )
+
+
+def _with_body(request: Request, body: bytes) -> Request:
+    """The same request carrying `body` as JSON instead of what the client sent."""
+    headers = [
+        (name, value)
+        for name, value in request.scope["headers"]
+        if name not in (b"content-type", b"content-length")
+    ]
+    headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request({**request.scope, "headers": headers}, receive)
+
+
+def screened_body_route(fields: Collection[str]) -> type[APIRoute]:
+    """A route class that screens the raw body (`request_body`) before FastAPI parses it.
+
+    FastAPI would json.loads the whole body and build pydantic's error list for every unknown
+    field before the endpoint could refuse anything; the screen stops at the first bound. The
+    route's schema (/openapi.json, the dashboard's form, the docs) stays FastAPI's own.
+    """
+    known = frozenset(fields)
+
+    class ScreenedBodyRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            handler = super().get_route_handler()
+
+            async def screened(request: Request) -> Response:
+                raw = await request.body()
+                args = (
+                    raw,
+                    request.headers.get("content-type"),
+                    known,
+                    body_limits(request.app.state.server.settings),
+                )
+                try:
+                    if len(raw) > THREAD_SCREEN_BYTES:
+                        await run_in_threadpool(screen_job_body, *args)
+                    else:
+                        screen_job_body(*args)
+                except BodyRefused as exc:
+                    # Refused after the route's dependencies (API key, ...) have run, like any
+                    # other bad body: FastAPI parses an empty object instead, and the endpoint
+                    # raises the refusal.
+                    request = _with_body(request, b"{}")
+                    setattr(request.state, _REFUSED, exc)
+                return await handler(request)
+
+            return screened
+
+    return ScreenedBodyRoute
+
+
+async def _validate_once(validator: RequestValidator, body: BaseModel) -> ValidatedJob:
+    try:
+        try:
+            return validator.validate(body)  # usually a fraction of a millisecond
+        except OffloadRequired:
+            return await run_in_threadpool(validator.validate, body)
+    except UnknownTaskNames as exc:
+        # The close-match search is the slow part: off the event loop.
+        raise InvalidRequest(await run_in_threadpool(exc.describe)) from None
+
+
+async def validate_job(
+    validator: RequestValidator, catalog: Catalog, body: BaseModel, wait_s: float
+) -> ValidatedJob:
+    """Validate; while the task index builds, wait for it (up to `wait_s`) and validate again.
+
+    A request that is refused for another reason is refused at once, without waiting.
+    """
+    try:
+        return await _validate_once(validator, body)
+    except TaskIndexUnavailable:
+        if catalog.state is not IndexState.building or wait_s <= 0:
+            raise
+    started = time.monotonic()
+    await catalog.wait_for_index(wait_s)
+    try:
+        return await _validate_once(validator, body)
+    except TaskIndexUnavailable:
+        if catalog.state is IndexState.building:
+            raise catalog.unavailable(waited_s=round(time.monotonic() - started, 1)) from None
+        raise
+
+
 def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIRouter:
     router = APIRouter(tags=["jobs"])
 
-    @router.post(
-        "/job",
-        response_model=JobAction,
-        responses={
-            422: {"description": "The request cannot run; `detail` says why."},
-            429: {"description": "The queue is full (MAX_QUEUED_JOBS); see Retry-After."},
-            503: {"description": "The server is shutting down."},
-        },
-        summary="Queue an lm-eval job",
-    )
     async def submit_job(
         request: Request,
+        state: State,
+        validator: Validator,
         manager: Manager,
         body: Annotated[request_model, Body(openapi_examples={"dummy": {"value": example}})],  # type: ignore[valid-type]
         idempotency_key: Annotated[
@@ -59,12 +165,10 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             ),
         ] = None,
     ) -> JobAction:
-        validator: RequestValidator = request.app.state.validator
-        try:
-            job = validator.validate(body)  # a fraction of a millisecond: no thread hop
-        except UnknownTaskNames as exc:
-            # The close-match search is the slow part: off the event loop.
-            raise InvalidRequest(await run_in_threadpool(exc.describe)) from None
+        refused: BodyRefused | None = getattr(request.state, _REFUSED, None)
+        if refused is not None:
+            raise HTTPException(refused.status_code, str(refused))
+        job = await validate_job(validator, state.catalog, body, state.settings.index_wait_s)
         claim = None
         if idempotency_key is not None:
             # Bound to who asks and what they send (idempotency.py).
@@ -73,7 +177,32 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         record = manager.submit(job, claim)
         return JobAction(message=f"Job {record.job_id} successfully queued.", job_id=record.job_id)
 
-    @router.get("/jobs", response_model=JobList, summary="List jobs, oldest first")
+    router.add_api_route(
+        "/job",
+        submit_job,
+        methods=["POST"],
+        response_model=JobAction,
+        responses={
+            415: {"description": "The body is not sent as application/json."},
+            422: {"description": "The request cannot run; `detail` says why."},
+            429: {"description": "The queue is full (MAX_QUEUED_JOBS); see Retry-After."},
+            503: {
+                "description": "The server is shutting down, or task names cannot be checked "
+                "yet (the task index is building or its build failed); see Retry-After."
+            },
+        },
+        summary="Queue an lm-eval job",
+        route_class_override=screened_body_route(request_model.model_fields),
+    )
+
+    # The route answers with pre-serialised JSON (finished jobs' summaries are cached), so
+    # JobList documents the body rather than validating it.
+    @router.get(
+        "/jobs",
+        response_model=None,
+        responses={200: {"model": JobList, "description": "The jobs, oldest first."}},
+        summary="List jobs, oldest first",
+    )
     async def list_jobs(
         manager: Manager,
         include_completed: Annotated[
@@ -95,14 +224,12 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             active = {JobStatus.queued, JobStatus.running}
             statuses = active if statuses is None else statuses & active
         records, total = manager.list(statuses, limit, offset)
-        # Pre-serialised JSON (finished jobs are cached): the schema is JobList, as declared.
         return Response(views.job_list_json(records, total), media_type="application/json")
 
     @router.get("/job/{job_id}", response_model=JobDetail, responses=_NOT_FOUND)
-    async def get_job(request: Request, manager: Manager, job_id: int) -> JobDetail:
+    async def get_job(manager: Manager, settings: SettingsDep, job_id: int) -> JobDetail:
         record = manager.get(job_id)
-        tail = request.app.state.settings.log_tail_lines
-        return await run_in_threadpool(views.detail, record, tail)
+        return await run_in_threadpool(views.detail, record, settings.log_tail_lines)
 
     async def stop_job(manager: Manager, job_id: int) -> JobAction:
         return JobAction(message=await manager.stop(job_id), job_id=job_id)
