@@ -21,9 +21,9 @@ COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --no-install-project
 
 COPY src ./src
-COPY examples ./examples
 COPY example.json ./
-RUN uv sync --frozen --no-dev
+# The README's examples/tasks, shipped inside the package.
+RUN ln -s src/lm_eval_server/examples examples && uv sync --frozen --no-dev
 
 RUN useradd --create-home --uid 1000 lmeval \
     && mkdir -p /data \

@@ -330,11 +330,13 @@ def request_properties(client: Client) -> dict[str, dict[str, Any]]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    # Settings reads HOST_HINT: the app warns when it listens beyond loopback without API_KEYS.
-    os.environ["HOST_HINT"] = args.host
+    from lm_eval_server.app import create_app
+    from lm_eval_server.config import Settings
+
+    # The app warns when it listens beyond loopback without API_KEYS, and allows this host.
+    app = create_app(Settings(host_hint=args.host))
     uvicorn.run(
-        "lm_eval_server.app:create_app",
-        factory=True,
+        app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,

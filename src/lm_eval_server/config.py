@@ -220,7 +220,9 @@ class Settings(BaseSettings):
 
     @property
     def examples_dir(self) -> Path:
-        return Path(__file__).resolve().parents[2] / "examples"
+        # Shipped inside the package (`examples/` at the repository root links here), so an
+        # installed server has them too.
+        return Path(__file__).resolve().parent / "examples"
 
     @property
     def allowed_roots(self) -> list[Path]:
