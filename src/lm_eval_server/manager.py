@@ -2,9 +2,9 @@
 
 Routes call its methods; nothing else changes a job. Jobs start the moment a slot is free (an
 event, not a polling loop); each running job has one runner task that waits for the process to
-exit or for a stop, and whose final status write cannot be skipped by a cancellation. What a
-job runs is the launch policy's business (`launch`), what its output means is the watchers'
-(`watch`), and which finished jobs go is retention's (`retention`).
+exit or for a stop (`runner`), and whose final status write cannot be skipped by a
+cancellation. What a job runs is the launch policy's business (`launch`), what its output means
+is the watchers' (`watch`), and which finished jobs go is retention's (`retention`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
-from lm_eval_server import results, retention, watch
+from lm_eval_server import retention
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import (
     RETRY_AFTER_S,
@@ -31,22 +30,11 @@ from lm_eval_server.executors.base import Executor, JobHandle
 from lm_eval_server.idempotency import IdempotencyClaim
 from lm_eval_server.launch import LaunchPolicy
 from lm_eval_server.models import JobRecord, JobStatus, utcnow
+from lm_eval_server.runner import JobRunner, Live
 from lm_eval_server.store import JobStore, TerminalStateError
 from lm_eval_server.validation import ValidatedJob
 
 log = logging.getLogger(__name__)
-
-PROGRESS_TICK_S = 0.5
-
-
-@dataclass
-class _Live:
-    """Per-running-job state that lives only in this process."""
-
-    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-    stop_reason: str | None = None  # "stop" | "timeout" | "shutdown"
-    signalled: bool = False  # the process was told to stop (it did not end by itself)
 
 
 class JobManager:
@@ -62,9 +50,10 @@ class JobManager:
         self._executor = executor
         self._clock = clock
         self._policy = LaunchPolicy(settings)
+        self._runner = JobRunner(settings, executor, self._policy, self, clock)
         self._jobs: dict[int, JobRecord] = {}
         self._queue: deque[int] = deque()
-        self._live: dict[int, _Live] = {}
+        self._live: dict[int, Live] = {}
         self._idempotency: dict[str, int] = {}
         self._shutting_down = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -238,7 +227,7 @@ class JobManager:
         if record.status is not JobStatus.queued or record.job_id not in self._queue:
             return False
         self._queue.remove(record.job_id)
-        self._finish(record, JobStatus.stopped, None, None)
+        self.finish(record, JobStatus.stopped, None, None)
         return True
 
     def _signal_stop(self, record: JobRecord) -> asyncio.Task[None] | None:
@@ -264,11 +253,19 @@ class JobManager:
             self._start_runner(record, None)
 
     def _start_runner(self, record: JobRecord, handle: JobHandle | None) -> None:
-        live = _Live()
+        live = Live()
         self._live[record.job_id] = live
         live.task = asyncio.create_task(
             self._run(record, live, handle), name=f"job-{record.job_id}"
         )
+
+    async def _run(self, record: JobRecord, live: Live, handle: JobHandle | None) -> None:
+        try:
+            await self._runner.run(record, live, handle)
+        finally:
+            # The slot is free whatever happened, and the next job starts at once.
+            self._live.pop(record.job_id, None)
+            self._schedule()
 
     async def _sweep(self) -> None:
         # Jobs start on events; this only guards against a missed wake-up.
@@ -290,125 +287,10 @@ class JobManager:
         reason = None
         if code is None:
             reason = "the job's process ended while the server was down and left no exit code"
-        await self._finish_exited(record, code, reason)
-
-    async def _run(self, record: JobRecord, live: _Live, handle: JobHandle | None) -> None:
-        try:
-            if handle is None:
-                if live.stop_event.is_set():
-                    # Stopped between dispatch and launch: nothing was started.
-                    self._finish(record, JobStatus.stopped, None, None)
-                    return
-                handle = await self._launch(record)
-                if handle is None:
-                    return
-            await self._watch(record, live, handle)
-        except Exception as exc:
-            # A bug or an executor failure must not leave the job "Running" forever, nor its
-            # process running unwatched.
-            log.exception("job %d: lost track of its process", record.job_id)
-            if handle is not None:
-                with contextlib.suppress(Exception):
-                    await handle.stop(self._settings.stop_grace_s)
-            self._finish(
-                record, JobStatus.failed, None, f"the server lost track of the job: {exc!r}"
-            )
-        finally:
-            self._live.pop(record.job_id, None)
-            self._schedule()
-
-    async def _launch(self, record: JobRecord) -> JobHandle | None:
-        spec = self._policy.spec(record)
-        record.started_at = self._clock()
-        self._transition(record, JobStatus.running)
-        try:
-            handle = await self._executor.start(spec)
-        except Exception as exc:
-            log.exception("job %d could not start", record.job_id)
-            self._finish(record, JobStatus.failed, None, f"the job could not start: {exc}")
-            return None
-        record.pid = handle.pid
-        record.executor_ref = handle.ref
-        self._persist(record, JobStatus.running)
-        record.release_launch_inputs()
-        return handle
-
-    async def _watch(self, record: JobRecord, live: _Live, handle: JobHandle) -> None:
-        watcher = watch.ProgressWatcher(Path(record.work_dir))
-        # Running from now on: "starting" until lm-eval prints its first marker.
-        record.progress = watcher.progress
-        waiter = asyncio.create_task(handle.wait())
-        stopper = asyncio.create_task(live.stop_event.wait())
-        deadline = self._deadline(record)
-        try:
-            while True:
-                done, _ = await asyncio.wait(
-                    {waiter, stopper}, timeout=PROGRESS_TICK_S, return_when=asyncio.FIRST_COMPLETED
-                )
-                record.progress = await watcher.poll()
-                if waiter in done:
-                    break
-                if deadline is not None and self._clock() >= deadline:
-                    live.stop_reason = "timeout"
-                if stopper in done or live.stop_reason == "timeout":
-                    live.signalled = True
-                    await handle.stop(self._settings.stop_grace_s)
-                    await waiter
-                    break
-        except asyncio.CancelledError:
-            waiter.cancel()
-            stopper.cancel()
-            if live.stop_reason == "shutdown" and not self._settings.shutdown_stops_jobs:
-                raise  # left running, to be re-adopted by the next server process
-            await asyncio.shield(self._stop_and_conclude(record, live, handle))
-            raise
-        finally:
-            stopper.cancel()
-        record.progress = await watcher.poll()
-        await self._conclude(record, live, waiter.result())
-
-    def _deadline(self, record: JobRecord) -> datetime | None:
-        timeout_s = record.request.get("timeout_s")
-        if not timeout_s or record.started_at is None:
-            return None
-        return record.started_at + timedelta(seconds=timeout_s)
-
-    async def _stop_and_conclude(self, record: JobRecord, live: _Live, handle: JobHandle) -> None:
-        live.signalled = True
-        await handle.stop(self._settings.stop_grace_s)
-        # May ask a remote cluster (Ray): off the event loop.
-        code = await asyncio.to_thread(
-            self._executor.recorded_exit_code, Path(record.work_dir), record.executor_ref
-        )
-        await self._conclude(record, live, code)
-
-    async def _conclude(self, record: JobRecord, live: _Live, code: int | None) -> None:
-        if not live.signalled:
-            # It ended by itself, even if a stop arrived meanwhile: its exit code tells how.
-            await self._finish_exited(record, code, None)
-        elif live.stop_reason == "timeout":
-            timeout_s = record.request.get("timeout_s")
-            error = f"timeout: the job ran longer than timeout_s={timeout_s} and was stopped"
-            self._finish(record, JobStatus.failed, code, error)
-        else:
-            self._finish(record, JobStatus.stopped, code, None)
-
-    async def _finish_exited(self, record: JobRecord, code: int | None, reason: str | None) -> None:
-        """A job whose process ended on its own: Completed on exit code 0, else Failed with
-        the lines of its stderr that say why."""
-        work_dir = Path(record.work_dir)
-        if code == 0:
-            found = await asyncio.to_thread(
-                results.find_results_file, Path(record.output_path), record.started_at
-            )
-            record.results_file = str(found) if found else None
-            self._finish(record, JobStatus.completed, code, None)
-            return
-        error = reason or await asyncio.to_thread(watch.failure_reason, work_dir, code)
-        self._finish(record, JobStatus.failed, code, error)
+        await self._runner.finish_exited(record, code, reason)
 
     # ------------------------------------------------------------------ state and storage
-    def _finish(
+    def finish(
         self, record: JobRecord, status: JobStatus, code: int | None, error: str | None
     ) -> None:
         previous = record.status
@@ -418,18 +300,18 @@ class JobManager:
         record.exit_code = code
         record.error = error
         record.finished_at = self._clock()
-        self._persist(record, previous)
+        self.persist(record, previous)
         record.release_launch_inputs()
         for callback in self.on_finish:
             callback(record)
         self._prune()
 
-    def _transition(self, record: JobRecord, status: JobStatus) -> None:
+    def transition(self, record: JobRecord, status: JobStatus) -> None:
         previous = record.status
         record.status = status
-        self._persist(record, previous)
+        self.persist(record, previous)
 
-    def _persist(self, record: JobRecord, previous: JobStatus) -> None:
+    def persist(self, record: JobRecord, previous: JobStatus) -> None:
         if record.job_id not in self._jobs:
             return  # deleted while it was finishing
         try:
