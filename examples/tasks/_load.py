@@ -7,4 +7,6 @@ import datasets
 
 def load(**kwargs) -> datasets.DatasetDict:
     path = Path(__file__).parent / kwargs["data_file"]
-    return datasets.DatasetDict({"test": datasets.load_dataset("json", data_files=str(path), split="train")})
+    return datasets.DatasetDict(
+        {"test": datasets.load_dataset("json", data_files=str(path), split="train")}
+    )

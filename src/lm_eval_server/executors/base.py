@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from lm_eval_server import jobdir
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -19,7 +21,7 @@ class LaunchSpec:
     num_cpus: float | None = None
     memory: int | None = None
     # argv runs the bundled lm-eval through the launcher and the job has no env_vars of its
-    # own, so a warm worker (lm_eval_server.warm) may run it; executors without one ignore this.
+    # own, so a warm worker (executors.warm_pool) may run it; executors without one ignore this.
     warm_eligible: bool = False
 
 
@@ -35,8 +37,6 @@ class JobHandle(Protocol):
 
 
 class Executor(Protocol):
-    name: str
-
     async def start(self, spec: LaunchSpec) -> JobHandle: ...
 
     def adopt(
@@ -52,9 +52,10 @@ class Executor(Protocol):
     async def close(self) -> None: ...
 
 
+# Transitional: manager.py and api/views.py still import these; jobdir owns the names.
 def stdout_path(work_dir: Path) -> Path:
-    return work_dir / "stdout.log"
+    return Path(jobdir.stdout_log(work_dir))
 
 
 def stderr_path(work_dir: Path) -> Path:
-    return work_dir / "stderr.log"
+    return Path(jobdir.stderr_log(work_dir))
