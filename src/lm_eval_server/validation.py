@@ -228,7 +228,7 @@ class RequestValidator:
         user_output = merged.get("output_path") or None
         if not user_output:
             # The manager gives every job an output directory of its own.
-            merged["output_path"] = str(self._settings.jobs_dir / "<job>" / "results")
+            merged["output_path"] = str(self._settings.jobs_dir / "<job>" / jobdir.RESULTS)
         try:
             configured = lm_eval_checks.check(merged, base)
         except lm_eval_checks.LmEvalCheckError as exc:
