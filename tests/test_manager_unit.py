@@ -1027,3 +1027,27 @@ def test_a_stop_signalled_just_before_shutdown_still_stops_the_job(make_env) -> 
     assert message == "Job 1 stopped."
     assert executor.handles[1].stop_calls == [GRACE_S]
     assert env.persisted()[1].status is S
+
+
+def test_a_timeout_counts_from_the_first_start_across_a_restart(make_env) -> None:
+    env = make_env()
+
+    async def scenario() -> FakeHandle:
+        executor = FakeExecutor()
+        async with running(env, executor) as manager:
+            manager.submit(job(timeout_s=60))
+            await watched(executor, 1)
+        env.clock.advance(seconds=61)  # the deadline passed while the server was down
+        env.reopen()
+        executor = FakeExecutor()
+        executor.alive = {1}
+        async with running(env, executor) as manager:
+            handle = await watched(executor, 1)
+            await terminal(manager, 1)
+        return handle
+
+    handle = asyncio.run(scenario())
+    assert handle.stop_calls == [GRACE_S]
+    persisted = env.persisted()[1]
+    assert (persisted.status, persisted.exit_code) == (F, STOP_EXIT_CODE)
+    assert persisted.error == "timeout: the job ran longer than timeout_s=60 and was stopped"
