@@ -121,7 +121,7 @@ class FakeExecutor:
 
 
 async def eventually(
-    predicate: Callable[[], bool], what: str = "the condition", timeout_s: float = 3.0
+    predicate: Callable[[], bool], what: str = "the condition", timeout_s: float = 10.0
 ) -> None:
     """Waits (bounded, in real time) until `predicate()` holds; the event loop keeps running."""
     loop = asyncio.get_running_loop()
