@@ -164,7 +164,7 @@ def wait_ready(server: Server) -> None:
         [server.worker] = [
             pid
             for pid in children(server.proc.pid)
-            if b"lm_eval_server.warm" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"lm_eval_server.executors.warm_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
         ]
 
 

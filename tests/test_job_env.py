@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from lm_eval_server import job_env, warm
+from lm_eval_server import job_env
 from lm_eval_server.config import Settings
+from lm_eval_server.executors import warm_worker
 
 RAY_EXEC_WITH_ENV: str | None
 try:
@@ -192,10 +193,10 @@ def test_a_worker_and_its_jobs_share_all_but_home_and_tmpdir(tmp_path: Path) -> 
 def test_fork_environ_is_the_jobs_own_as_its_imports_leave_it() -> None:
     before = {"HOME": "/w/home", "PATH": "/bin", "GONE": "1", "SAME": "s"}
     after = {"HOME": "/w/home", "PATH": "/bin", "SAME": "s", "ADDED": "yes"}
-    changes = warm.environ_changes(before, after)
+    changes = warm_worker.environ_changes(before, after)
     assert changes == {"ADDED": "yes", "GONE": None}
     job = {"HOME": "/j/home", "TMPDIR": "/j/tmp", "PATH": "/bin", "GONE": "1", "SAME": "s"}
-    assert warm.job_environ(job, changes) == {
+    assert warm_worker.job_environ(job, changes) == {
         "HOME": "/j/home",
         "TMPDIR": "/j/tmp",
         "PATH": "/bin",

@@ -249,7 +249,7 @@ def test_prepare_reasons(env: dict[str, str], reason: str, monkeypatch: pytest.M
     monkeypatch.delenv(launcher.ENV_DISABLE_HOOK, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    assert launcher._prepare() == reason
+    assert launcher.prepare() == reason
 
 
 def test_prepare_reports_setup_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,7 +260,7 @@ def test_prepare_reports_setup_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("surprise")
 
     monkeypatch.setattr(launcher, "install_hook", boom)
-    assert launcher._prepare() == "hook setup failed (RuntimeError: surprise)"
+    assert launcher.prepare() == "hook setup failed (RuntimeError: surprise)"
 
 
 # ----------------------------------------------------------------- end to end

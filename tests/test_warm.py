@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from lm_eval_server import job_env, launcher, warm
+from lm_eval_server import job_env, launch, launcher
 from lm_eval_server.app import create_app
 from lm_eval_server.config import Settings
+from lm_eval_server.executors import warm_pool, warm_protocol
 from lm_eval_server.executors.base import LaunchSpec
 from tests.support.completions_server import running_stub_server
 from tests.support.jobs import (
@@ -32,7 +33,7 @@ from tests.support.jobs import (
 )
 from tests.test_launcher import VOLATILE_RESULT_FIELDS
 
-WARM_MARKER = warm.MARKER_PREFIX + warm.FORKED_MARKER
+WARM_MARKER = warm_protocol.MARKER_PREFIX + warm_protocol.FORKED_MARKER
 READY_TIMEOUT_S = 300.0
 ALL_DOCS_DUMMY_JOB = {k: v for k, v in DUMMY_JOB.items() if k != "limit"}
 
@@ -274,7 +275,7 @@ def test_warm_workers_settings_conflicts_are_startup_errors(
 
 def test_pool_declines_what_it_cannot_run_warm(tmp_path: Path) -> None:
     env = {"PYTHONUNBUFFERED": "1"}
-    pool = warm.WarmPool(1, env, tmp_path)  # not started: no worker is ever ready
+    pool = warm_pool.WarmPool(1, env, tmp_path)  # not started: no worker is ever ready
     argv = [sys.executable, "-m", "lm_eval_server.launcher", "--model", "dummy"]
 
     def spec(**changes: Any) -> LaunchSpec:
@@ -283,16 +284,16 @@ def test_pool_declines_what_it_cannot_run_warm(tmp_path: Path) -> None:
             "argv": argv,
             "env": env,
             "work_dir": tmp_path,
-            "warm_eligible": True,
+            "warm_args": launch.warm_args(argv, {}),
         }
         return LaunchSpec(**{**values, **changes})
 
-    assert warm.launcher_args(argv) == ["--model", "dummy"]
-    assert warm.launcher_args([sys.executable, "-m", "lm_eval", "--model", "dummy"]) is None
+    # The launch policy alone decides: launcher jobs without env_vars of their own.
+    assert launch.warm_args(argv, {}) == ["--model", "dummy"]
+    assert launch.warm_args(argv, {"LMEVAL_LOG_LEVEL": "DEBUG"}) is None
+    assert launch.warm_args([sys.executable, "-m", "lm_eval", "--model", "dummy"], {}) is None
     for declined in (
-        spec(warm_eligible=False),
-        spec(argv=[sys.executable, "-m", "lm_eval", "--model", "dummy"]),
-        spec(env={**env, "LMEVAL_LOG_LEVEL": "DEBUG"}),
+        spec(warm_args=None),
         spec(),  # eligible, but no worker is ready
     ):
         assert asyncio.run(pool.run(declined, 1024)) is None

@@ -38,7 +38,7 @@ from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
 from lm_eval_server.validation import RequestValidator, json_safe
 
 if TYPE_CHECKING:
-    from lm_eval_server.warm import WarmPool
+    from lm_eval_server.executors.warm_pool import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _make_store(settings: Settings) -> JobStore:
 def _make_warm_pool(settings: Settings) -> WarmPool | None:
     if settings.executor is not ExecutorKind.local or settings.warm_workers == 0:
         return None
-    from lm_eval_server.warm import WarmPool
+    from lm_eval_server.executors.warm_pool import WarmPool
 
     run_dir = settings.data_dir.resolve() / "warm"
     return WarmPool(settings.warm_workers, job_env.worker_environment(settings, run_dir), run_dir)

@@ -23,6 +23,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Protocol
 
+from lm_eval_server import jobdir
+
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # An ALLOWED_ENV_VARS entry: a name, or an fnmatch pattern over name characters.
 ENV_PATTERN = re.compile(r"[A-Za-z0-9_*?\[\]!]+\Z")
@@ -233,11 +235,11 @@ def base_env(
 
 
 def job_home(work_dir: Path) -> Path:
-    return work_dir / "home"
+    return work_dir / jobdir.HOME
 
 
 def job_tmp(work_dir: Path) -> Path:
-    return work_dir / "tmp"
+    return work_dir / jobdir.TMP
 
 
 def job_environment(
@@ -255,7 +257,7 @@ def worker_environment(
     settings: JobEnvSettings, run_dir: Path, environ: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """A warm worker's environment: a job's, with a HOME and TMPDIR of the worker's own."""
-    return base_env(settings, run_dir / "home", run_dir / "tmp", environ)
+    return base_env(settings, job_home(run_dir), job_tmp(run_dir), environ)
 
 
 def shared_part(env: Mapping[str, str]) -> dict[str, str]:

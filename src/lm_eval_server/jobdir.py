@@ -13,6 +13,7 @@ every millisecond of start-up delays the job) imports it too.
       home/, tmp/              the job's HOME and TMPDIR
       results/                 lm-eval's --output_path when the request names none
       config.yaml              the validated snapshot of a request's `config` file
+      job-env.json             a Ray job's environment (0600), removed by the job once read
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ HOME = "home"
 TMP = "tmp"
 RESULTS = "results"
 CONFIG_SNAPSHOT = "config.yaml"
+ENV_FILE = "job-env.json"
 
 PathLike = str | os.PathLike[str]
 

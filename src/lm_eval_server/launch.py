@@ -74,5 +74,5 @@ class LaunchPolicy:
             num_gpus=resources.get("num_gpus"),
             num_cpus=resources.get("num_cpus"),
             memory=resources.get("memory"),
-            warm_eligible=warm_args(record.argv, record.env_vars) is not None,
+            warm_args=warm_args(record.argv, record.env_vars),
         )

@@ -237,7 +237,7 @@ def install_hook(data_dir: Path, *, preload: bool = False) -> str | None:
     return None
 
 
-def _prepare(*, preload: bool = False) -> str | None:
+def prepare(*, preload: bool = False) -> str | None:
     """Install the hook if wanted and possible; returns why plain lm-eval runs."""
     data_dir = os.environ.get(ENV_INDEX_DIR)
     if not data_dir:
@@ -254,7 +254,7 @@ def plain_lm_eval_notice(reason: str) -> None:
     _say(f"running plain lm-eval: {reason}")
 
 
-def _run_lm_eval(argv: list[str]) -> None:
+def run_lm_eval(argv: list[str]) -> None:
     import lm_eval.__main__ as lm_eval_main
 
     # What `python -m lm_eval` puts in argv[0]; HarnessCLI inserts its legacy
@@ -265,10 +265,10 @@ def _run_lm_eval(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
-    reason = _prepare()
+    reason = prepare()
     if reason is not None:
         plain_lm_eval_notice(reason)
-    _run_lm_eval(args)
+    run_lm_eval(args)
 
 
 if __name__ == "__main__":

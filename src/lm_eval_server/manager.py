@@ -83,8 +83,10 @@ class JobManager:
             self._sweeper.cancel()
         live = list(self._live.values())
         for state in live:
-            state.stop_reason = "shutdown"
-            if self._settings.shutdown_stops_jobs:
+            # A stop (or timeout) already under way is carried out, not forgotten: its caller
+            # was promised a stopped job.
+            state.stop_reason = state.stop_reason or "shutdown"
+            if state.stop_reason != "shutdown" or self._settings.shutdown_stops_jobs:
                 state.stop_event.set()
             elif state.task is not None:
                 state.task.cancel()

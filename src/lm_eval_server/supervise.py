@@ -9,9 +9,10 @@ starts the command a few milliseconds after it was spawned.
     python -I -S supervise.py WORK_DIR MAX_LOG_BYTES -- COMMAND...
     python -I -S supervise.py WORK_DIR MAX_LOG_BYTES --attach PID STDOUT_FD STDERR_FD
 
-The second form is for a warm worker (`lm_eval_server.warm`): the job's process, PID, is
-already running as a child of this process (forked before this program was exec'd) and
-writes to the pipes STDOUT_FD and STDERR_FD, inherited too. Everything else is the same.
+The second form is for a warm worker (`lm_eval_server.executors.warm_worker`): the job's
+process, PID, is already running as a child of this process (forked before this program was
+exec'd) and writes to the pipes STDOUT_FD and STDERR_FD, inherited too. Everything else is the
+same.
 
 The files it writes in WORK_DIR are named by `jobdir`: the two logs (each rotated past half of
 MAX_LOG_BYTES, so the tail is always kept), the count of bytes dropped, the command's pid and

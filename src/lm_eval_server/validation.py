@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lm_eval_server import backends, lm_eval_checks, paths
+from lm_eval_server import backends, jobdir, lm_eval_checks, paths
 from lm_eval_server.catalog import Catalog, TaskRequestRefused, UnknownTasks, close_matches
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import InvalidRequest
@@ -41,7 +41,6 @@ PATH_DESTS = frozenset({"output_path", "include_path", "use_cache", "config"})
 # EvaluatorConfig reads `samples` as JSON text or, failing that, as a path to a JSON file.
 JSON_OR_PATH_DESTS = frozenset({"samples"})
 CONFIG_DEST = "config"
-CONFIG_SNAPSHOT = "config.yaml"
 REMOTE_CODE_KEY = "trust_remote_code"
 UNSAFE_CODE_KEY = "confirm_run_unsafe_code"
 URL_KEY = "base_url"
@@ -69,7 +68,7 @@ def job_lm_args(job: ValidatedJob, work_dir: Path) -> list[str]:
     args = list(job.lm_args)
     if job.config_snapshot is None:
         return args
-    snapshot = work_dir / CONFIG_SNAPSHOT
+    snapshot = work_dir / jobdir.CONFIG_SNAPSHOT
     snapshot.touch(mode=0o600)
     snapshot.write_text(job.config_snapshot)
     index = args.index("--config")
@@ -226,7 +225,7 @@ class RequestValidator:
         user_output = merged.get("output_path") or None
         if not user_output:
             # The manager gives every job an output directory of its own.
-            merged["output_path"] = str(self._settings.jobs_dir / "<job>" / "results")
+            merged["output_path"] = str(self._settings.jobs_dir / "<job>" / jobdir.RESULTS)
         try:
             configured = lm_eval_checks.check(merged, base)
         except lm_eval_checks.LmEvalCheckError as exc:

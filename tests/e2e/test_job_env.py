@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from lm_eval_server import job_env, warm
+from lm_eval_server import job_env
 from lm_eval_server.app import create_app
 from lm_eval_server.config import Settings
+from lm_eval_server.executors import warm_protocol
 from tests.support.jobs import DUMMY_JOB, ROOT, fake_job, submit, wait_for
 from tests.support.server import ServerProcess
 
@@ -29,7 +30,7 @@ ENV_DUMP_JOB: dict[str, Any] = {
     "limit": 2,
 }
 DUMP_FILE = "job-environ.json"  # written by tests/data/env_task/_dump.py in the job's cwd
-WARM_MARKER = warm.MARKER_PREFIX + warm.FORKED_MARKER
+WARM_MARKER = warm_protocol.MARKER_PREFIX + warm_protocol.FORKED_MARKER
 SERVER_SECRET = "server-secret-value-7f3a"
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 # Variables lm-eval and its libraries set themselves (lm_eval/__init__.py on import,

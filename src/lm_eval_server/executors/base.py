@@ -18,9 +18,10 @@ class LaunchSpec:
     num_gpus: float | None = None
     num_cpus: float | None = None
     memory: int | None = None
-    # argv runs the bundled lm-eval through the launcher and the job has no env_vars of its
-    # own, so a warm worker (lm_eval_server.warm) may run it; executors without one ignore this.
-    warm_eligible: bool = False
+    # The lm-eval arguments a warm worker (executors.warm_pool) may run for this job, when the
+    # launch policy (lm_eval_server.launch.warm_args) says it may; executors without one ignore
+    # this.
+    warm_args: list[str] | None = None
 
 
 class JobHandle(Protocol):
@@ -35,8 +36,6 @@ class JobHandle(Protocol):
 
 
 class Executor(Protocol):
-    name: str
-
     async def start(self, spec: LaunchSpec) -> JobHandle: ...
 
     def adopt(
@@ -50,11 +49,3 @@ class Executor(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def stdout_path(work_dir: Path) -> Path:
-    return work_dir / "stdout.log"
-
-
-def stderr_path(work_dir: Path) -> Path:
-    return work_dir / "stderr.log"

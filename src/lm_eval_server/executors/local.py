@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -18,20 +17,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lm_eval_server import supervise
+from lm_eval_server import jobdir, supervise
 from lm_eval_server.executors.base import JobHandle, LaunchSpec
 
 if TYPE_CHECKING:
-    from lm_eval_server.warm import WarmPool
+    from lm_eval_server.executors.warm_pool import WarmPool
 
 log = logging.getLogger(__name__)
-
-
-def _read_exit_code(work_dir: Path) -> int | None:
-    try:
-        return int(json.loads((work_dir / "exit.json").read_text())["exit_code"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _is_our_supervisor(pid: int, work_dir: Path) -> bool:
@@ -75,7 +67,7 @@ class LocalJobHandle:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
         self._kill_group(signal.SIGKILL)  # stragglers the job left in its group
-        return _read_exit_code(self._work_dir)
+        return jobdir.read_exit_code(self._work_dir)
 
     async def stop(self, grace_s: float) -> None:
         self._kill_group(signal.SIGTERM)
@@ -93,8 +85,6 @@ class LocalJobHandle:
 
 
 class LocalExecutor:
-    name = "local"
-
     def __init__(self, max_log_bytes: int, warm_pool: WarmPool | None = None) -> None:
         self._max_log_bytes = max_log_bytes
         self._warm_pool = warm_pool  # owned (started, closed) by whoever created it
@@ -119,7 +109,8 @@ class LocalExecutor:
         # The job's whole environment (job_env), never the server's: the supervisor starts
         # with `-I` and hands it on unchanged.
         env = dict(spec.env)
-        errors = os.open(spec.work_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        supervisor_log = jobdir.path(spec.work_dir, jobdir.SUPERVISOR_LOG)
+        errors = os.open(supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             # posix_spawn: no fork of this (large) process, and no Popen object whose
             # finaliser would complain about a job that is meant to outlive the server.
@@ -146,7 +137,7 @@ class LocalExecutor:
         return LocalJobHandle(pid, work_dir, own_child=False)
 
     def recorded_exit_code(self, work_dir: Path, ref: str | None) -> int | None:
-        return _read_exit_code(work_dir)
+        return jobdir.read_exit_code(work_dir)
 
     async def close(self) -> None:
         return None

@@ -3,14 +3,14 @@
 Only this module imports ray; the server imports it only when EXECUTOR=ray.
 
 - The entrypoint is `cd WORK_DIR && exec PYTHON -I -S -c EXEC_WITH_ENV ENV_FILE ARGV...`: the
-  job's whole environment (job_env, as for a local job) is written to ENV_FILE (0600, in the
-  job's directory, removed once read) and the program is exec'd with exactly that environment,
-  plus the names of RAY_JOB_RUNTIME_ENV's own env_vars. Nothing else of the Ray node's
-  environment reaches the job, and the request's values never pass through a shell or through
-  `runtime_env.env_vars` (Ray expands `${NAME}` there from the node's environment, and shows
-  them on its dashboard). WORK_DIR (and lm-eval's `--output_path` under it) are the server's
-  absolute paths, so the cluster's nodes must see DATA_DIR at the same path: trivially for a
-  head on this machine, else shared storage.
+  job's whole environment (job_env, as for a local job) is written to ENV_FILE
+  (`jobdir.ENV_FILE`, 0600, in the job's directory, removed once read) and the program is exec'd
+  with exactly that environment, plus the names of RAY_JOB_RUNTIME_ENV's own env_vars. Nothing
+  else of the Ray node's environment reaches the job, and the request's values never pass
+  through a shell or through `runtime_env.env_vars` (Ray expands `${NAME}` there from the
+  node's environment, and shows them on its dashboard). WORK_DIR (and lm-eval's `--output_path`
+  under it) are the server's absolute paths, so the cluster's nodes must see DATA_DIR at the
+  same path: trivially for a head on this machine, else shared storage.
 - Logs: Ray keeps one combined stdout+stderr log per job. It is copied into `stderr.log`
   (`stdout.log` stays empty), while the job runs from Ray's log websocket and, when the job has
   ended, completed from the full log. Ray's log stream always starts at the beginning, so the
@@ -45,16 +45,15 @@ import requests
 from ray.job_submission import JobDetails, JobSubmissionClient
 from ray.job_submission import JobStatus as RayJobStatus
 
-from lm_eval_server import joblogs
+from lm_eval_server import jobdir, joblogs
 from lm_eval_server.config import Settings
-from lm_eval_server.executors.base import JobHandle, LaunchSpec, stderr_path, stdout_path
+from lm_eval_server.executors.base import JobHandle, LaunchSpec
 from lm_eval_server.supervise import RotatingLog
 
 log = logging.getLogger(__name__)
 
-ENV_FILE = "job-env.json"
 # Run by the entrypoint with `python -I -S -c` (stdlib only, nothing of the node's environment
-# can hook it): reads and removes ENV_FILE, then execs ARGV with exactly that environment. A
+# can hook it): reads and removes the env file, then execs ARGV with exactly that environment. A
 # bare program name is looked up on the node's PATH (a runtime_env may have put it there).
 EXEC_WITH_ENV = """\
 import json, os, shutil, sys
@@ -284,9 +283,9 @@ class RayJobHandle:
 
     # ------------------------------------------------------------------ logs
     def _open_log(self) -> None:
-        path = stderr_path(self._work_dir)
+        path = Path(jobdir.stderr_log(self._work_dir))
         self._work_dir.mkdir(parents=True, exist_ok=True)
-        stdout_path(self._work_dir).touch()
+        Path(jobdir.stdout_log(self._work_dir)).touch()
         self._log = RotatingLog(path, max(1024, self._executor.max_log_bytes // 2))
         self._written = _written_bytes(path)
         if self._log.size:
@@ -359,8 +358,6 @@ class RayJobHandle:
 
 
 class RayExecutor:
-    name = "ray"
-
     def __init__(
         self,
         settings: Settings,
@@ -387,8 +384,8 @@ class RayExecutor:
 
     async def start(self, spec: LaunchSpec) -> JobHandle:
         spec.work_dir.mkdir(parents=True, exist_ok=True)
-        stdout_path(spec.work_dir).touch()
-        stderr_path(spec.work_dir).touch()
+        for stream in jobdir.STREAMS:
+            Path(jobdir.log_path(spec.work_dir, stream)).touch()
         submission_id = f"lm-eval-server-{spec.job_id}-{secrets.token_hex(4)}"
         kwargs: dict[str, Any] = {}
         if spec.num_gpus is not None:
@@ -430,7 +427,7 @@ class RayExecutor:
         return RayJobHandle(self, submission_id, spec.work_dir)
 
     def write_env_file(self, spec: LaunchSpec) -> Path:
-        path = spec.work_dir / ENV_FILE
+        path = spec.work_dir / jobdir.ENV_FILE
         keep = sorted(self._runtime_env.get("env_vars") or {})
         data = json.dumps({"env": spec.env, "keep": keep}).encode()
         path.unlink(missing_ok=True)  # created afresh, so 0600 holds
@@ -447,7 +444,7 @@ class RayExecutor:
         return f"cd {shlex.quote(str(spec.work_dir))} && exec {shlex.join(start)}"
 
     def runtime_env(self, spec: LaunchSpec) -> dict[str, Any]:
-        # The operator's runtime_env as is; the job's own variables go through ENV_FILE.
+        # The operator's runtime_env as is; the job's own variables go through the env file.
         return dict(self._runtime_env)
 
     def adopt(
