@@ -61,7 +61,7 @@ def _make_warm_pool(settings: Settings) -> WarmPool | None:
         return None
     from lm_eval_server.executors.warm_pool import WarmPool
 
-    run_dir = settings.data_dir.resolve() / "warm"
+    run_dir = settings.warm_dir
     return WarmPool(settings.warm_workers, job_env.worker_environment(settings, run_dir), run_dir)
 
 

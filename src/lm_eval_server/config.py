@@ -141,8 +141,8 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     ray_job_runtime_env: dict[str, Any] | None = Field(
         None,
-        description="Ray runtime_env (JSON object) for every job, e.g. a pip/uv spec; each "
-        "job's env_vars are merged into its env_vars.",
+        description="Ray runtime_env (JSON object) for every job, e.g. a pip/uv spec. Its "
+        "env_vars are set by Ray on the node; each job's own environment comes from job-env.json.",
     )
     ray_job_python: str | None = Field(
         None,
@@ -241,3 +241,27 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Jobs' shared caches (HF_HOME, lm-eval's request cache)."""
+        return self.data_dir.resolve() / "cache"
+
+    @property
+    def warm_dir(self) -> Path:
+        """The warm workers' own directory (their HOME and TMPDIR)."""
+        return self.data_dir.resolve() / "warm"
+
+    @property
+    def server_owned_paths(self) -> list[Path]:
+        """Everything under DATA_DIR the server writes itself: no job may write into them."""
+        db = self.db_path.resolve()
+        sidecars = [db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal")]
+        return [
+            self.jobs_dir.resolve(),
+            self.task_index_dir,
+            self.cache_dir,
+            self.warm_dir,
+            db,
+            *sidecars,
+        ]

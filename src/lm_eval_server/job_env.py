@@ -111,6 +111,9 @@ class JobEnvSettings(Protocol):
     @property
     def task_index_dir(self) -> Path: ...
 
+    @property
+    def cache_dir(self) -> Path: ...
+
 
 class EnvVarsRefused(ValueError):
     """A request's env_vars cannot be used; the message names the variable and the setting."""
@@ -189,11 +192,6 @@ def check_passthrough(names: Iterable[str], server_settings: Iterable[str]) -> N
 # ----------------------------------------------------------------- the whole environment
 
 
-def cache_dir(settings: JobEnvSettings) -> Path:
-    """Server-owned caches every job shares (downloads, lm-eval's request cache)."""
-    return settings.data_dir.resolve() / "cache"
-
-
 def safe_path() -> str:
     # The server's own virtualenv first, as its lm_eval command expects; not resolved, so a
     # venv's bin/python symlink keeps pointing into the venv.
@@ -211,7 +209,7 @@ def base_env(
     """What the server chooses plus JOB_ENV_PASSTHROUGH, for a process with this HOME and TMPDIR
     (creates the directories)."""
     environ = os.environ if environ is None else environ
-    caches = _private_dir(cache_dir(settings))
+    caches = _private_dir(settings.cache_dir)
     env = {
         "PATH": safe_path(),
         "LANG": LOCALE,

@@ -56,12 +56,7 @@ class ServerFiles:
 
     @classmethod
     def of(cls, settings: Settings) -> ServerFiles:
-        data = settings.data_dir.resolve()
-        db = settings.db_path.resolve()
-        jobs = settings.jobs_dir.resolve()
-        owned = [jobs, settings.task_index_dir, data / "cache"]
-        owned += [db, *(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal"))]
-        return cls(jobs, tuple(owned))
+        return cls(settings.jobs_dir.resolve(), tuple(settings.server_owned_paths))
 
     def refuse(self, path: Path, what: str) -> None:
         """`path` (resolved) must not be, or be inside, a server-owned path."""

@@ -157,6 +157,9 @@ def test_output_path_stays_out_of_server_files(make_client: Any, tmp_path: Path)
         (data / "jobs" / "99", "another job"),
         (data / "jobs.db", "server's own files"),
         (data / "jobs.db-wal", "server's own files"),
+        # The warm workers' HOME: a result written there could configure what they import.
+        (data / "warm" / "home" / ".config" / "fsspec", "server's own files"),
+        (data / "cache" / "huggingface", "server's own files"),
     ):
         refused(client, {**FAKE, "output_path": str(path)}, needle)
     # lm-eval files results under output_path/<model name>: `..` would climb out of it, and
