@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from lm_eval_server.app import create_app
 from lm_eval_server.config import Settings
 from tests.support.jobs import DEFAULT_LM_EVAL, FAKE_LM_EVAL, ROOT
+from tests.support.server import ServerProcess
 
 # No test may reach the internet. These reach every job through JOB_ENV_PASSTHROUGH's defaults
 # (a job's environment is built from nothing, see lm_eval_server.job_env).
@@ -73,12 +74,29 @@ def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[...
 
 
 @pytest.fixture
+def servers(tmp_path: Path, index_dir: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Real server processes (uvicorn src.main:app) sharing one DATA_DIR, stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def make(**env: str) -> ServerProcess:
+        server = ServerProcess(tmp_path / "data", index_dir, **env).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in reversed(started):
+        server.stop_jobs_and_terminate()
+
+
+@pytest.fixture
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
 
 
 # Fixtures that start real servers or build lm-eval's task index: a test using one is end to end.
-_E2E_FIXTURES = frozenset({"index_dir", "make_settings", "make_client", "client", "server"})
+_E2E_FIXTURES = frozenset(
+    {"index_dir", "make_settings", "make_client", "client", "server", "servers"}
+)
 _E2E_DIR = Path(__file__).parent / "e2e"
 
 

@@ -8,30 +8,12 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.support.completions_server import model_args_for, running_stub_server
 from tests.support.jobs import TEST_TASKS, fake_job, group_members, process_alive, submit, wait_for
-from tests.support.server import ServerProcess
-
-
-@pytest.fixture
-def servers(tmp_path: Path, index_dir: Path) -> Iterator[Callable[..., ServerProcess]]:
-    started: list[ServerProcess] = []
-
-    def make(**env: str) -> ServerProcess:
-        server = ServerProcess(tmp_path / "data", index_dir, **env).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in reversed(started):
-        server.stop_jobs_and_terminate()
 
 
 def pid_of(data_dir: Path, job_id: int) -> int:

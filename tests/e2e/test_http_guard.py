@@ -13,7 +13,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,20 +70,6 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, index_dir: Path) -> Iterat
     ).start()
     yield server
     server.stop_jobs_and_terminate()
-
-
-@pytest.fixture
-def servers(tmp_path: Path, index_dir: Path) -> Iterator[Callable[..., ServerProcess]]:
-    started: list[ServerProcess] = []
-
-    def make(**env: str) -> ServerProcess:
-        server = ServerProcess(tmp_path / "data", index_dir, **env).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in reversed(started):
-        server.stop_jobs_and_terminate()
 
 
 @pytest.fixture
