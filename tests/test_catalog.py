@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +61,19 @@ def test_suggestions_come_from_a_bounded_candidate_set() -> None:
     assert suggester.suggest("x" * 10_000) == []
     # Names from the request's include_path are candidates too.
     assert suggester.suggest("my_tsk", extra={"my_task"}) == ["my_task"]
+
+
+def test_an_unknown_task_message_lists_a_bounded_number_of_names() -> None:
+    from lm_eval_server.catalog import UnknownTasks
+    from lm_eval_server.validation import MAX_NAMES_LISTED, UnknownTaskNames
+
+    names = [f"zz_unknown_{i}" for i in range(1000)]
+
+    def no_suggester() -> Any:
+        raise AssertionError("the short message needs no suggestions")
+
+    message = str(UnknownTaskNames(UnknownTasks(names, frozenset(), no_suggester)))
+    assert "'zz_unknown_0'" in message and f"'zz_unknown_{MAX_NAMES_LISTED - 1}'" in message
+    assert f"'zz_unknown_{MAX_NAMES_LISTED}'" not in message
+    assert f"and {1000 - MAX_NAMES_LISTED} more" in message
+    assert len(message) < 3000

@@ -428,6 +428,10 @@ def _argv_message(message: str) -> str:
     return text
 
 
+# Unknown task names an error message lists (the rest are counted).
+MAX_NAMES_LISTED = 50
+
+
 class UnknownTaskNames(InvalidRequest):
     """Some tasks are unknown. `describe()` adds close matches; it is slow enough (a fuzzy
     search over ~15k names) that callers on an event loop should run it in a thread."""
@@ -442,9 +446,12 @@ class UnknownTaskNames(InvalidRequest):
     @staticmethod
     def _message(matches: dict[str, list[str]]) -> str:
         parts = []
-        for task, hints in matches.items():
+        for task, hints in list(matches.items())[:MAX_NAMES_LISTED]:
             hint = f" (did you mean: {', '.join(hints)}?)" if hints else ""
-            parts.append(f"{task!r}{hint}")
+            parts.append(f"{task[:200]!r}{hint}")
+        if len(matches) > MAX_NAMES_LISTED:
+            # A message is read by a person: a thousand names help nobody, and cost bytes.
+            parts.append(f"and {len(matches) - MAX_NAMES_LISTED} more")
         return (
             f"Unknown task(s): {'; '.join(parts)}. Tasks come from lm-eval's task list "
             "(`lm_eval ls tasks`) plus the request's include_path"
