@@ -43,7 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 OUT_DIR = BENCH / "out"
-EXAMPLES_TASKS = ROOT / "examples" / "tasks"
+# Resolved as the server resolves request paths (examples/ links into the package).
+EXAMPLES_TASKS = (ROOT / "examples" / "tasks").resolve()
 FAKE_SCRIPT = ROOT / "tests" / "support" / "fake_lm_eval.py"
 SUPERVISOR = ROOT / "src" / "lm_eval_server" / "supervise.py"
 PY = sys.executable
