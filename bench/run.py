@@ -46,6 +46,7 @@ OUT_DIR = BENCH / "out"
 # Resolved as the server resolves request paths (examples/ links into the package).
 EXAMPLES_TASKS = (ROOT / "examples" / "tasks").resolve()
 FAKE_SCRIPT = ROOT / "tests" / "support" / "fake_lm_eval.py"
+LOG_LIMIT_BYTES = 1 << 30
 SUPERVISOR = ROOT / "src" / "lm_eval_server" / "supervise.py"
 PY = sys.executable
 DEFAULT_LM_EVAL = f"{PY} -m lm_eval"
@@ -753,7 +754,9 @@ async def via_server(srv: Server, body: bytes) -> tuple[float, dict[str, Any]]:
 async def bench_logs(ctx: Context) -> Figures:
     total = ctx.sizes.log_bytes
     env = {**os.environ, **OFFLINE, **JOB_ENV, "FAKE_STDERR_BYTES": str(total)}
-    srv = await ctx.server()
+    # The whole flood must stay on disk to be compared: the default MAX_LOG_BYTES (100 MiB)
+    # would keep only its tail. The same limit as the supervised run below.
+    srv = await ctx.server(MAX_LOG_BYTES=str(LOG_LIMIT_BYTES))
     await wait_idle(srv.http)
     figures: Figures = {}
 
@@ -764,7 +767,8 @@ async def bench_logs(ctx: Context) -> Figures:
 
     async def supervised() -> None:
         cwd = ctx.scratch("logs-supervised")
-        argv = [PY, "-I", "-S", str(SUPERVISOR), str(cwd), "1073741824", "--", PY, str(FAKE_SCRIPT)]
+        argv = [PY, "-I", "-S", str(SUPERVISOR), str(cwd), str(LOG_LIMIT_BYTES), "--", PY]
+        argv.append(str(FAKE_SCRIPT))
         figures["log_supervised_s"] = await run_timed(argv, cwd, env)
         shutil.rmtree(cwd)
 
