@@ -118,7 +118,7 @@ class Settings(BaseSettings):
         parse_rules(value)  # a ValueError names the bad entry
         return value
 
-    # Job environment (issue 12, part "env"; lm_eval_server.job_env). ALLOWED_ENV_VARS above:
+    # Job environment (lm_eval_server.job_env). ALLOWED_ENV_VARS above:
     # names or case-sensitive glob patterns a request's env_vars may set besides the defaults.
     job_env_passthrough: CsvList = Field(
         default_factory=lambda: list(job_env.DEFAULT_JOB_ENV_PASSTHROUGH),
@@ -158,7 +158,7 @@ class Settings(BaseSettings):
         0, ge=0, description="Pre-started lm-eval processes that fork jobs (local executor)."
     )
 
-    # Request -> argv boundary (semantics): remote/unsafe code, where model tokens may go
+    # Request -> argv boundary: remote/unsafe code, where model tokens may go
     allow_unsafe_code: bool = Field(
         False,
         description="Allow confirm_run_unsafe_code (tasks that execute model-written code); "
