@@ -451,6 +451,12 @@ async def complete(manager: JobManager, executor: FakeExecutor, task: str) -> Jo
     return await terminal(manager, record.job_id)
 
 
+async def gone(path: Path, within_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while path.exists() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def test_retention_keeps_only_max_finished_jobs(make_env) -> None:
     env = make_env(max_finished_jobs=2)
     executor = FakeExecutor()
@@ -466,6 +472,8 @@ def test_retention_keeps_only_max_finished_jobs(make_env) -> None:
                 manager.get(1)
             assert [r.job_id for r in manager.list(None, None, 0)[0]] == [2, 3, 4]
             assert sorted(env.persisted()) == [2, 3, 4]
+            # The directory goes in a worker thread, after the record.
+            await gone(Path(records[0].work_dir))
             assert not Path(records[0].work_dir).exists()
             assert Path(records[1].work_dir).exists()
             await manager.stop_all()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lm_eval_server.idempotency import ANONYMOUS, body_digest, caller_id, claim
 from lm_eval_server.models import JobRecord
-from lm_eval_server.store import MIGRATIONS, SqliteJobStore
+from lm_eval_server.store import MIGRATIONS, SCHEMA_VERSION, SqliteJobStore
 
 
 def record(job_id: int, **kw: object) -> JobRecord:
@@ -46,8 +46,9 @@ def test_v1_database_upgrades_and_drops_unbound_keys(tmp_path: Path) -> None:
     assert again.load_all()[1] == new
     again.close()
     db = sqlite3.connect(db_path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
+    assert old.owner == "default"  # jobs from before principals belong to the bare-key owner
 
 
 def test_claims_separate_callers_and_bodies() -> None:

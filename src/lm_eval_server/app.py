@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.jobs_dir.mkdir(mode=0o700, exist_ok=True)
         settings.jobs_dir.chmod(0o700)
         host = listen_host(settings.host_hint, sys.argv, dict(os.environ))
-        if not settings.api_keys and not is_loopback(host):
+        if not settings.auth_enabled and not is_loopback(host):
             log.warning(
                 "No API_KEYS set and listening on %s: anyone who can reach this port can run "
                 "jobs. Set API_KEYS or API_KEYS_FILE.",
@@ -150,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         catalog=catalog,
         metrics=metrics,
         validator=RequestValidator(settings, parser, specs, catalog),
-        api_keys=[key.encode() for key in settings.api_keys],
+        keys=settings.key_table(),
         log_followers=FollowerSlots(settings.max_log_followers),
     )
     app.state.server = state

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lm_eval_server import job_env
 from lm_eval_server.hosts import parse_rules
+from lm_eval_server.principals import Principal, key_table, parse_entry
 
 
 class StoreKind(StrEnum):
@@ -57,8 +58,15 @@ class Settings(BaseSettings):
     use_launcher: bool = Field(True, description="Start jobs through the cached-index launcher.")
 
     # Security
-    api_keys: CsvList = Field(default_factory=list)
+    api_keys: CsvList = Field(
+        default_factory=list,
+        description="name:key entries (a bare key belongs to the principal 'default').",
+    )
     api_keys_file: Path | None = None
+    admin_keys: CsvList = Field(
+        default_factory=list,
+        description="name:key entries for admins, who see and act on every owner's jobs.",
+    )
     lm_eval_paths: CsvList = Field(default_factory=list)
     allowed_paths: CsvList = Field(default_factory=list)
     allowed_env_vars: CsvList = Field(default_factory=list)
@@ -175,6 +183,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "api_keys",
+        "admin_keys",
         "lm_eval_paths",
         "allowed_paths",
         "allowed_env_vars",
@@ -202,6 +211,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"API_KEYS_FILE {self.api_keys_file}: {exc}") from exc
             keys = [line.strip() for line in text.splitlines()]
             self.api_keys = [*self.api_keys, *(k for k in keys if k and not k.startswith("#"))]
+        self.key_table()  # a malformed or ambiguous key entry stops startup
         if self.executor is ExecutorKind.ray and not self.ray_address:
             raise ValueError("EXECUTOR=ray needs RAY_ADDRESS (e.g. http://head:8265)")
         if self.warm_workers and self.executor is not ExecutorKind.local:
@@ -209,6 +219,17 @@ class Settings(BaseSettings):
         if self.warm_workers and not self.use_launcher:
             raise ValueError("WARM_WORKERS needs USE_LAUNCHER=true (warm jobs run the launcher)")
         return self
+
+    def key_table(self) -> dict[bytes, Principal]:
+        """Every API key to the principal it names; empty when the server is open."""
+        return key_table(
+            (parse_entry(entry, "API_KEYS") for entry in self.api_keys),
+            (parse_entry(entry, "ADMIN_KEYS") for entry in self.admin_keys),
+        )
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
 
     @property
     def default_lm_eval_path(self) -> str:

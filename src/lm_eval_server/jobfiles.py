@@ -15,26 +15,28 @@ from lm_eval_server import jobdir, results
 from lm_eval_server.errors import FileNotAvailable, JobNotCompleted
 from lm_eval_server.manager import JobManager
 from lm_eval_server.models import JobRecord, JobStatus
+from lm_eval_server.principals import Principal
 
 
 class JobFiles:
     def __init__(self, manager: JobManager) -> None:
         self._manager = manager
 
-    def log_path(self, job_id: int, stream: str) -> Path:
-        record = self._manager.get(job_id)
+    def log_path(self, job_id: int, stream: str, viewer: Principal | None) -> Path:
+        record = self._manager.get(job_id, viewer)
         return Path(jobdir.log_path(record.work_dir, stream))
 
-    async def results(self, job_id: int) -> tuple[dict[str, Any], Path]:
-        path = self._results_file(self._manager.get(job_id))
+    async def results(self, job_id: int, viewer: Principal | None) -> tuple[dict[str, Any], Path]:
+        record = self._manager.get(job_id, viewer)
+        path = self._results_file(record)
         try:
             data = await asyncio.to_thread(_read_json, path)
         except FileNotFoundError:
-            raise self._no_results(self._manager.get(job_id)) from None
+            raise self._no_results(record) from None
         return data, path
 
-    async def samples_path(self, job_id: int, task: str) -> Path:
-        path = self._results_file(self._manager.get(job_id))
+    async def samples_path(self, job_id: int, task: str, viewer: Principal | None) -> Path:
+        path = self._results_file(self._manager.get(job_id, viewer))
         files = await asyncio.to_thread(results.samples_files, path)
         found = files.get(task)
         if found is None:

@@ -30,6 +30,7 @@ from lm_eval_server.executors.base import Executor, JobHandle
 from lm_eval_server.idempotency import IdempotencyClaim
 from lm_eval_server.launch import LaunchPolicy
 from lm_eval_server.models import JobRecord, JobStatus, utcnow
+from lm_eval_server.principals import DEFAULT_PRINCIPAL, Principal
 from lm_eval_server.runner import JobRunner, Live
 from lm_eval_server.store import JobStore, TerminalStateError
 from lm_eval_server.validation import ValidatedJob
@@ -104,20 +105,31 @@ class JobManager:
         return self._shutting_down
 
     # ------------------------------------------------------------------ queries
-    def get(self, job_id: int) -> JobRecord:
+    def get(self, job_id: int, viewer: Principal | None = None) -> JobRecord:
+        """The job; JobNotFound also when `viewer` may not see it, so that another owner's
+        job and a job that does not exist answer alike. `viewer=None` is the server itself."""
         record = self._jobs.get(job_id)
-        if record is None:
+        if record is None or (viewer is not None and not viewer.can_see(record.owner)):
             raise JobNotFound(job_id)
         return record
 
     def list(
-        self, statuses: set[JobStatus] | None, limit: int | None, offset: int
+        self,
+        statuses: set[JobStatus] | None,
+        limit: int | None,
+        offset: int,
+        viewer: Principal | None = None,
+        owner: str | None = None,
     ) -> tuple[list[JobRecord], int]:
-        """Jobs in id order (oldest first), filtered, then sliced."""
-        if statuses is None:
-            selected = list(self._jobs.values())
-        else:
-            selected = [r for r in self._jobs.values() if r.status in statuses]
+        """Jobs in id order (oldest first) that `viewer` may see, filtered (by status and
+        owner), then sliced."""
+        selected = [
+            r
+            for r in self._jobs.values()
+            if (statuses is None or r.status in statuses)
+            and (owner is None or r.owner == owner)
+            and (viewer is None or viewer.can_see(r.owner))
+        ]
         end = None if limit is None else offset + limit
         return selected[offset:end], len(selected)
 
@@ -136,7 +148,12 @@ class JobManager:
         return len(self._live)
 
     # ------------------------------------------------------------------ commands
-    def submit(self, job: ValidatedJob, idempotency: IdempotencyClaim | None = None) -> JobRecord:
+    def submit(
+        self,
+        job: ValidatedJob,
+        idempotency: IdempotencyClaim | None = None,
+        owner: str = DEFAULT_PRINCIPAL,
+    ) -> JobRecord:
         if self._shutting_down:
             raise ShuttingDown("the server is shutting down; submit the job again shortly")
         if idempotency is not None and (first := self._first_claimed(idempotency)) is not None:
@@ -162,6 +179,7 @@ class JobManager:
             created_at=self._clock(),
             idempotency_key=idempotency.scope if idempotency else None,
             idempotency_body=idempotency.body_sha256 if idempotency else None,
+            owner=owner,
         )
         self._store.insert(record)
         self._jobs[job_id] = record
@@ -182,11 +200,11 @@ class JobManager:
             )
         return first
 
-    async def stop(self, job_id: int) -> str:
+    async def stop(self, job_id: int, viewer: Principal | None = None) -> str:
         """Stop a job at whatever point it is: waiting in the queue, handed to a runner but not
         started, starting, running or finishing. Returns once the job is terminal and its
         process is gone."""
-        record = self.get(job_id)
+        record = self.get(job_id, viewer)
         if self._dequeue(record):
             return f"Job {job_id} dequeued."
         runner = self._signal_stop(record)
@@ -197,8 +215,13 @@ class JobManager:
         await asyncio.wait({runner})
         return f"Job {job_id} stopped."
 
-    async def stop_all(self) -> list[int]:
-        targets = [r for r in self._jobs.values() if not r.status.is_terminal()]
+    async def stop_all(self, viewer: Principal | None = None) -> list[int]:
+        """Every unfinished job `viewer` may see (all of them for the server or an admin)."""
+        targets = [
+            r
+            for r in self._jobs.values()
+            if not r.status.is_terminal() and (viewer is None or viewer.can_see(r.owner))
+        ]
         # Every job is dequeued or signalled before the first await, so no job stopped here
         # frees a slot that starts another of them.
         runners = [
@@ -210,16 +233,20 @@ class JobManager:
             await asyncio.wait(runners)
         return [r.job_id for r in targets]
 
-    async def delete(self, job_id: int) -> None:
-        record = self.get(job_id)
+    async def delete(self, job_id: int, viewer: Principal | None = None) -> None:
+        record = self.get(job_id, viewer)
         if not record.status.is_terminal():
             await self.stop(job_id)
         if record.job_id in self._jobs:  # a concurrent delete may have removed it already
             await self._forget([record])
 
-    async def delete_all(self) -> list[int]:
-        await self.stop_all()
-        records = [r for r in self._jobs.values() if r.status.is_terminal()]
+    async def delete_all(self, viewer: Principal | None = None) -> list[int]:
+        await self.stop_all(viewer)
+        records = [
+            r
+            for r in self._jobs.values()
+            if r.status.is_terminal() and (viewer is None or viewer.can_see(r.owner))
+        ]
         await self._forget(records)
         return [r.job_id for r in records]
 

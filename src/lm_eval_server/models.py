@@ -56,6 +56,7 @@ class JobRecord:
     idempotency_key: str | None = None  # hash of (caller, Idempotency-Key); see idempotency.py
     idempotency_body: str | None = None  # SHA-256 of the canonical body sent with that key
     executor_ref: str | None = None  # e.g. the Ray submission id
+    owner: str = "default"  # the principal whose key submitted the job (principals.py)
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
     # The API's JSON for this job once it is finished (it cannot change any more).
@@ -116,6 +117,7 @@ class ProgressInfo(BaseModel):
 
 class JobSummary(BaseModel):
     job_id: int
+    owner: str = Field(description="The principal (named API key) that submitted the job.")
     argument: str = Field(description="The lm_eval command line, shell-quoted.")
     status: JobStatus
     timestamp: datetime | None = Field(description="When the job started (README field).")

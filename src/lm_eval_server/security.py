@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lm_eval_server import hosts
 from lm_eval_server.idempotency import ANONYMOUS, caller_id
+from lm_eval_server.principals import OPEN_SERVER, Principal
 
 log = logging.getLogger(__name__)
 
@@ -26,24 +27,32 @@ _bearer = HTTPBearer(auto_error=False, description="One of the server's API_KEYS
 async def require_api_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    keys: list[bytes] = request.app.state.server.api_keys
+) -> Principal:
+    """The caller's principal; 401 without a valid key. FastAPI caches a dependency per
+    request, so a route that also asks for `Caller` gets this same check's answer."""
+    keys: dict[bytes, Principal] = request.app.state.server.keys
     if not keys:
-        return
+        request.state.principal = OPEN_SERVER
+        return OPEN_SERVER
     supplied = credentials.credentials.encode() if credentials is not None else b""
     # Compare against every key so the time taken does not say which key came close.
     matched: bytes | None = None
     for key in keys:
         if hmac.compare_digest(supplied, key):
             matched = key
-    if matched is not None:
-        request.state.api_key = matched
-    else:
+    if matched is None:
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="Missing or invalid API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    request.state.api_key = matched
+    principal = keys[matched]
+    request.state.principal = principal
+    return principal
+
+
+Caller = Annotated[Principal, Depends(require_api_key)]
 
 
 def caller_of(request: Request) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from lm_eval_server.models import JobRecord, JobStatus
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -49,6 +49,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN idempotency_body TEXT;
     UPDATE jobs SET idempotency_key = NULL;
     """,
+    # Jobs belong to the principal whose key submitted them; earlier jobs to `default`, the
+    # principal of a bare key and of a server without keys, so they stay where they were seen.
+    """
+    ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT 'default';
+    CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner);
+    """,
 ]
 
 _COLUMNS = (
@@ -70,6 +76,7 @@ _COLUMNS = (
     "idempotency_key",
     "executor_ref",
     "idempotency_body",
+    "owner",
 )
 _MUTABLE_COLUMNS = (
     "status",

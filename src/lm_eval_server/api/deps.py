@@ -12,6 +12,8 @@ from lm_eval_server.config import Settings
 from lm_eval_server.jobfiles import JobFiles
 from lm_eval_server.manager import JobManager
 from lm_eval_server.metrics import AppMetrics
+from lm_eval_server.principals import Principal
+from lm_eval_server.security import Caller
 from lm_eval_server.validation import RequestValidator
 
 
@@ -50,7 +52,7 @@ class ServerState:
     catalog: Catalog
     metrics: AppMetrics
     validator: RequestValidator
-    api_keys: list[bytes]
+    keys: dict[bytes, Principal]  # each API key to its principal; empty: an open server
     log_followers: FollowerSlots
     manager: JobManager | None = None
     files: JobFiles | None = None
@@ -94,3 +96,5 @@ Manager = Annotated[JobManager, Depends(get_manager)]
 Files = Annotated[JobFiles, Depends(get_files)]
 Validator = Annotated[RequestValidator, Depends(get_validator)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+__all__ = ["Caller", "Files", "Manager", "SettingsDep", "State", "Validator"]

@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from lm_eval_server import joblogs, results
-from lm_eval_server.api.deps import Files, Manager, State
+from lm_eval_server.api.deps import Caller, Files, Manager, State
 from lm_eval_server.manager import JobManager
 from lm_eval_server.models import JobResults, Metric
 
@@ -41,8 +41,8 @@ class Stream(StrEnum):
         409: {"description": "The job is not Completed."},
     },
 )
-async def get_results(files: Files, job_id: int) -> JobResults:
-    data, path = await files.results(job_id)
+async def get_results(files: Files, caller: Caller, job_id: int) -> JobResults:
+    data, path = await files.results(job_id, caller)
     metrics = [Metric(**row) for row in results.flatten_metrics(data)]
     return JobResults(job_id=job_id, results=data, metrics=metrics, results_file=str(path))
 
@@ -53,9 +53,12 @@ async def get_results(files: Files, job_id: int) -> JobResults:
     responses={200: {"content": {"application/x-ndjson": {}}}},
 )
 async def get_samples(
-    files: Files, job_id: int, task: Annotated[str, Query(min_length=1, max_length=500)]
+    files: Files,
+    caller: Caller,
+    job_id: int,
+    task: Annotated[str, Query(min_length=1, max_length=500)],
 ) -> FileResponse:
-    path = await files.samples_path(job_id, task)
+    path = await files.samples_path(job_id, task, caller)
     return FileResponse(path, media_type="application/x-ndjson", filename=path.name)
 
 
@@ -72,12 +75,13 @@ async def get_logs(
     state: State,
     manager: Manager,
     files: Files,
+    caller: Caller,
     job_id: int,
     stream: Stream = Stream.stderr,
     tail: Annotated[int | None, Query(ge=0, le=1_000_000)] = None,
     follow: bool = False,
 ) -> StreamingResponse:
-    path = files.log_path(job_id, stream.value)
+    path = files.log_path(job_id, stream.value, caller)
     inode, size = joblogs.current_size(path)
     if not follow:
         return StreamingResponse(_read(path, tail, size), media_type="text/plain; charset=utf-8")

@@ -12,7 +12,7 @@ from starlette.types import Message
 
 from lm_eval_server import idempotency
 from lm_eval_server.api import views
-from lm_eval_server.api.deps import Manager, SettingsDep, State, Validator
+from lm_eval_server.api.deps import Caller, Manager, SettingsDep, State, Validator
 from lm_eval_server.catalog import Catalog, IndexState, TaskIndexUnavailable
 from lm_eval_server.config import Settings
 from lm_eval_server.models import BulkAction, JobAction, JobDetail, JobList, JobStatus
@@ -154,6 +154,7 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         state: State,
         validator: Validator,
         manager: Manager,
+        caller: Caller,
         body: Annotated[request_model, Body(openapi_examples={"dummy": {"value": example}})],  # type: ignore[valid-type]
         idempotency_key: Annotated[
             str | None,
@@ -174,7 +175,7 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             # Bound to who asks and what they send (idempotency.py).
             raw = await request.body()  # already read and cached by FastAPI
             claim = idempotency.claim(idempotency_key, caller_of(request), raw)
-        record = manager.submit(job, claim)
+        record = manager.submit(job, claim, owner=caller.name)
         return JobAction(message=f"Job {record.job_id} successfully queued.", job_id=record.job_id)
 
     router.add_api_route(
@@ -205,6 +206,7 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
     )
     async def list_jobs(
         manager: Manager,
+        caller: Caller,
         include_completed: Annotated[
             bool | None, Query(description="false: only Queued and Running jobs.")
         ] = None,
@@ -217,22 +219,28 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         ] = None,
         limit: Annotated[int | None, Query(ge=0, le=1_000_000)] = None,
         offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+        owner: Annotated[
+            str | None,
+            Query(max_length=64, description="Only this owner's jobs (admins see every owner)."),
+        ] = None,
     ) -> Response:
         statuses = parse_statuses(status_filter)
         include = include_completed if include_completed is not None else include_finished
         if include is False:
             active = {JobStatus.queued, JobStatus.running}
             statuses = active if statuses is None else statuses & active
-        records, total = manager.list(statuses, limit, offset)
+        records, total = manager.list(statuses, limit, offset, viewer=caller, owner=owner)
         return Response(views.job_list_json(records, total), media_type="application/json")
 
     @router.get("/job/{job_id}", response_model=JobDetail, responses=_NOT_FOUND)
-    async def get_job(manager: Manager, settings: SettingsDep, job_id: int) -> JobDetail:
-        record = manager.get(job_id)
+    async def get_job(
+        manager: Manager, settings: SettingsDep, caller: Caller, job_id: int
+    ) -> JobDetail:
+        record = manager.get(job_id, caller)
         return await run_in_threadpool(views.detail, record, settings.log_tail_lines)
 
-    async def stop_job(manager: Manager, job_id: int) -> JobAction:
-        return JobAction(message=await manager.stop(job_id), job_id=job_id)
+    async def stop_job(manager: Manager, caller: Caller, job_id: int) -> JobAction:
+        return JobAction(message=await manager.stop(job_id, caller), job_id=job_id)
 
     # GET as in the original README, POST because stopping is a side effect; `dequeue` is the
     # original code's name for the same thing.
@@ -249,8 +257,8 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
                 deprecated=name == "dequeue",
             )
 
-    async def stop_all(manager: Manager) -> BulkAction:
-        ids = await manager.stop_all()
+    async def stop_all(manager: Manager, caller: Caller) -> BulkAction:
+        ids = await manager.stop_all(caller)
         return BulkAction(message=f"Stopped {len(ids)} job(s).", job_ids=ids)
 
     for path, name in (("/jobs/stop", "stop"), ("/jobs/dequeue", "dequeue")):
@@ -260,19 +268,19 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
                 stop_all,
                 methods=[method],
                 response_model=BulkAction,
-                summary="Stop every queued and running job",
+                summary="Stop every queued and running job of the caller (an admin: of all)",
                 operation_id=f"{name}_all_jobs_{method.lower()}",
                 deprecated=name == "dequeue",
             )
 
     @router.delete("/job/{job_id}", response_model=JobAction, responses=_NOT_FOUND)
-    async def delete_job(manager: Manager, job_id: int) -> JobAction:
-        await manager.delete(job_id)
+    async def delete_job(manager: Manager, caller: Caller, job_id: int) -> JobAction:
+        await manager.delete(job_id, caller)
         return JobAction(message=f"Job {job_id} deleted.", job_id=job_id)
 
     @router.delete("/jobs", response_model=BulkAction)
-    async def delete_jobs(manager: Manager) -> BulkAction:
-        ids = await manager.delete_all()
+    async def delete_jobs(manager: Manager, caller: Caller) -> BulkAction:
+        ids = await manager.delete_all(caller)
         return BulkAction(message=f"Deleted {len(ids)} job(s).", job_ids=ids)
 
     return router

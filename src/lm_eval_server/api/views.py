@@ -43,6 +43,7 @@ def progress_info(record: JobRecord) -> ProgressInfo | None:
 def summary(record: JobRecord) -> JobSummary:
     return JobSummary(
         job_id=record.job_id,
+        owner=record.owner,
         argument=record.argument,
         status=record.status,
         timestamp=record.started_at,
