@@ -36,6 +36,7 @@ from lm_eval_server.security import (
 )
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
 from lm_eval_server.validation import RequestValidator, json_safe
+from lm_eval_server.webhook_sender import WebhookSender
 
 if TYPE_CHECKING:
     from lm_eval_server.executors.warm_pool import WarmPool
@@ -117,12 +118,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         executor = _make_executor(settings, warm_pool)
         store = _make_store(settings)
         manager = JobManager(settings, store, executor)
+        webhooks = WebhookSender(settings, store)
+        manager.on_finish.append(webhooks.job_ended)
         metrics.watch(manager)
         state.warm_pool = warm_pool
         state.manager = manager
         state.files = JobFiles(manager)
+        state.webhooks = webhooks
         state.store_open = True
         catalog.start()
+        # Before the manager: jobs that ended while the server was down report through it.
+        await webhooks.start()
         await manager.start()
         if warm_pool is not None:
             await warm_pool.start()  # returns at once; workers warm up in their own processes
@@ -130,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await manager.shutdown()
+            await webhooks.close()
             await catalog.close()
             await executor.close()
             if warm_pool is not None:

@@ -15,6 +15,7 @@ from lm_eval_server.metrics import AppMetrics
 from lm_eval_server.principals import Principal
 from lm_eval_server.security import Caller
 from lm_eval_server.validation import RequestValidator
+from lm_eval_server.webhook_sender import WebhookSender
 
 
 class WarmPoolStatus(Protocol):
@@ -56,6 +57,7 @@ class ServerState:
     log_followers: FollowerSlots
     manager: JobManager | None = None
     files: JobFiles | None = None
+    webhooks: WebhookSender | None = None
     warm_pool: WarmPoolStatus | None = None
     store_open: bool = False
 

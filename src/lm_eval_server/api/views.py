@@ -12,6 +12,7 @@ from lm_eval_server.models import (
     JobSummary,
     PhaseInfo,
     ProgressInfo,
+    WebhookInfo,
 )
 from lm_eval_server.progress import STARTING_PROGRESS, Progress
 
@@ -75,7 +76,7 @@ def job_list_json(records: list[JobRecord], total: int) -> bytes:
     return b'{"jobs":[' + parts + b'],"total":' + str(total).encode() + b"}"
 
 
-def detail(record: JobRecord, tail_lines: int) -> JobDetail:
+def detail(record: JobRecord, tail_lines: int, webhook: WebhookInfo | None = None) -> JobDetail:
     work_dir = Path(record.work_dir)
     out = joblogs.tail_lines(Path(jobdir.stdout_log(work_dir)), tail_lines)
     err = joblogs.tail_lines(Path(jobdir.stderr_log(work_dir)), tail_lines)
@@ -85,4 +86,5 @@ def detail(record: JobRecord, tail_lines: int) -> JobDetail:
         stderr=err.lines,
         stdout_truncated=out.truncated,
         stderr_truncated=err.truncated,
+        webhook=webhook,
     )
