@@ -5,8 +5,9 @@
         [request] = hook.wait_for(1)
         request.json()["status"]
 
-A plan entry is an HTTP status to answer, or HANG (hold the request open until the listener
-stops, or `hang_s`). A 3xx answer carries `Location: <listener>/redirected`.
+A plan entry is an HTTP status to answer, or HANG (hold the request open, then answer 200, once
+`release()` is called, the listener stops, or `hang_s` have passed). A 3xx answer carries
+`Location: <listener>/redirected`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class WebhookListener:
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
+        self._released = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -64,8 +65,11 @@ class WebhookListener:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def release(self) -> None:
+        self._released.set()
+
     def stop(self) -> None:
-        self._stopping.set()
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -81,7 +85,7 @@ class WebhookListener:
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 received = Received(
@@ -101,7 +105,7 @@ class WebhookListener:
                     listener.max_in_flight = max(listener.max_in_flight, listener.in_flight)
                 try:
                     if answer == HANG:
-                        listener._stopping.wait(listener.hang_s)
+                        listener._released.wait(listener.hang_s)
                         answer = 200
                     assert isinstance(answer, int)
                     self.send_response(answer)
@@ -116,7 +120,7 @@ class WebhookListener:
                     with listener._lock:
                         listener.in_flight -= 1
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         return Handler
