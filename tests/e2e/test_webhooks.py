@@ -230,6 +230,17 @@ def test_a_stopped_job_reports_stopped(make_client: Callable[..., Any]) -> None:
         assert body["status"] == "Stopped"
 
 
+def test_memory_store_delivers_too(make_client: Callable[..., Any]) -> None:
+    with WebhookListener(plan=[500]) as hook:
+        client = make_client(**hook_settings(hook.port, store="memory", webhook_retry_base_s=0.1))
+        job_id = submit(client, {**fake_job(), "callback_url": callback(hook.port)})
+        job = wait_for(client, job_id)
+        webhook = wait_webhook(client, job_id, delivered)
+        assert webhook["attempts"] == 2 and len(hook.requests) == 2
+        for request in hook.requests:
+            assert_signed_delivery(request, job, None)
+
+
 def test_deleting_a_job_does_not_cancel_its_pending_webhook(
     make_client: Callable[..., Any], tmp_path: Path
 ) -> None:
