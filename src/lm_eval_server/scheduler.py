@@ -155,8 +155,6 @@ class UsageLedger:
             seconds = (min(ended, now) - max(started, since)).total_seconds()
             if seconds > 0:
                 usage[owner] = usage.get(owner, 0.0) + seconds
-            else:
-                usage.setdefault(owner, 0.0)
         return usage
 
 
