@@ -147,12 +147,17 @@ def test_gpu_pool_hands_out_free_devices_in_order_and_takes_them_back() -> None:
 
 
 def test_usage_counts_only_the_window_and_running_jobs_up_to_now() -> None:
-    ledger = UsageLedger()
+    ledger = UsageLedger(3600)
     m = timedelta(minutes=1)
-    ledger.add("alice", T0 - 90 * m, T0 - 50 * m)  # 10 of its minutes are in the window
-    ledger.add("bob", T0 - 80 * m, T0 - 70 * m)  # all outside: dropped
-    usage = ledger.recent(T0, 3600, [("carol", T0 - 5 * m), ("alice", T0)])
+    ledger.add("bob", T0 - 80 * m, T0 - 70 * m)  # all outside the window at T0
+    ledger.add("alice", T0 - 90 * m, T0 - 50 * m)  # 10 of its minutes are in it
+    usage = ledger.recent(T0, [("carol", T0 - 5 * m), ("alice", T0)])
     assert usage == {"alice": 600.0, "carol": 300.0}
+    assert len(ledger) == 1  # bob's span is dropped
+    # Finished jobs are dropped as the window moves on, even if nobody asks for usage.
+    for minute in range(100):
+        ledger.add("dave", T0 + minute * m, T0 + (minute + 1) * m)
+    assert len(ledger) == 60
 
 
 # ---------------------------------------------------------------- finding the devices

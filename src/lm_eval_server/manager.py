@@ -61,7 +61,7 @@ class JobManager:
         self._gpus = scheduler.GpuPool(gpu_devices or ())
         # Queued jobs' GPU needs count only where this server hands out the devices.
         self._gpu_slots = gpu_devices is not None
-        self._usage = scheduler.UsageLedger()
+        self._usage = scheduler.UsageLedger(settings.fair_share_window_s)
         self._policy_sched = scheduler.Policy(
             max_running_per_owner=settings.max_running_per_key,
             reserve_after_s=settings.gpu_reserve_after_s,
@@ -337,17 +337,18 @@ class JobManager:
         now = self._clock()
         running_records = [self._jobs[i] for i in self._live if i in self._jobs]
         running = Counter(r.owner for r in running_records)
-        usage = self._usage.recent(
-            now,
-            self._settings.fair_share_window_s,
-            [(r.owner, r.started_at or now) for r in running_records],
-        )
+        usage: dict[str, float] | None = None
         while self._queue and len(self._live) < max_concurrency:
+            heads = self._queue.heads()
+            if usage is None and len({h.owner for h in heads}) > 1:
+                # Only needed to rank owners (a walk over the window's finished jobs).
+                spans = [(r.owner, r.started_at or now) for r in running_records]
+                usage = self._usage.recent(now, spans)
             chosen = scheduler.choose(
-                self._queue.heads(),
+                heads,
                 free_gpus=self._gpus.free_count,
                 running=running,
-                usage=usage,
+                usage=usage or {},
                 policy=self._policy_sched,
                 now=now,
             )

@@ -132,23 +132,26 @@ class GpuPool:
 class UsageLedger:
     """Run intervals of finished jobs, kept while they overlap the fair-share window."""
 
-    def __init__(self) -> None:
+    def __init__(self, window_s: float) -> None:
+        self._window = timedelta(seconds=window_s)
         # (finished_at, owner, started_at), appended in finishing order.
         self._spans: deque[tuple[datetime, str, datetime]] = deque()
 
+    def __len__(self) -> int:
+        return len(self._spans)
+
     def add(self, owner: str, started_at: datetime, finished_at: datetime) -> None:
         self._spans.append((finished_at, owner, started_at))
+        self._drop_before(finished_at - self._window)
 
-    def recent(
-        self,
-        now: datetime,
-        window_s: float,
-        running: Iterable[tuple[str, datetime]],
-    ) -> dict[str, float]:
-        """Seconds each owner's jobs ran within the window; `running`: (owner, started_at)."""
-        since = now - timedelta(seconds=window_s)
+    def _drop_before(self, since: datetime) -> None:
         while self._spans and self._spans[0][0] <= since:
             self._spans.popleft()
+
+    def recent(self, now: datetime, running: Iterable[tuple[str, datetime]]) -> dict[str, float]:
+        """Seconds each owner's jobs ran within the window; `running`: (owner, started_at)."""
+        since = now - self._window
+        self._drop_before(since)
         usage: dict[str, float] = {}
         spans = [(o, s, f) for f, o, s in self._spans] + [(o, s, now) for o, s in running]
         for owner, started, ended in spans:
