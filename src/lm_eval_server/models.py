@@ -57,6 +57,9 @@ class JobRecord:
     idempotency_body: str | None = None  # SHA-256 of the canonical body sent with that key
     executor_ref: str | None = None  # e.g. the Ray submission id
     owner: str = "default"  # the principal whose key submitted the job (principals.py)
+    # GPU device ids the job was given (GPU slots, scheduler.GpuPool); None when the server
+    # does not hand out devices (no GPUs, or EXECUTOR=ray) or the job has not started.
+    gpus: list[str] | None = None
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
     # The API's JSON for this job once it is finished (it cannot change any more).
@@ -134,6 +137,12 @@ class JobSummary(BaseModel):
     finished_at: datetime | None = None
     duration_s: float | None = None
     error: str | None = Field(None, description="Why a Failed job failed (tail of stderr).")
+    gpus: list[str] | None = Field(
+        None,
+        description="GPU device ids the job was given (its CUDA_VISIBLE_DEVICES); [] when it "
+        "asked for none on a server with GPU slots; null when the server does not hand out "
+        "devices (no GPUS, EXECUTOR=ray) or the job has not started.",
+    )
 
 
 class DeliveryState(StrEnum):

@@ -26,7 +26,7 @@ from lm_eval_server.models import (
     WebhookDelivery,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -62,6 +62,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT 'default';
     CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner);
+    """,
+    # The GPU devices a job holds (JSON list), so a job re-adopted after a restart keeps them
+    # and no other job is given them; NULL where the server hands out no devices.
+    """
+    ALTER TABLE jobs ADD COLUMN gpus TEXT;
     """,
     # A job's webhook from the moment it ended; a pending row outlives its job (it is the
     # notice that the job ended), a finished one goes with it.
@@ -106,6 +111,7 @@ _COLUMNS = (
     "executor_ref",
     "idempotency_body",
     "owner",
+    "gpus",
 )
 _MUTABLE_COLUMNS = (
     "status",
@@ -116,8 +122,9 @@ _MUTABLE_COLUMNS = (
     "pid",
     "results_file",
     "executor_ref",
+    "gpus",
 )
-_JSON_COLUMNS = {"request", "argv", "env_vars"}
+_JSON_COLUMNS = {"request", "argv", "env_vars", "gpus"}
 _TIME_COLUMNS = {"created_at", "started_at", "finished_at"}
 
 
@@ -181,7 +188,7 @@ def _to_row(record: JobRecord, columns: tuple[str, ...] = _COLUMNS) -> tuple[Any
     for name in columns:
         value = getattr(record, name)
         if name in _JSON_COLUMNS:
-            value = json.dumps(value)
+            value = json.dumps(value) if value is not None else None
         elif name in _TIME_COLUMNS:
             value = value.isoformat() if value is not None else None
         elif name == "status":
@@ -195,7 +202,7 @@ def _from_row(row: sqlite3.Row) -> JobRecord:
     for name in _COLUMNS:
         value = row[name]
         if name in _JSON_COLUMNS:
-            value = json.loads(value)
+            value = json.loads(value) if value is not None else None
         elif name in _TIME_COLUMNS:
             value = datetime.fromisoformat(value) if value is not None else None
         elif name == "status":

@@ -186,7 +186,10 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         responses={
             415: {"description": "The body is not sent as application/json."},
             422: {"description": "The request cannot run; `detail` says why."},
-            429: {"description": "The queue is full (MAX_QUEUED_JOBS); see Retry-After."},
+            429: {
+                "description": "The queue is full (MAX_QUEUED_JOBS), or the caller's key has "
+                "MAX_QUEUED_PER_KEY jobs queued; see Retry-After."
+            },
             503: {
                 "description": "The server is shutting down, or task names cannot be checked "
                 "yet (the task index is building or its build failed); see Retry-After."

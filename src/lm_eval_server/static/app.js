@@ -352,6 +352,8 @@ const jobView = {
       ["Finished", formatTime(job.finished_at)],
       ["Duration", formatDuration(job.duration_s)],
       ["Exit code", job.exit_code ?? "—"],
+      // GPU slots: the devices the job was given; null where the server hands out none.
+      ["GPUs", job.gpus == null ? "—" : job.gpus.join(", ") || "none"],
     ];
     $("job-facts").replaceChildren(
       ...facts.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", { "data-fact": k }, v))),
