@@ -210,8 +210,17 @@ class WebhookSender:
         while True:
             job_id = await self._next_due()
             delivery = self._pending.get(job_id)
-            if delivery is not None and delivery.state is DeliveryState.pending:
+            if delivery is None or delivery.state is not DeliveryState.pending:
+                continue
+            try:
                 await self._attempt(delivery)
+            except Exception as exc:
+                # A bug must not cost a worker (the others would carry on, fewer each time).
+                log.exception("job %d: webhook attempt crashed", job_id)
+                delivery.last_error = f"not sent: {type(exc).__name__}: {exc}"[
+                    : webhooks.MAX_ERROR_CHARS
+                ]
+                self._end(delivery, DeliveryState.failed)
 
     # ------------------------------------------------------------------ one attempt
     async def _attempt(self, delivery: WebhookDelivery) -> None:

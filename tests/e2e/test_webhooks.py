@@ -10,6 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fastapi.testclient import TestClient
+
+from lm_eval_server.app import create_app
 from tests.support.completions_server import model_args_for, running_stub_server
 from tests.support.jobs import (
     DUMMY_JOB,
@@ -239,6 +242,27 @@ def test_memory_store_delivers_too(make_client: Callable[..., Any]) -> None:
         assert webhook["attempts"] == 2 and len(hook.requests) == 2
         for request in hook.requests:
             assert_signed_delivery(request, job, None)
+
+
+def test_a_prefix_the_operator_removes_stops_its_pending_deliveries(
+    make_settings: Callable[..., Any],
+) -> None:
+    port = free_port()  # down: the delivery stays pending
+    first = make_settings(**hook_settings(port, webhook_retry_base_s=0.2))
+    with TestClient(create_app(first)) as client:
+        job_id = submit(client, {**fake_job(), "callback_url": callback(port)})
+        wait_for(client, job_id)
+        wait_webhook(client, job_id, lambda w: w["attempts"] >= 1)
+    with WebhookListener(port=port) as hook:
+        narrowed = make_settings(
+            webhook_url_prefixes=[f"http://127.0.0.1:{port}/other/"], webhook_secret=SECRET
+        )
+        with TestClient(create_app(narrowed)) as client:
+            webhook = wait_webhook(client, job_id, lambda w: w["state"] == "failed")
+        assert webhook["last_error"].startswith("not sent: callback_url")
+        assert "WEBHOOK_URL_PREFIXES" in webhook["last_error"]
+        time.sleep(0.5)
+        assert hook.requests == []
 
 
 def test_deleting_a_job_does_not_cancel_its_pending_webhook(
