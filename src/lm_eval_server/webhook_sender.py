@@ -158,6 +158,8 @@ class WebhookSender:
         """Reads the job's metrics once, then makes the delivery due. The file is opened
         here, on the event loop, before retention or a delete can remove it: an open file
         stays readable after it is unlinked."""
+        if self._closed:
+            return  # stored as pending: prepared at the next start
         results = None
         if delivery.status == JobStatus.completed.value and delivery.results_file:
             try:
