@@ -189,6 +189,10 @@ class JobManager:
         self._schedule()
         return record
 
+    def claimed_job(self, claim: IdempotencyClaim) -> int | None:
+        """The job an earlier request with this claim queued, while the server keeps it."""
+        return self._idempotency.get(claim.scope)
+
     def _first_claimed(self, claim: IdempotencyClaim) -> JobRecord | None:
         existing = self._idempotency.get(claim.scope)
         first = self._jobs.get(existing) if existing is not None else None

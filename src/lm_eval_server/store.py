@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from lm_eval_server.models import JobRecord, JobStatus
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -54,6 +54,24 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT 'default';
     CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner);
+    """,
+    # The audit trail (audit.py): who did what to which jobs, newest read first. Job ids are
+    # plain numbers, not references: an entry outlives the jobs it names.
+    """
+    CREATE TABLE IF NOT EXISTS audit (
+        entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        admin INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        job_ids TEXT NOT NULL,
+        job_count INTEGER NOT NULL,
+        target TEXT,
+        outcome TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS audit_principal ON audit (principal, entry_id);
+    CREATE INDEX IF NOT EXISTS audit_action ON audit (action, entry_id);
+    CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
     """,
 ]
 
