@@ -6,6 +6,7 @@ what, for admins only, and survives a restart; the CLI works with a named key.""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -297,3 +298,45 @@ def test_cli_with_a_named_key(servers: Callable[..., ServerProcess], tmp_path: P
     assert cli(server, ROOT_KEY, "whoami").stdout == "root (admin)\n"
     admin_view = cli(server, ROOT_KEY, "jobs", "--owner", "bob", "--json").stdout
     assert [j["job_id"] for j in __import__("json").loads(admin_view)["jobs"]] == [bobs]
+
+
+def test_every_per_job_route_answers_for_another_owners_job_as_for_none(
+    make_client: Callable[..., Any],
+) -> None:
+    """The rule, over whatever routes the app has: a route with {job_id} in its path answers
+    another owner's job exactly as it answers an id that no job has (same status, same body but
+    for the id), so a per-job route added later is held to it too."""
+    client = make_client(api_keys=["alice:KA", "bob:KB"], admin_keys=["root:KR"])
+    alice, bob = {"Authorization": "Bearer KA"}, {"Authorization": "Bearer KB"}
+    client.headers["Authorization"] = "Bearer KR"  # the fixture's clean-up stops every job
+    finished = submit(client, fake_job(), headers=alice)
+    running = submit(client, SLEEPER, headers=alice)
+    wait_for(client, finished)
+    wait_for(client, running, {"Running"})
+
+    checked = 0
+    # The OpenAPI document lists every API route with its parameters.
+    for path, operations in client.get("/openapi.json").json()["paths"].items():
+        if "{job_id}" not in path:
+            continue
+        for method, operation in operations.items():
+            params = operation.get("parameters", [])
+            query = {
+                p["name"]: "1" if p["schema"].get("type") in ("integer", "number") else "demo_mc"
+                for p in params
+                if p["in"] == "query" and p.get("required")
+            }
+            for job_id in (finished, running):
+                answers = []
+                for target in (job_id, MISSING):
+                    url = re.sub(r"\{\w+\}", "x", path.replace("{job_id}", str(target)))
+                    response = client.request(method, url, params=query, headers=bob)
+                    text = re.sub(rf"\b{target}\b", "ID", response.text)
+                    answers.append((response.status_code, response.headers["content-type"], text))
+                assert answers[0] == answers[1], (method, path)
+                assert answers[0][0] == 404, (method, path, answers[0])
+                checked += 1
+    # detail, delete, logs, results, samples, stop and dequeue by GET and POST; both jobs
+    assert checked >= 2 * 9
+    assert client.get(f"/job/{running}", headers=alice).json()["status"] == "Running"
+    assert client.get(f"/job/{finished}", headers=alice).json()["status"] == "Completed"
