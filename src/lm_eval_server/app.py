@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lm_eval_server import gpus, hosts, job_env, lm_eval_cli
-from lm_eval_server.api import dashboard, files, health
+from lm_eval_server.api import dashboard, files, health, team
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
+from lm_eval_server.audit import Audit, MemoryAudit, SqliteAudit
 from lm_eval_server.catalog import Catalog, TaskLimits
 from lm_eval_server.config import ExecutorKind, Settings, StoreKind
 from lm_eval_server.errors import DomainError
@@ -54,6 +55,13 @@ def _make_store(settings: Settings) -> JobStore:
     if settings.store is StoreKind.memory:
         return MemoryJobStore()
     return SqliteJobStore(settings.db_path)
+
+
+def _make_audit(settings: Settings) -> Audit:
+    """Beside the job store, after it: the store's migrations create the audit table."""
+    if settings.store is StoreKind.memory:
+        return MemoryAudit(retention_days=settings.audit_retention_days)
+    return SqliteAudit(settings.db_path, retention_days=settings.audit_retention_days)
 
 
 def _gpu_devices(settings: Settings) -> list[str] | None:
@@ -129,6 +137,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         warm_pool = _make_warm_pool(settings, gpu_devices)
         executor = _make_executor(settings, warm_pool)
         store = _make_store(settings)
+        state.audit = _make_audit(settings)
+        state.audit.prune()
         manager = JobManager(settings, store, executor, gpu_devices=gpu_devices)
         metrics.watch(manager)
         state.warm_pool = warm_pool
@@ -147,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await executor.close()
             if warm_pool is not None:
                 await warm_pool.close()
+            state.audit.close()
             store.close()
             state.store_open = False
 
@@ -173,6 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.secured_router, dependencies=secured)
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
+    app.include_router(team.router, dependencies=secured)
     app.include_router(dashboard.router)
     _add_error_handlers(app)
     _add_http_metrics(app, metrics)

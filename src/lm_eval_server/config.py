@@ -39,7 +39,11 @@ CsvList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    # Errors name the setting and the rule, never echo the value: API_KEYS and ADMIN_KEYS are
+    # secrets, and a startup error goes to logs that more people read than the key file.
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", hide_input_in_errors=True
+    )
 
     max_concurrency: int = Field(4, ge=1, description="Jobs run at once.")
     queue_process_interval: float = Field(
@@ -214,6 +218,14 @@ class Settings(BaseSettings):
     @classmethod
     def _gpu_ids(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else check_gpu_ids(value)
+
+    # Audit trail (GET /audit): who submitted, stopped or deleted what
+    audit_retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Audit entries older than this many days are removed (at startup and "
+        "hourly); unset: kept for as long as the store.",
+    )
 
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")

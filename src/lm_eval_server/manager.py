@@ -226,6 +226,10 @@ class JobManager:
                 "started, or stop a queued job. Other keys are not affected"
             )
 
+    def claimed_job(self, claim: IdempotencyClaim) -> int | None:
+        """The job an earlier request with this claim queued, while the server keeps it."""
+        return self._idempotency.get(claim.scope)
+
     def _first_claimed(self, claim: IdempotencyClaim) -> JobRecord | None:
         existing = self._idempotency.get(claim.scope)
         first = self._jobs.get(existing) if existing is not None else None
