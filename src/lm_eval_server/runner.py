@@ -17,6 +17,7 @@ from typing import Protocol
 from lm_eval_server import results, watch
 from lm_eval_server.config import Settings
 from lm_eval_server.executors.base import Executor, JobHandle
+from lm_eval_server.job_secrets import SecretUnavailable
 from lm_eval_server.launch import LaunchPolicy
 from lm_eval_server.models import JobRecord, JobStatus
 
@@ -86,7 +87,12 @@ class JobRunner:
             )
 
     async def _launch(self, record: JobRecord) -> JobHandle | None:
-        spec = self._policy.spec(record)
+        try:
+            spec = self._policy.spec(record)
+        except SecretUnavailable as exc:
+            # Never started with an empty or stale value in place of the secret.
+            self._states.finish(record, JobStatus.failed, None, str(exc))
+            return None
         record.started_at = self._clock()
         self._states.transition(record, JobStatus.running)
         try:
