@@ -200,7 +200,8 @@ def test_secret_names_are_confined_and_checked(
         )
     # The variable's name still goes through the env allowlist.
     assert "LD_PRELOAD is not allowed" in refused({"LD_PRELOAD": {"secret": "hf"}})
-    assert "secret reference" in refused({"HF_TOKEN": {"secret": "hf", "extra": 1}})
+    detail = refused({"HF_TOKEN": {"secret": "hf", "extra": 1}})
+    assert '"HF_TOKEN", "SecretRef", "extra"' in detail and "Extra inputs" in detail
     assert submit(alice, {**fake_job(), "env_vars": {"HF_TOKEN": {"secret": "hf"}}})
 
 
