@@ -110,3 +110,19 @@ def test_a_secret_gone_at_launch_fails_clearly(secrets_dir: Path) -> None:
     (secrets_dir / "openai").write_text("")
     with pytest.raises(SecretUnavailable, match="is empty"):
         secrets.resolve({"OPENAI_API_KEY": reference("openai")})
+
+
+def test_a_job_with_a_secret_never_runs_warm() -> None:
+    from lm_eval_server.launch import launcher_command, warm_args
+
+    argv = [*launcher_command(), "--model", "dummy"]
+    assert warm_args(argv, {}) == ["--model", "dummy"]
+    assert warm_args(argv, {"OPENAI_API_KEY": reference("openai")}) is None
+
+
+def test_credentials_a_request_gives_its_job_are_learned_for_redaction() -> None:
+    from lm_eval_server.launch import injected_values
+
+    argv = ["lm_eval", "--model_args", 'api_key=abc,base_url=http://h,{"token": "t"}']
+    env = {"OPENAI_API_KEY": "sk-plain", "HF_TOKEN": reference("hf"), "LMEVAL_LOG_LEVEL": "DEBUG"}
+    assert injected_values(argv, env) == ["abc", "t", "sk-plain"]

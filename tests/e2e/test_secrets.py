@@ -283,3 +283,44 @@ def test_real_lm_eval_sends_the_secret_and_model_args_credentials_are_masked(
     for needle in (value, "plain-api-key-0123456789", header_token):
         assert not leaks(needle, served), needle
     assert not leaks(value, store_bytes(server.data_dir))
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium")
+def test_the_dashboard_shows_the_secret_masked(
+    servers: Callable[..., ServerProcess], secrets_dir: Path, connect: Any
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.e2e.test_dashboard import CHROMIUM_ARGS
+
+    value = put_secret(secrets_dir, "openai")
+    server = servers(SECRETS_DIR=str(secrets_dir), **KEYS)
+    alice = connect(server, ALICE)
+    body = fake_job(FAKE_ECHO_ENV="OPENAI_API_KEY", FAKE_RESULTS="1")
+    body["env_vars"]["OPENAI_API_KEY"] = {"secret": "openai"}
+    body["model_args"] = f"api_key={value},pretrained=x"  # the caller pasted it, too
+    job_id = submit(alice, body)
+    assert wait_for(alice, job_id)["status"] == "Completed"
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.get_by_test_id("key-input").fill(ALICE)
+            page.get_by_test_id("key-save").click()
+            page.goto(f"{server.url}/#/job/{job_id}")
+            expect(page.get_by_test_id("job-status")).to_have_text("Completed")
+            expect(page.get_by_test_id("job-argument")).to_contain_text("api_key=***,pretrained=x")
+            expect(page.get_by_test_id("log")).to_contain_text("split: *** end")
+            page.get_by_test_id("log-tab-stdout").click()
+            expect(page.get_by_test_id("log")).to_contain_text("OPENAI_API_KEY=*** json=")
+            html = page.content()
+        finally:
+            browser.close()
+    assert not leaks(value, html)
