@@ -214,7 +214,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DomainError)
-        return _error(exc.status_code, redactor(request).text(str(exc)) or "", exc.headers)
+        # Known values only: our messages quote `key=value` syntax that rule 2 would mask.
+        return _error(exc.status_code, redactor(request).values_only(str(exc)), exc.headers)
 
     async def not_started(_: Request, exc: Exception) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "5"})
