@@ -175,3 +175,20 @@ def test_an_empty_redactor_changes_nothing() -> None:
     assert redactor.values_only("api_key=abc") == "api_key=abc"
     assert redactor.text("api_key=abc") == "api_key=***"
     assert b"".join(redactor.stream().wrap([b"abc", b"def"])) == b"abcdef"
+
+
+def test_values_nested_in_each_other_neither_recurse_nor_lose_the_longest() -> None:
+    redactor = Redactor()
+    redactor.add_secrets(["a" * n for n in range(8, 1200)])  # each a prefix of the next
+    assert redactor.values_only("<" + "a" * 1199 + "|" + "a" * 1300 + ">") == "<***|******>"
+    stream = redactor.stream()
+    data = b"x" + b"a" * 1199 + b"y"
+    assert b"".join(stream.wrap(data[i : i + 100] for i in range(0, len(data), 100))) == b"x***y"
+
+
+def test_long_learned_values_are_left_to_the_key_rule() -> None:
+    redactor = Redactor()
+    long_value = "k" * 300
+    redactor.learn([long_value])
+    assert not redactor
+    assert redactor.text(f"api_key={long_value}") == "api_key=***"

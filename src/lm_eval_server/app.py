@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -209,13 +210,16 @@ def _error(status_code: int, message: str, headers: dict[str, str] | None = None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    def redactor(request: Request) -> Redactor:
-        return request.app.state.server.redactor  # type: ignore[no-any-return]
+    async def redactor(request: Request) -> Redactor:
+        redactor: Redactor = request.app.state.server.redactor
+        if not redactor.ready:
+            await run_in_threadpool(redactor.prepare)
+        return redactor
 
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DomainError)
         # Known values only: our messages quote `key=value` syntax that rule 2 would mask.
-        return _error(exc.status_code, redactor(request).values_only(str(exc)), exc.headers)
+        return _error(exc.status_code, (await redactor(request)).values_only(str(exc)), exc.headers)
 
     async def not_started(_: Request, exc: Exception) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "5"})
@@ -227,7 +231,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         # FastAPI's own handler echoes each input; a NaN or a lone surrogate in it made that
         # response itself fail with a 500. The echo is redacted like any served text.
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        detail = redactor(request).json(json_safe(jsonable_encoder(errors)))
+        detail = (await redactor(request)).json(json_safe(jsonable_encoder(errors)))
         return JSONResponse({"detail": detail}, status_code=422)
 
     app.add_exception_handler(RequestValidationError, request_invalid)

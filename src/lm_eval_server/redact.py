@@ -19,11 +19,12 @@ stream read in chunks (a value split across two chunks is still found). Stdlib o
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, AnyStr, Generic
 from urllib.parse import quote
 
 MASK = "***"
@@ -34,10 +35,13 @@ MASK_BYTES = MASK.encode()
 # text (lm-eval's "acc,none"). Rule 2 still masks them where they stand under their key. Secrets
 # from SECRETS_DIR are redacted whatever their length: the operator declared them secret.
 MIN_LEARNED_CHARS = 8
+# Values learned from requests longer than this are not learned (rule 2 still masks them where
+# they stand under their key): it bounds what a caller can make every redaction cost.
+MAX_LEARNED_CHARS = 256
 # Pieces of a multi-line value (each line) shorter than this are not matched on their own.
 MIN_PIECE_CHARS = 4
 # Values learned from requests kept at most (oldest dropped first); secrets are never dropped.
-MAX_LEARNED_VALUES = 4096
+MAX_LEARNED_VALUES = 1024
 MAX_DEPTH = 64
 
 # ------------------------------------------------------------------ rule 2: credential keys
@@ -194,37 +198,99 @@ def _trie_regex(words: Iterable[str]) -> str:
     return build(trie)
 
 
+# The regex covers the first PREFIX_CHARS of each value; a hit is confirmed by comparing the
+# whole value. This bounds the regex (its size, its nesting: no value can make compiling it
+# slow or recursive) whatever the values' length and number.
+PREFIX_CHARS = 24
+
+
+class _Matcher(Generic[AnyStr]):
+    """Finds known values (longest first at a position) in str or bytes."""
+
+    def __init__(self, forms: Iterable[AnyStr], to_regex: Callable[[list[AnyStr]], AnyStr]):
+        self._by_prefix: dict[AnyStr, list[AnyStr]] = {}
+        for form in forms:
+            self._by_prefix.setdefault(form[:PREFIX_CHARS], []).append(form)
+        for group in self._by_prefix.values():
+            group.sort(key=len, reverse=True)
+        # Longest prefixes first: a full-length prefix's group holds the longest values.
+        self._lengths = sorted({len(p) for p in self._by_prefix}, reverse=True)
+        self._regex = re.compile(to_regex(list(self._by_prefix)))
+
+    def spans(self, text: AnyStr) -> Iterator[tuple[int, int]]:
+        position = 0
+        while (hit := self._regex.search(text, position)) is not None:
+            start, end = hit.start(), None
+            for length in self._lengths:
+                if length > hit.end() - start:
+                    continue
+                for form in self._by_prefix.get(text[start : start + length], ()):
+                    if text.startswith(form, start):
+                        end = start + len(form)
+                        break
+                if end is not None:
+                    break
+            if end is None:
+                position = start + 1
+                continue
+            yield start, end
+            position = end
+
+    def sub(self, mask: AnyStr, text: AnyStr) -> AnyStr:
+        parts: list[AnyStr] = []
+        position = 0
+        for start, end in self.spans(text):
+            parts += [text[position:start], mask]
+            position = end
+        if not parts:
+            return text
+        parts.append(text[position:])
+        return text[:0].join(parts)
+
+
+def _bytes_regex(prefixes: list[bytes]) -> bytes:
+    # Bytes as latin-1 text: one char per byte, so the str trie becomes a bytes pattern.
+    return _trie_regex(p.decode("latin-1") for p in prefixes).encode("latin-1")
+
+
 class ValuePatterns:
-    """Compiled matchers for a set of values, over text and over UTF-8 bytes."""
+    """Matchers for a set of values, over text and over UTF-8 bytes (each built when first
+    used: text and bytes are needed by different routes)."""
 
     def __init__(self, values: Iterable[str]) -> None:
         forms = set()
         for value in values:
             forms |= value_forms(value)
         self.forms = forms
-        self.text: re.Pattern[str] | None = None
-        self.bytes: re.Pattern[bytes] | None = None
-        self.max_bytes = 0
+        self._encoded = {f.encode("utf-8", "surrogatepass") for f in forms}
+        self.max_bytes = max((len(b) for b in self._encoded), default=0)
         self._by_first: dict[int, list[bytes]] = {}
-        if not forms:
-            return
-        self.text = re.compile(_trie_regex(forms))
-        encoded = {f.encode("utf-8", "surrogatepass") for f in forms}
-        # Bytes as latin-1 text: one char per byte, so the str trie becomes a bytes pattern.
-        self.bytes = re.compile(_trie_regex(b.decode("latin-1") for b in encoded).encode("latin-1"))
-        self.max_bytes = max(len(b) for b in encoded)
-        for form in encoded:
+        self._by_prefix: dict[bytes, list[bytes]] = {}
+        for form in self._encoded:
             self._by_first.setdefault(form[0], []).append(form)
+            self._by_prefix.setdefault(form[:PREFIX_CHARS], []).append(form)
+
+    @functools.cached_property
+    def text(self) -> _Matcher[str] | None:
+        return _Matcher(self.forms, _trie_regex) if self.forms else None
+
+    @functools.cached_property
+    def bytes(self) -> _Matcher[bytes] | None:
+        return _Matcher(self._encoded, _bytes_regex) if self._encoded else None
+
+    def compile(self) -> None:
+        _ = self.text, self.bytes
 
     def held_from(self, data: bytes) -> int:
         """Where the longest end of `data` that could begin a value starts (len(data): none)."""
         start = max(0, len(data) - self.max_bytes + 1)
         for index in range(start, len(data)):
-            forms = self._by_first.get(data[index])
-            if forms is None:
-                continue
             rest = data[index:]
-            if any(len(f) > len(rest) and f.startswith(rest) for f in forms):
+            if len(rest) >= PREFIX_CHARS:
+                forms = self._by_prefix.get(rest[:PREFIX_CHARS])
+            else:
+                forms = self._by_first.get(rest[0])
+            if forms and any(len(f) > len(rest) and f.startswith(rest) for f in forms):
                 return index
         return len(data)
 
@@ -232,14 +298,14 @@ class ValuePatterns:
 def redact_text(text: str, values: Iterable[str] | ValuePatterns) -> str:
     """`text` with every known value (rule 1) replaced by `***`."""
     patterns = values if isinstance(values, ValuePatterns) else ValuePatterns(values)
-    if patterns.text is None or not text:
+    if not text or patterns.text is None:
         return text
     return patterns.text.sub(MASK, text)
 
 
 def redact_bytes(data: bytes, values: Iterable[str] | ValuePatterns) -> bytes:
     patterns = values if isinstance(values, ValuePatterns) else ValuePatterns(values)
-    if patterns.bytes is None or not data:
+    if not data or patterns.bytes is None:
         return data
     return patterns.bytes.sub(MASK_BYTES, data)
 
@@ -285,6 +351,7 @@ class Redactor:
         self._learned: dict[str, None] = {}  # insertion-ordered
         self._max_learned = max_learned
         self._patterns = ValuePatterns(())
+        self._stale = False
         self.generation = 0
 
     def add_secrets(self, values: Iterable[str]) -> None:
@@ -297,7 +364,11 @@ class Redactor:
     def learn(self, values: Iterable[str]) -> None:
         """Values a request made a job receive (credential-named env_vars and model_args)."""
         with self._lock:
-            new = [v for v in values if len(v) >= MIN_LEARNED_CHARS and v not in self._learned]
+            new = [
+                v
+                for v in values
+                if MIN_LEARNED_CHARS <= len(v) <= MAX_LEARNED_CHARS and v not in self._learned
+            ]
             if not new:
                 return
             for value in new:
@@ -307,28 +378,43 @@ class Redactor:
             self._changed()
 
     def _changed(self) -> None:
-        self._patterns = ValuePatterns(self._secrets | set(self._learned))
+        # Rebuilt when next used, not here: a burst of submissions costs one compilation.
+        self._stale = True
         self.generation += 1
 
     @property
     def patterns(self) -> ValuePatterns:
-        return self._patterns
+        with self._lock:
+            if self._stale:
+                self._patterns = ValuePatterns(self._secrets | set(self._learned))
+                self._stale = False
+            return self._patterns
+
+    @property
+    def ready(self) -> bool:
+        """True when redacting text compiles nothing (safe on the event loop)."""
+        return not self._stale and "text" in self._patterns.__dict__
+
+    def prepare(self) -> None:
+        """Compiles the matchers now: call it in a worker thread before redacting on the event
+        loop when not `ready` (compiling takes about a millisecond per known value)."""
+        self.patterns.compile()
 
     def __bool__(self) -> bool:
-        return self._patterns.text is not None
+        return bool(self.patterns.forms)
 
     def text(self, text: str | None) -> str | None:
         """Both rules: for `argument`, error messages and other short texts."""
         if text is None:
             return None
-        return redact_assignments(redact_text(text, self._patterns))
+        return redact_assignments(redact_text(text, self.patterns))
 
     def values_only(self, text: str) -> str:
         """Rule 1 alone: for log lines, where rule 2 would mask a job's ordinary output."""
-        return redact_text(text, self._patterns)
+        return redact_text(text, self.patterns)
 
     def json(self, obj: Any) -> Any:
-        return redact_json(obj, self._patterns)
+        return redact_json(obj, self.patterns)
 
     def stream(self) -> StreamRedactor:
         return StreamRedactor(self)
@@ -351,11 +437,11 @@ class StreamRedactor:
         held = patterns.held_from(buffer)
         out: list[bytes] = []
         position = 0
-        for match in patterns.bytes.finditer(buffer):
-            if match.start() >= held:
+        for start, end in patterns.bytes.spans(buffer):
+            if start >= held:
                 break
-            out += [buffer[position : match.start()], MASK_BYTES]
-            position = match.end()
+            out += [buffer[position:start], MASK_BYTES]
+            position = end
         cut = max(held, position)
         out.append(buffer[position:cut])
         self._carry = buffer[cut:]

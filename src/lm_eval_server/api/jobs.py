@@ -236,6 +236,8 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             active = {JobStatus.queued, JobStatus.running}
             statuses = active if statuses is None else statuses & active
         records, total = manager.list(statuses, limit, offset, viewer=caller, owner=owner)
+        if not state.redactor.ready:
+            await run_in_threadpool(state.redactor.prepare)  # off the event loop, once
         body = views.job_list_json(records, total, state.redactor)
         return Response(body, media_type="application/json")
 
