@@ -179,4 +179,7 @@ class JobRunner:
             self._states.finish(record, JobStatus.completed, code, None)
             return
         error = reason or await asyncio.to_thread(watch.failure_reason, work_dir, code)
+        if not self._policy.redactor.ready:
+            # The manager redacts the error it stores; compiling the matcher is thread work.
+            await asyncio.to_thread(self._policy.redactor.prepare)
         self._states.finish(record, JobStatus.failed, code, error)
