@@ -26,7 +26,7 @@ from lm_eval_server.models import (
     WebhookDelivery,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -67,6 +67,24 @@ MIGRATIONS: list[str] = [
     # and no other job is given them; NULL where the server hands out no devices.
     """
     ALTER TABLE jobs ADD COLUMN gpus TEXT;
+    """,
+    # The audit trail (audit.py): who did what to which jobs, newest read first. Job ids are
+    # plain numbers, not references: an entry outlives the jobs it names.
+    """
+    CREATE TABLE IF NOT EXISTS audit (
+        entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        admin INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        job_ids TEXT NOT NULL,
+        job_count INTEGER NOT NULL,
+        target TEXT,
+        outcome TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS audit_principal ON audit (principal, entry_id);
+    CREATE INDEX IF NOT EXISTS audit_action ON audit (action, entry_id);
+    CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
     """,
     # A job's webhook from the moment it ended; a pending row outlives its job (it is the
     # notice that the job ended), a finished one goes with it.
