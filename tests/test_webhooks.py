@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from lm_eval_server import webhooks
+from lm_eval_server import results, webhooks
 from lm_eval_server.config import Settings
 from lm_eval_server.models import DeliveryState, JobRecord, JobStatus, WebhookDelivery
+from lm_eval_server.redact import Redactor
 from lm_eval_server.store import MIGRATIONS, MemoryJobStore, SqliteJobStore
 from lm_eval_server.urls import normalise_url
 
@@ -102,6 +104,15 @@ def test_metrics_are_the_flattened_results_with_non_finite_numbers_as_text() -> 
     assert webhooks.metrics_from_results(None) is None
     assert webhooks.metrics_from_results(b"not json") is None
     assert webhooks.metrics_from_results(b"[1]") is None
+
+
+def test_metrics_are_redacted_as_the_results_route_serves_them() -> None:
+    redactor = Redactor()
+    redactor.add_secrets(["sk-live-0123456789"])
+    data = b'{"results": {"t": {"note,none": "key sk-live-0123456789", "acc,none": 1}}}'
+    rows = webhooks.metrics_from_results(data, redactor.json)
+    assert rows is not None and [r["value"] for r in rows] == ["key ***", 1.0]
+    assert rows == results.flatten_metrics(redactor.json(json.loads(data)))
 
 
 def test_retry_schedule_doubles_up_to_the_maximum() -> None:

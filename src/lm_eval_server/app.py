@@ -146,7 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.audit.prune()
         _learn_secrets(settings, redactor)
         manager = JobManager(settings, store, executor, gpu_devices=gpu_devices, redactor=redactor)
-        webhooks = WebhookSender(settings, store)
+        webhooks = WebhookSender(settings, store, redactor)
         manager.on_finish.append(webhooks.job_ended)
         metrics.watch(manager)
         state.warm_pool = warm_pool

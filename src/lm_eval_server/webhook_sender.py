@@ -36,12 +36,15 @@ from lm_eval_server.models import (
     WebhookInfo,
     utcnow,
 )
+from lm_eval_server.redact import Redactor
 from lm_eval_server.store import DeliveryStore
 
 log = logging.getLogger(__name__)
 
 
-def _read_metrics(results: IO[bytes] | None) -> list[dict[str, Any]] | None:
+def _read_metrics(
+    results: IO[bytes] | None, redactor: Redactor | None
+) -> list[dict[str, Any]] | None:
     if results is None:
         return None
     with results:
@@ -49,7 +52,7 @@ def _read_metrics(results: IO[bytes] | None) -> list[dict[str, Any]] | None:
     if len(data) > webhooks.MAX_RESULTS_BYTES:
         log.warning("results file over %d bytes: webhook sent without metrics", len(data) - 1)
         return None
-    return webhooks.metrics_from_results(data)
+    return webhooks.metrics_from_results(data, redactor.json if redactor is not None else None)
 
 
 class WebhookSender:
@@ -57,10 +60,14 @@ class WebhookSender:
         self,
         settings: Settings,
         store: DeliveryStore,
+        redactor: Redactor | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        """`redactor`: what the server masks in the results it serves, masked in webhooks
+        too."""
         self._settings = settings
         self._store = store
+        self._redactor = redactor
         self._clock = clock
         secret = settings.webhook_secret
         self._secret = secret.get_secret_value().encode() if secret is not None else b""
@@ -172,7 +179,7 @@ class WebhookSender:
         self, delivery: WebhookDelivery, results: IO[bytes] | None
     ) -> None:
         try:
-            metrics = await asyncio.to_thread(_read_metrics, results)
+            metrics = await asyncio.to_thread(_read_metrics, results, self._redactor)
         except OSError as exc:
             log.warning("job %d: results unreadable for its webhook: %s", delivery.job_id, exc)
             metrics = None

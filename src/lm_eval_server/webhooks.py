@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from lm_eval_server import results
@@ -56,9 +57,12 @@ def callback_target(url: str, prefixes: list[str]) -> str:
     return target
 
 
-def metrics_from_results(data: bytes | None) -> list[dict[str, Any]] | None:
-    """The flattened metrics of a results file's bytes (as GET /job/{id}/results lists them),
-    or None when there is no readable results file."""
+def metrics_from_results(
+    data: bytes | None, redact: Callable[[Any], Any] | None = None
+) -> list[dict[str, Any]] | None:
+    """The flattened metrics of a results file's bytes, or None when there is no readable
+    results file. With the server's `redact` (Redactor.json), exactly the rows GET
+    /job/{id}/results serves: the results are redacted first, then flattened, as there."""
     if data is None:
         return None
     try:
@@ -67,6 +71,8 @@ def metrics_from_results(data: bytes | None) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(parsed, dict):
         return None
+    if redact is not None:
+        parsed = redact(parsed)
     return [_finite(row) for row in results.flatten_metrics(parsed)]
 
 
