@@ -180,8 +180,9 @@ class WebhookSender:
     ) -> None:
         try:
             metrics = await asyncio.to_thread(_read_metrics, results, self._redactor)
-        except OSError as exc:
-            log.warning("job %d: results unreadable for its webhook: %s", delivery.job_id, exc)
+        except Exception:
+            # Sent without metrics rather than never sent.
+            log.exception("job %d: results unreadable for its webhook", delivery.job_id)
             metrics = None
         delivery.metrics_json = json.dumps(metrics, allow_nan=False)
         self._save(delivery)
