@@ -57,10 +57,16 @@ class JobRecord:
     idempotency_body: str | None = None  # SHA-256 of the canonical body sent with that key
     executor_ref: str | None = None  # e.g. the Ray submission id
     owner: str = "default"  # the principal whose key submitted the job (principals.py)
+    # GPU device ids the job was given (GPU slots, scheduler.GpuPool); None when the server
+    # does not hand out devices (no GPUs, or EXECUTOR=ray) or the job has not started.
+    gpus: list[str] | None = None
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
     # The API's JSON for this job once it is finished (it cannot change any more).
     summary_json: bytes | None = field(default=None, compare=False, repr=False)
+    # The Redactor generation summary_json was redacted with (redact.py): a value learned since
+    # (a secret added to SECRETS_DIR) makes the cached JSON stale.
+    summary_redaction: int = field(default=-1, compare=False, repr=False)
 
     def release_launch_inputs(self) -> None:
         """Forget what only the launch needed (the request body and the job's environment): up
@@ -134,6 +140,12 @@ class JobSummary(BaseModel):
     finished_at: datetime | None = None
     duration_s: float | None = None
     error: str | None = Field(None, description="Why a Failed job failed (tail of stderr).")
+    gpus: list[str] | None = Field(
+        None,
+        description="GPU device ids the job was given (its CUDA_VISIBLE_DEVICES); [] when it "
+        "asked for none on a server with GPU slots; null when the server does not hand out "
+        "devices (no GPUS, EXECUTOR=ray) or the job has not started.",
+    )
 
 
 class JobDetail(JobSummary):

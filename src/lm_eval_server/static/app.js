@@ -358,6 +358,8 @@ const jobView = {
       ["Finished", formatTime(job.finished_at)],
       ["Duration", formatDuration(job.duration_s)],
       ["Exit code", job.exit_code ?? "—"],
+      // GPU slots: the devices the job was given; null where the server hands out none.
+      ["GPUs", job.gpus == null ? "—" : job.gpus.join(", ") || "none"],
       ...hooks.jobFacts.flatMap((facts) => facts(job)),
     ];
     $("job-facts").replaceChildren(
