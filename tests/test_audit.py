@@ -12,7 +12,7 @@ import pytest
 from lm_eval_server import audit
 from lm_eval_server.audit import Action, Audit, MemoryAudit, Query, SqliteAudit
 from lm_eval_server.principals import Principal
-from lm_eval_server.store import MIGRATIONS, SCHEMA_VERSION, SqliteJobStore
+from lm_eval_server.store import MIGRATIONS, SqliteJobStore
 
 ALICE, BOB, ROOT = Principal("alice"), Principal("bob"), Principal("root", admin=True)
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -176,9 +176,13 @@ def test_sqlite_entries_survive_reopening_and_hold_no_more_than_given(tmp_path: 
 def test_an_older_database_gains_the_audit_table(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
     db = sqlite3.connect(path)
-    for migration in MIGRATIONS[: SCHEMA_VERSION - 1]:
+    # The database as it was just before the migration that creates the audit table.
+    audit_version = next(
+        n for n, sql in enumerate(MIGRATIONS, 1) if "CREATE TABLE IF NOT EXISTS audit" in sql
+    )
+    for migration in MIGRATIONS[: audit_version - 1]:
         db.executescript(migration)
-    db.execute(f"PRAGMA user_version={SCHEMA_VERSION - 1}")
+    db.execute(f"PRAGMA user_version={audit_version - 1}")
     db.close()
     with pytest.raises(RuntimeError, match="no audit table: open the job store first"):
         SqliteAudit(path)
