@@ -3,6 +3,7 @@ as pure functions: no manager, no processes."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -158,6 +159,48 @@ def test_usage_counts_only_the_window_and_running_jobs_up_to_now() -> None:
     for minute in range(100):
         ledger.add("dave", T0 + minute * m, T0 + (minute + 1) * m)
     assert len(ledger) == 60
+
+
+def brute_usage(
+    spans: list[tuple[str, datetime, datetime]], now: datetime, window_s: float
+) -> dict[str, float]:
+    since = now - timedelta(seconds=window_s)
+    usage: dict[str, float] = {}
+    for owner, started, finished in spans:
+        seconds = (min(finished, now) - max(started, since)).total_seconds()
+        if seconds > 0:
+            usage[owner] = usage.get(owner, 0.0) + seconds
+    return {o: round(u, 6) for o, u in usage.items() if u > 0}
+
+
+def test_usage_matches_a_brute_force_sum_as_the_clock_moves() -> None:
+    rng = random.Random(15)
+    window_s = 900
+    ledger = UsageLedger(window_s)
+    spans: list[tuple[str, datetime, datetime]] = []
+    now = T0
+    for step in range(400):
+        now += timedelta(seconds=rng.choice([0, 1, 7, 30, 120, 600]))
+        if rng.random() < 0.7:
+            owner = rng.choice("abc")
+            started = now - timedelta(seconds=rng.randint(0, 2000), microseconds=rng.randint(0, 9))
+            finished = now - timedelta(seconds=rng.randint(0, 5)) if step % 9 else now
+            if finished > started:
+                ledger.add(owner, started, finished)
+                spans.append((owner, started, finished))
+        running = [("a", now - timedelta(seconds=rng.randint(0, 1000)))]
+        got = {o: round(u, 6) for o, u in ledger.recent(now, running).items()}
+        assert got == brute_usage([*spans, ("a", running[0][1], now)], now, window_s), step
+
+
+def test_usage_after_the_clock_is_set_back() -> None:
+    ledger = UsageLedger(600)
+    m = timedelta(minutes=1)
+    ledger.add("a", T0 - 12 * m, T0 - 2 * m)
+    assert ledger.recent(T0, []) == {"a": 480.0}  # 8 of its 10 minutes in the window
+    # Five minutes back: the window starts earlier, so more of the run counts again.
+    assert ledger.recent(T0 - 5 * m, []) == {"a": 600.0}
+    assert ledger.recent(T0, []) == {"a": 480.0}
 
 
 # ---------------------------------------------------------------- finding the devices
