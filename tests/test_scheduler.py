@@ -92,7 +92,7 @@ def test_a_job_that_does_not_fit_is_passed_over_by_one_that_does() -> None:
     assert pick(queue[:2], free_gpus=0) is None
 
 
-def test_a_job_that_waited_long_for_gpus_bars_later_jobs_from_gpus_only() -> None:
+def test_a_job_that_waited_long_for_gpus_reserves_them() -> None:
     old_big = waiting(1, "alice", 2, age_s=600)
     queue = [old_big, waiting(2, "bob", 1), waiting(3, "carol", 0)]
     usage = {"alice": 0.0, "bob": 1.0, "carol": 2.0}
@@ -101,10 +101,15 @@ def test_a_job_that_waited_long_for_gpus_bars_later_jobs_from_gpus_only() -> Non
     assert pick(queue[:2], free_gpus=1, usage=usage, reserve_after_s=600) is None
     # Not waited long enough yet: backfill.
     assert pick(queue, free_gpus=1, usage=usage, reserve_after_s=601) == 2
-    # Jobs before it in the order are not barred.
-    assert pick(queue[:2], free_gpus=1, usage={"alice": 9.0}, reserve_after_s=600) == 2
-    # Once its GPUs are free it starts.
+    # Jobs before it in the order may not take GPUs either.
+    assert pick(queue[:2], free_gpus=1, usage={"alice": 9.0}, reserve_after_s=600) is None
+    # Once its GPUs are free it starts, before jobs earlier in the fair order.
     assert pick(queue, free_gpus=2, usage=usage, reserve_after_s=600) == 1
+    assert pick(queue, free_gpus=2, usage={"alice": 9.0}, reserve_after_s=600) == 1
+    # Several have waited long: the first in the fair order holds the reservation.
+    two_old = [old_big, waiting(2, "bob", 1, age_s=900)]
+    assert pick(two_old, free_gpus=1, usage={"alice": 1.0}, reserve_after_s=600) == 2
+    assert pick(two_old, free_gpus=1, usage={"bob": 1.0}, reserve_after_s=600) is None
     # 0 means at once: no backfilling past a blocked GPU job.
     young = [waiting(1, "alice", 2), waiting(2, "bob", 1)]
     assert pick(young, free_gpus=1, usage=usage, reserve_after_s=0) is None

@@ -11,10 +11,11 @@ The rule (docs: "The fair queue"):
    fewer running jobs, then to the owner whose oldest queued job is oldest (lowest job id).
 3. Within an owner, first in, first out (job id order).
 4. Walking that order, the first job that fits starts: it fits when the GPUs it asks for are
-   free. A job that does not fit is passed over (no head-of-line blocking), except that a job
-   which needs GPUs, cannot get them, and has waited at least GPU_RESERVE_AFTER_S bars every job
-   after it in the order from taking a GPU (jobs needing none still start), so the GPUs it
-   needs are bound to come free for it: no job waits for GPUs forever.
+   free. A job that does not fit is passed over (no head-of-line blocking).
+5. No starvation: the first job in that order that needs GPUs and has waited (since it was
+   submitted) at least GPU_RESERVE_AFTER_S holds a reservation. It starts as soon as its GPUs
+   are free, before any other job; until then no other job may take a GPU (jobs needing none
+   still start). GPUs only come free meanwhile, so it runs once enough of the running jobs end.
 """
 
 from __future__ import annotations
@@ -252,13 +253,13 @@ def choose(
     now: datetime,
 ) -> Waiting | None:
     """The job to start in a free slot, or None when no queued job may start now."""
+    order = fair_order(heads, running, usage, policy)
     reserve_after = timedelta(seconds=policy.reserve_after_s)
-    barred = False  # a starving GPU job earlier in the order keeps the GPUs for itself
-    for job in fair_order(heads, running, usage, policy):
-        if job.gpus == 0:
-            return job
-        if job.gpus <= free_gpus and not barred:
-            return job
-        if job.gpus > free_gpus and now - job.queued_at >= reserve_after:
-            barred = True
-    return None
+    reserved = next((j for j in order if j.gpus and now - j.queued_at >= reserve_after), None)
+    if reserved is not None:
+        # It has waited long enough: it starts the moment its GPUs are free, and until then
+        # no job takes a GPU (jobs needing none still start; they take no device from it).
+        if reserved.gpus <= free_gpus:
+            return reserved
+        return next((j for j in order if not j.gpus), None)
+    return next((j for j in order if j.gpus <= free_gpus), None)
