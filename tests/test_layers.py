@@ -108,3 +108,14 @@ def test_supervise_imports_only_the_standard_library_and_jobdir() -> None:
     allowed = {f"{PACKAGE}.jobdir", "jobdir"}
     bad = _violations([f"{PACKAGE}.supervise"], lambda t: not _stdlib(t) and t not in allowed)
     assert bad == {}
+
+
+def test_webhook_rules_are_pure_and_routes_do_not_send() -> None:
+    # webhooks.py: the URL rule, payload and signature, importable by validation without the
+    # HTTP client; webhook_sender.py owns the sending, and no route or the manager imports it
+    # but for the types the routes' state holds.
+    allowed = {f"{PACKAGE}.results", f"{PACKAGE}.urls", f"{PACKAGE}.lm_eval_cli"}
+    bad = _violations([f"{PACKAGE}.webhooks"], lambda t: not _stdlib(t) and t not in allowed)
+    assert bad == {}
+    sender = _under(f"{PACKAGE}.webhook_sender")
+    assert _violations([f"{PACKAGE}.manager", f"{PACKAGE}.runner"], sender) == {}

@@ -39,6 +39,7 @@ from lm_eval_server.security import (
 )
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
 from lm_eval_server.validation import RequestValidator, json_safe
+from lm_eval_server.webhook_sender import WebhookSender
 
 if TYPE_CHECKING:
     from lm_eval_server.executors.warm_pool import WarmPool
@@ -145,12 +146,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.audit.prune()
         _learn_secrets(settings, redactor)
         manager = JobManager(settings, store, executor, gpu_devices=gpu_devices, redactor=redactor)
+        webhooks = WebhookSender(settings, store, redactor)
+        manager.on_finish.append(webhooks.job_ended)
         metrics.watch(manager)
         state.warm_pool = warm_pool
         state.manager = manager
         state.files = JobFiles(manager)
+        state.webhooks = webhooks
         state.store_open = True
         catalog.start()
+        # Before the manager: jobs that ended while the server was down report through it.
+        await webhooks.start()
         await manager.start()
         if warm_pool is not None:
             await warm_pool.start()  # returns at once; workers warm up in their own processes
@@ -158,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await manager.shutdown()
+            await webhooks.close()
             await catalog.close()
             await executor.close()
             if warm_pool is not None:

@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lm_eval_server import job_env, job_secrets
@@ -36,6 +36,8 @@ def _split_csv(value: object) -> object:
 
 
 CsvList = Annotated[list[str], NoDecode]
+
+MIN_WEBHOOK_SECRET_CHARS = 16
 
 
 class Settings(BaseSettings):
@@ -262,6 +264,60 @@ class Settings(BaseSettings):
             allowed=job_secrets.parse_allowed_secrets(allowed) if allowed else None,
             max_bytes=self.max_env_value_bytes,
         )
+
+    # Webhooks (a job's callback_url): where job-end notifications may go, their signing key,
+    # and how a delivery is retried. Off unless WEBHOOK_URL_PREFIXES is set.
+    webhook_url_prefixes: CsvList = Field(
+        default_factory=list,
+        description="URLs a job's callback_url must start with (compared after "
+        "normalisation); unset: callback_url is refused.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Key of the HMAC-SHA256 in each webhook's X-Signature; required (at least "
+        f"{MIN_WEBHOOK_SECRET_CHARS} characters) when WEBHOOK_URL_PREFIXES is set.",
+    )
+    webhook_max_attempts: int = Field(
+        10, ge=1, le=100, description="Attempts per delivery before it is marked failed."
+    )
+    webhook_retry_base_s: float = Field(
+        2.0, gt=0, le=3600, description="Wait before the first retry; doubles after each."
+    )
+    webhook_retry_max_s: float = Field(
+        300.0, gt=0, le=86400, description="Longest wait between two attempts."
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="An attempt's whole time budget (connect to answer)."
+    )
+    webhook_concurrency: int = Field(
+        4, ge=1, le=64, description="Deliveries in flight at once; the rest wait their turn."
+    )
+
+    @field_validator("webhook_url_prefixes", mode="before")
+    @classmethod
+    def _csv_webhook_prefixes(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("webhook_url_prefixes")
+    @classmethod
+    def _webhook_prefixes(cls, value: list[str]) -> list[str]:
+        from lm_eval_server.urls import normalise_url
+
+        return [normalise_url(prefix, "WEBHOOK_URL_PREFIXES") for prefix in value]
+
+    @model_validator(mode="after")
+    def _check_webhooks(self) -> Settings:
+        # Unsigned webhooks would let anyone who can reach a receiver forge "Completed".
+        if not self.webhook_url_prefixes:
+            return self
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret else ""
+        if len(secret) < MIN_WEBHOOK_SECRET_CHARS:
+            raise ValueError(
+                "WEBHOOK_URL_PREFIXES is set, so WEBHOOK_SECRET must be too (at least "
+                f"{MIN_WEBHOOK_SECRET_CHARS} characters, e.g. `openssl rand -hex 32`): every "
+                "webhook is signed with it"
+            )
+        return self
 
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")

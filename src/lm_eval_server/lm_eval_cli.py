@@ -36,10 +36,12 @@ KEY_VALUE_DESTS = frozenset(
 )
 LIST_DESTS = frozenset({"tasks"})
 # The server's own fields; they never reach lm-eval's argv.
-SERVER_FIELDS = ("env_vars", "lm_eval_path", "timeout_s", "resources")
+SERVER_FIELDS = ("env_vars", "lm_eval_path", "timeout_s", "resources", "callback_url")
 SKIPPED_DESTS = frozenset({"help", "command", "func"})
 # A job may run for at most this long (timeout_s); more is a typo, not a plan.
 MAX_TIMEOUT_S = 30 * 24 * 3600.0
+# callback_url's length bound (checked by the request model and by webhooks).
+MAX_CALLBACK_URL_CHARS = 2048
 
 
 class OptionKind(StrEnum):
@@ -317,6 +319,15 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
             None,
             description="Resources reserved for the job: num_gpus (GPU slots locally, Ray "
             "otherwise); num_cpus and memory with EXECUTOR=ray only.",
+        ),
+    )
+    fields["callback_url"] = (
+        str | None,
+        Field(
+            None,
+            max_length=MAX_CALLBACK_URL_CHARS,
+            description="When the job ends, the server POSTs a signed JSON webhook here "
+            "(http/https, under one of the server's WEBHOOK_URL_PREFIXES).",
         ),
     )
     return create_model(  # type: ignore[call-overload, no-any-return]

@@ -204,7 +204,11 @@ class JobManager:
         work_dir = (self._settings.jobs_dir / str(job_id)).resolve()
         work_dir.mkdir(parents=True, exist_ok=True)
         command = self._policy.command(job, work_dir)
-        server_fields = {"timeout_s": job.timeout_s, "resources": job.resources or None}
+        server_fields = {
+            "timeout_s": job.timeout_s,
+            "resources": job.resources or None,
+            "callback_url": job.callback_url,
+        }
         record = JobRecord(
             job_id=job_id,
             request={**job.values, **{k: v for k, v in server_fields.items() if v is not None}},

@@ -31,7 +31,7 @@ def utcnow() -> datetime:
 
 
 # What summaries and the state machine read from a request after the job has launched.
-SUMMARY_REQUEST_KEYS = ("model", "tasks", "timeout_s")
+SUMMARY_REQUEST_KEYS = ("model", "tasks", "timeout_s", "callback_url")
 
 
 @dataclass
@@ -148,6 +148,54 @@ class JobSummary(BaseModel):
     )
 
 
+class DeliveryState(StrEnum):
+    waiting = "waiting"  # the job has not ended yet (never stored)
+    pending = "pending"  # due, or waiting for its next attempt
+    delivered = "delivered"
+    failed = "failed"  # every attempt failed, or the URL is no longer allowed
+
+    def is_final(self) -> bool:
+        return self in (DeliveryState.delivered, DeliveryState.failed)
+
+
+@dataclass
+class WebhookDelivery:
+    """One job's webhook, from the moment the job ended (persisted; see webhook_sender)."""
+
+    job_id: int
+    delivery_id: str  # the same for every attempt: receivers deduplicate on it
+    url: str
+    status: str  # the job's terminal status
+    exit_code: int | None
+    results_file: str | None
+    created_at: datetime
+    state: DeliveryState = DeliveryState.pending
+    # The flattened metrics as JSON text ("null" for none); None until read from results_file.
+    metrics_json: str | None = None
+    attempts: int = 0
+    last_status: int | None = None
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+
+
+class WebhookInfo(BaseModel):
+    url: str = Field(description="Where the webhook goes (the job's callback_url).")
+    state: DeliveryState = Field(
+        description="waiting (the job has not ended), pending (being delivered or waiting for "
+        "a retry), delivered (a 2xx answer), failed (attempts exhausted, or the URL is no "
+        "longer under WEBHOOK_URL_PREFIXES)."
+    )
+    attempts: int = Field(description="Attempts made so far.")
+    last_status: int | None = Field(None, description="HTTP status of the last attempt.")
+    last_error: str | None = Field(None, description="Why the last attempt failed.")
+    next_attempt_at: datetime | None = Field(None, description="When a pending one retries.")
+    delivered_at: datetime | None = None
+    delivery_id: str | None = Field(
+        None, description="Sent in the body and X-Webhook-Id; the same on every attempt."
+    )
+
+
 class JobDetail(JobSummary):
     stdout: list[str] = Field(
         description="Last LOG_TAIL_LINES lines of stdout, as a terminal shows them."
@@ -155,6 +203,9 @@ class JobDetail(JobSummary):
     stderr: list[str] = Field(description="Last LOG_TAIL_LINES lines of stderr.")
     stdout_truncated: bool = Field(description="True when earlier stdout lines were cut.")
     stderr_truncated: bool = Field(description="True when earlier stderr lines were cut.")
+    webhook: WebhookInfo | None = Field(
+        None, description="The job's webhook delivery; null without a callback_url."
+    )
 
 
 class JobList(BaseModel):

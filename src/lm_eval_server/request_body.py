@@ -186,7 +186,7 @@ class _Parser:
         return (
             f"Unknown field(s): {'; '.join(parts)}{more}. A job takes lm-eval's options "
             "(`lm_eval run --help`, or the JobRequest schema at /openapi.json) plus env_vars, "
-            "lm_eval_path, timeout_s and resources"
+            "lm_eval_path, timeout_s, resources and callback_url"
         )
 
     def key(self, obj: dict[str, Any]) -> str:

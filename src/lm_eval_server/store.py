@@ -12,13 +12,21 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
+from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from lm_eval_server.models import JobRecord, JobStatus
+from lm_eval_server.models import (
+    TERMINAL_STATUSES,
+    DeliveryState,
+    JobRecord,
+    JobStatus,
+    WebhookDelivery,
+)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -78,6 +86,27 @@ MIGRATIONS: list[str] = [
     CREATE INDEX IF NOT EXISTS audit_action ON audit (action, entry_id);
     CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
     """,
+    # A job's webhook from the moment it ended; a pending row outlives its job (it is the
+    # notice that the job ended), a finished one goes with it.
+    """
+    CREATE TABLE IF NOT EXISTS webhook_deliveries (
+        job_id INTEGER PRIMARY KEY,
+        delivery_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        status TEXT NOT NULL,
+        exit_code INTEGER,
+        results_file TEXT,
+        created_at TEXT NOT NULL,
+        state TEXT NOT NULL,
+        metrics_json TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_status INTEGER,
+        last_error TEXT,
+        next_attempt_at TEXT,
+        delivered_at TEXT
+    );
+    CREATE INDEX IF NOT EXISTS webhook_deliveries_state ON webhook_deliveries (state);
+    """,
 ]
 
 _COLUMNS = (
@@ -117,6 +146,34 @@ _JSON_COLUMNS = {"request", "argv", "env_vars", "gpus"}
 _TIME_COLUMNS = {"created_at", "started_at", "finished_at"}
 
 
+_DELIVERY_COLUMNS = tuple(f.name for f in fields(WebhookDelivery))
+_DELIVERY_TIMES = {"created_at", "next_attempt_at", "delivered_at"}
+
+
+def _delivery_row(delivery: WebhookDelivery) -> tuple[Any, ...]:
+    values = []
+    for name in _DELIVERY_COLUMNS:
+        value = getattr(delivery, name)
+        if name in _DELIVERY_TIMES:
+            value = value.isoformat() if value is not None else None
+        elif name == "state":
+            value = value.value
+        values.append(value)
+    return tuple(values)
+
+
+def _delivery_from_row(row: sqlite3.Row) -> WebhookDelivery:
+    kwargs: dict[str, Any] = {}
+    for name in _DELIVERY_COLUMNS:
+        value = row[name]
+        if name in _DELIVERY_TIMES:
+            value = datetime.fromisoformat(value) if value is not None else None
+        elif name == "state":
+            value = DeliveryState(value)
+        kwargs[name] = value
+    return WebhookDelivery(**kwargs)
+
+
 class TerminalStateError(RuntimeError):
     """A write tried to move a job out of a terminal state."""
 
@@ -128,6 +185,15 @@ class JobStore(Protocol):
     def delete(self, job_ids: list[int]) -> None: ...
     def load_all(self) -> list[JobRecord]: ...
     def close(self) -> None: ...
+
+
+class DeliveryStore(Protocol):
+    """Webhook deliveries (webhook_sender). A delivery row is written when its job ends."""
+
+    def save_delivery(self, delivery: WebhookDelivery) -> None: ...
+    def get_delivery(self, job_id: int) -> WebhookDelivery | None: ...
+    def pending_deliveries(self) -> list[WebhookDelivery]: ...
+    def ended_without_delivery(self) -> list[JobRecord]: ...
 
 
 def _check_transition(previous: JobStatus, new: JobStatus) -> None:
@@ -236,12 +302,70 @@ class SqliteJobStore:
     def delete(self, job_ids: list[int]) -> None:
         if not job_ids:
             return
-        with self._lock:
-            self._db.executemany("DELETE FROM jobs WHERE job_id=?", [(i,) for i in job_ids])
+        ids = [(i,) for i in job_ids]
+        with self._lock, self._transaction():
+            self._db.executemany("DELETE FROM jobs WHERE job_id=?", ids)
+            # A pending webhook stays: it still tells its receiver that the job ended.
+            self._db.executemany(
+                "DELETE FROM webhook_deliveries WHERE job_id=? AND state!='pending'", ids
+            )
 
     def load_all(self) -> list[JobRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY job_id").fetchall()
+        return [_from_row(row) for row in rows]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ webhook deliveries
+    def save_delivery(self, delivery: WebhookDelivery) -> None:
+        placeholders = ",".join("?" * len(_DELIVERY_COLUMNS))
+        with self._lock, self._transaction():
+            self._db.execute(
+                f"INSERT OR REPLACE INTO webhook_deliveries ({','.join(_DELIVERY_COLUMNS)}) "
+                f"VALUES ({placeholders})",
+                _delivery_row(delivery),
+            )
+            if delivery.state.is_final():
+                # Its job was deleted while it was pending: nobody can ask about it any more.
+                self._db.execute(
+                    "DELETE FROM webhook_deliveries WHERE job_id=? AND NOT EXISTS "
+                    "(SELECT 1 FROM jobs WHERE jobs.job_id=webhook_deliveries.job_id)",
+                    (delivery.job_id,),
+                )
+
+    def get_delivery(self, job_id: int) -> WebhookDelivery | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM webhook_deliveries WHERE job_id=?", (job_id,)
+            ).fetchone()
+        return _delivery_from_row(row) if row is not None else None
+
+    def pending_deliveries(self) -> list[WebhookDelivery]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM webhook_deliveries WHERE state='pending' ORDER BY job_id"
+            ).fetchall()
+        return [_delivery_from_row(row) for row in rows]
+
+    def ended_without_delivery(self) -> list[JobRecord]:
+        """Jobs with a callback_url that ended but have no delivery row: the server stopped
+        between the two writes. Their webhook is still owed."""
+        terminal = ",".join(f"'{s.value}'" for s in TERMINAL_STATUSES)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE status IN ({terminal}) "
+                "AND json_extract(request, '$.callback_url') IS NOT NULL "
+                "AND job_id NOT IN (SELECT job_id FROM webhook_deliveries) ORDER BY job_id"
+            ).fetchall()
         return [_from_row(row) for row in rows]
 
     def close(self) -> None:
@@ -254,18 +378,41 @@ class MemoryJobStore:
 
     def __init__(self) -> None:
         self._last_id = 0
+        self._job_ids: set[int] = set()
+        self._deliveries: dict[int, WebhookDelivery] = {}
 
     def next_id(self) -> int:
         return self._last_id + 1
 
     def insert(self, record: JobRecord) -> None:
         self._last_id = max(self._last_id, record.job_id)
+        self._job_ids.add(record.job_id)
 
     def update(self, record: JobRecord, previous: JobStatus) -> None:
         _check_transition(previous, record.status)
 
     def delete(self, job_ids: list[int]) -> None:
-        return None
+        for job_id in job_ids:
+            self._job_ids.discard(job_id)
+            delivery = self._deliveries.get(job_id)
+            if delivery is not None and delivery.state is not DeliveryState.pending:
+                del self._deliveries[job_id]
+
+    def save_delivery(self, delivery: WebhookDelivery) -> None:
+        if delivery.state.is_final() and delivery.job_id not in self._job_ids:
+            self._deliveries.pop(delivery.job_id, None)
+        else:
+            self._deliveries[delivery.job_id] = replace(delivery)
+
+    def get_delivery(self, job_id: int) -> WebhookDelivery | None:
+        delivery = self._deliveries.get(job_id)
+        return replace(delivery) if delivery is not None else None
+
+    def pending_deliveries(self) -> list[WebhookDelivery]:
+        return []  # nothing survives a restart
+
+    def ended_without_delivery(self) -> list[JobRecord]:
+        return []
 
     def load_all(self) -> list[JobRecord]:
         return []

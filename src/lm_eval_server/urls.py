@@ -1,4 +1,5 @@
-"""URLs compared the way an HTTP client will use them (for MODEL_URL_PREFIXES)."""
+"""URLs compared the way an HTTP client will use them (MODEL_URL_PREFIXES,
+WEBHOOK_URL_PREFIXES)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ def normalise_url(url: str, what: str) -> str:
     """scheme://host:port/path/ with the scheme and host lower-cased, the port explicit and a
     trailing slash; a URL with user info, a query, a fragment, a backslash, whitespace or
     control characters is refused (tricks like `http://allowed@evil/` hide the real host)."""
+    normal = request_url(url, what)
+    return normal if normal.endswith("/") else normal + "/"
+
+
+def request_url(url: str, what: str) -> str:
+    """The URL a client will request: `normalise_url` without the added trailing slash, so a
+    URL checked against prefixes in its normal form is sent in that same form."""
     if any(ch.isspace() or ord(ch) < 32 or ch == "\\" for ch in url):
         raise ValueError(f"{what}: {url!r} contains whitespace, control characters or '\\'")
     try:
@@ -30,13 +38,11 @@ def normalise_url(url: str, what: str) -> str:
     path = parts.path or "/"
     if ".." in path.split("/") or "." in path.split("/") or "%" in path:
         raise ValueError(f"{what}: {url!r}: the path must not contain '.', '..' or escapes")
-    if not path.endswith("/"):
-        path += "/"
     return urlunsplit((scheme, f"{host}:{port}", path, "", ""))
 
 
-def url_allowed(url: str, prefixes: list[str]) -> bool:
+def url_allowed(url: str, prefixes: list[str], what: str = "base_url") -> bool:
     """True if `url` (normalised) starts with one of the normalised `prefixes` at a path
     segment boundary."""
-    normal = normalise_url(url, "base_url")
+    normal = normalise_url(url, what)
     return any(normal.startswith(prefix) for prefix in prefixes)

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lm_eval_server import backends, gpus, job_secrets, jobdir, lm_eval_checks, paths
+from lm_eval_server import backends, gpus, job_secrets, jobdir, lm_eval_checks, paths, webhooks
 from lm_eval_server.catalog import Catalog, TaskRequestRefused, UnknownTasks, close_matches
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import InvalidRequest
@@ -61,6 +61,8 @@ class ValidatedJob:
     # The validated `config` file, as YAML text with its paths made absolute: the job reads
     # this copy (see `job_lm_args`), so editing the file after submission changes nothing.
     config_snapshot: str | None = None
+    # Where the job's webhook goes (webhooks.callback_target), or None.
+    callback_url: str | None = None
 
 
 def job_lm_args(job: ValidatedJob, work_dir: Path) -> list[str]:
@@ -217,6 +219,7 @@ class RequestValidator:
             refused := gpus.check_request(server.get("resources"), self._gpus)
         ):
             raise InvalidRequest(refused)
+        callback_url = self._callback_url(server.get("callback_url"))
         base = Path.cwd()
         self._absolute_paths(values, base)
         try:
@@ -263,6 +266,7 @@ class RequestValidator:
             timeout_s=server.get("timeout_s"),
             resources=server.get("resources") or {},
             config_snapshot=snapshot,
+            callback_url=callback_url,
         )
 
     # ------------------------------------------------------------------ paths
@@ -395,6 +399,14 @@ class RequestValidator:
                 f"setting lists the commands it may run: {allowlist}"
             )
         return shlex.split(lm_eval_path)
+
+    def _callback_url(self, url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:
+            return webhooks.callback_target(url, self._settings.webhook_url_prefixes)
+        except webhooks.CallbackRefused as exc:
+            raise InvalidRequest(str(exc)) from None
 
     def _env_vars(
         self, env_vars: dict[str, Any], principal: str | None

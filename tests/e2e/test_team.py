@@ -340,3 +340,14 @@ def test_every_per_job_route_answers_for_another_owners_job_as_for_none(
     assert checked >= 2 * 9
     assert client.get(f"/job/{running}", headers=alice).json()["status"] == "Running"
     assert client.get(f"/job/{finished}", headers=alice).json()["status"] == "Completed"
+
+
+def test_admin_keys_alone_turn_authentication_on(make_client: Callable[..., Any]) -> None:
+    client = make_client(admin_keys=["root:KR"])
+    for path in ("/jobs", "/me", "/audit"):
+        refused = client.get(path)
+        assert refused.status_code == 401, path
+        assert refused.headers["www-authenticate"] == "Bearer"
+    client.headers["Authorization"] = "Bearer KR"
+    assert client.get("/me").json() == {"name": "root", "admin": True}
+    assert client.get("/audit").json() == {"entries": [], "total": 0}

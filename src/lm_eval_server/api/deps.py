@@ -17,6 +17,7 @@ from lm_eval_server.principals import Principal
 from lm_eval_server.redact import Redactor
 from lm_eval_server.security import Admin, Caller
 from lm_eval_server.validation import RequestValidator
+from lm_eval_server.webhook_sender import WebhookSender
 
 
 class WarmPoolStatus(Protocol):
@@ -58,6 +59,7 @@ class ServerState:
     log_followers: FollowerSlots
     manager: JobManager | None = None
     files: JobFiles | None = None
+    webhooks: WebhookSender | None = None
     warm_pool: WarmPoolStatus | None = None
     store_open: bool = False
     audit: Audit | None = None

@@ -12,7 +12,7 @@ from starlette.types import Message
 
 from lm_eval_server import idempotency
 from lm_eval_server.api import views
-from lm_eval_server.api.deps import AuditTrail, Caller, Manager, SettingsDep, State, Validator
+from lm_eval_server.api.deps import AuditTrail, Caller, Manager, State, Validator
 from lm_eval_server.audit import Action
 from lm_eval_server.catalog import Catalog, IndexState, TaskIndexUnavailable
 from lm_eval_server.config import Settings
@@ -257,12 +257,11 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         return Response(body, media_type="application/json")
 
     @router.get("/job/{job_id}", response_model=JobDetail, responses=_NOT_FOUND)
-    async def get_job(
-        manager: Manager, state: State, settings: SettingsDep, caller: Caller, job_id: int
-    ) -> JobDetail:
+    async def get_job(manager: Manager, state: State, caller: Caller, job_id: int) -> JobDetail:
         record = manager.get(job_id, caller)
+        webhook = state.webhooks.info(record) if state.webhooks is not None else None
         return await run_in_threadpool(
-            views.detail, record, settings.log_tail_lines, state.redactor
+            views.detail, record, state.settings.log_tail_lines, state.redactor, webhook
         )
 
     async def stop_job(

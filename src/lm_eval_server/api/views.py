@@ -12,6 +12,7 @@ from lm_eval_server.models import (
     JobSummary,
     PhaseInfo,
     ProgressInfo,
+    WebhookInfo,
 )
 from lm_eval_server.progress import STARTING_PROGRESS, Progress
 from lm_eval_server.redact import Redactor
@@ -80,7 +81,9 @@ def job_list_json(records: list[JobRecord], total: int, redactor: Redactor) -> b
     return b'{"jobs":[' + parts + b'],"total":' + str(total).encode() + b"}"
 
 
-def detail(record: JobRecord, tail_lines: int, redactor: Redactor) -> JobDetail:
+def detail(
+    record: JobRecord, tail_lines: int, redactor: Redactor, webhook: WebhookInfo | None = None
+) -> JobDetail:
     work_dir = Path(record.work_dir)
     out = joblogs.tail_lines(Path(jobdir.stdout_log(work_dir)), tail_lines)
     err = joblogs.tail_lines(Path(jobdir.stderr_log(work_dir)), tail_lines)
@@ -91,4 +94,5 @@ def detail(record: JobRecord, tail_lines: int, redactor: Redactor) -> JobDetail:
         stderr=[redactor.values_only(line) for line in err.lines],
         stdout_truncated=out.truncated,
         stderr_truncated=err.truncated,
+        webhook=webhook,
     )
