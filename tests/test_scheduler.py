@@ -3,6 +3,7 @@ as pure functions: no manager, no processes."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -91,7 +92,7 @@ def test_a_job_that_does_not_fit_is_passed_over_by_one_that_does() -> None:
     assert pick(queue[:2], free_gpus=0) is None
 
 
-def test_a_job_that_waited_long_for_gpus_bars_later_jobs_from_gpus_only() -> None:
+def test_a_job_that_waited_long_for_gpus_reserves_them() -> None:
     old_big = waiting(1, "alice", 2, age_s=600)
     queue = [old_big, waiting(2, "bob", 1), waiting(3, "carol", 0)]
     usage = {"alice": 0.0, "bob": 1.0, "carol": 2.0}
@@ -100,10 +101,15 @@ def test_a_job_that_waited_long_for_gpus_bars_later_jobs_from_gpus_only() -> Non
     assert pick(queue[:2], free_gpus=1, usage=usage, reserve_after_s=600) is None
     # Not waited long enough yet: backfill.
     assert pick(queue, free_gpus=1, usage=usage, reserve_after_s=601) == 2
-    # Jobs before it in the order are not barred.
-    assert pick(queue[:2], free_gpus=1, usage={"alice": 9.0}, reserve_after_s=600) == 2
-    # Once its GPUs are free it starts.
+    # Jobs before it in the order may not take GPUs either.
+    assert pick(queue[:2], free_gpus=1, usage={"alice": 9.0}, reserve_after_s=600) is None
+    # Once its GPUs are free it starts, before jobs earlier in the fair order.
     assert pick(queue, free_gpus=2, usage=usage, reserve_after_s=600) == 1
+    assert pick(queue, free_gpus=2, usage={"alice": 9.0}, reserve_after_s=600) == 1
+    # Several have waited long: the first in the fair order holds the reservation.
+    two_old = [old_big, waiting(2, "bob", 1, age_s=900)]
+    assert pick(two_old, free_gpus=1, usage={"alice": 1.0}, reserve_after_s=600) == 2
+    assert pick(two_old, free_gpus=1, usage={"bob": 1.0}, reserve_after_s=600) is None
     # 0 means at once: no backfilling past a blocked GPU job.
     young = [waiting(1, "alice", 2), waiting(2, "bob", 1)]
     assert pick(young, free_gpus=1, usage=usage, reserve_after_s=0) is None
@@ -158,6 +164,48 @@ def test_usage_counts_only_the_window_and_running_jobs_up_to_now() -> None:
     for minute in range(100):
         ledger.add("dave", T0 + minute * m, T0 + (minute + 1) * m)
     assert len(ledger) == 60
+
+
+def brute_usage(
+    spans: list[tuple[str, datetime, datetime]], now: datetime, window_s: float
+) -> dict[str, float]:
+    since = now - timedelta(seconds=window_s)
+    usage: dict[str, float] = {}
+    for owner, started, finished in spans:
+        seconds = (min(finished, now) - max(started, since)).total_seconds()
+        if seconds > 0:
+            usage[owner] = usage.get(owner, 0.0) + seconds
+    return {o: round(u, 6) for o, u in usage.items() if u > 0}
+
+
+def test_usage_matches_a_brute_force_sum_as_the_clock_moves() -> None:
+    rng = random.Random(15)
+    window_s = 900
+    ledger = UsageLedger(window_s)
+    spans: list[tuple[str, datetime, datetime]] = []
+    now = T0
+    for step in range(400):
+        now += timedelta(seconds=rng.choice([0, 1, 7, 30, 120, 600]))
+        if rng.random() < 0.7:
+            owner = rng.choice("abc")
+            started = now - timedelta(seconds=rng.randint(0, 2000), microseconds=rng.randint(0, 9))
+            finished = now - timedelta(seconds=rng.randint(0, 5)) if step % 9 else now
+            if finished > started:
+                ledger.add(owner, started, finished)
+                spans.append((owner, started, finished))
+        running = [("a", now - timedelta(seconds=rng.randint(0, 1000)))]
+        got = {o: round(u, 6) for o, u in ledger.recent(now, running).items()}
+        assert got == brute_usage([*spans, ("a", running[0][1], now)], now, window_s), step
+
+
+def test_usage_after_the_clock_is_set_back() -> None:
+    ledger = UsageLedger(600)
+    m = timedelta(minutes=1)
+    ledger.add("a", T0 - 12 * m, T0 - 2 * m)
+    assert ledger.recent(T0, []) == {"a": 480.0}  # 8 of its 10 minutes in the window
+    # Five minutes back: the window starts earlier, so more of the run counts again.
+    assert ledger.recent(T0 - 5 * m, []) == {"a": 600.0}
+    assert ledger.recent(T0, []) == {"a": 480.0}
 
 
 # ---------------------------------------------------------------- finding the devices

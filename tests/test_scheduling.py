@@ -338,6 +338,36 @@ def test_a_waiting_gpu_job_is_passed_by_smaller_ones_until_it_has_waited_long(ma
     asyncio.run(scenario())
 
 
+def test_a_reserved_gpu_job_is_not_passed_even_by_owners_ahead_of_it(make_env) -> None:
+    env = make_env(max_concurrency=8, gpu_reserve_after_s=600)
+    executor = FakeExecutor()
+
+    async def scenario() -> None:
+        async with running(env, executor, gpus=["0", "1"]) as manager:
+            b0 = manager.submit(job("b0", 0), owner="bob").job_id
+            await ran(manager, executor, env, b0, seconds=60)  # bob has some recent usage
+            g1 = manager.submit(job("g1", 1), owner="alice").job_id
+            await watched(executor, g1)
+            big = manager.submit(job("big", 2), owner="bob").job_id
+            env.clock.advance(seconds=600)
+            # carol has used nothing, so she comes before bob in the fair order; still, bob's
+            # job has waited 600 s for two GPUs and holds them: carol's 1-GPU job waits.
+            c1 = manager.submit(job("c1", 1), owner="carol").job_id
+            c0 = manager.submit(job("c0", 0), owner="carol").job_id
+            await watched(executor, c0)
+            await settle()
+            assert [manager.get(i).status for i in (big, c1)] == [Q, Q]
+            assert manager.gpus_in_use == 1
+            (await watched(executor, g1)).exit(0)
+            await watched(executor, big)
+            assert manager.get(big).gpus == ["0", "1"] and manager.get(c1).status is Q
+            (await watched(executor, big)).exit(0)
+            await watched(executor, c1)
+            await manager.stop_all()
+
+    asyncio.run(scenario())
+
+
 def test_an_adopted_job_keeps_its_devices_across_a_restart(make_env) -> None:
     env = make_env(max_concurrency=8)
 

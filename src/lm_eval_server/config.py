@@ -208,7 +208,8 @@ class Settings(BaseSettings):
     gpu_reserve_after_s: float = Field(
         600.0,
         ge=0,
-        description="A job waiting this long for GPUs keeps later jobs off the GPUs it needs.",
+        description="A job needing GPUs that has waited this long reserves them (no other "
+        "job takes a GPU until it starts).",
     )
 
     @field_validator("gpus", mode="before")

@@ -79,7 +79,8 @@ class JobManager:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         queued: list[JobRecord] = []
-        for record in self._store.load_all():
+        records = self._store.load_all()
+        for record in records:
             self._jobs[record.job_id] = record
             # Credentials stored jobs received stay masked in what they left behind.
             self._policy.learn(record.argv, record.env_vars)
@@ -89,7 +90,10 @@ class JobManager:
                 queued.append(record)
             else:
                 record.release_launch_inputs()
-                self._count_usage(record)
+        # The fair queue's run times, in the order the jobs finished.
+        finished = [r for r in records if r.started_at and r.finished_at]
+        for record in sorted(finished, key=lambda r: (r.finished_at, r.job_id)):
+            self._count_usage(record)
         for record in [r for r in self._jobs.values() if r.status is JobStatus.running]:
             if record.gpus and self._gpu_slots:
                 # Its process still has these devices: no other job may be given them.

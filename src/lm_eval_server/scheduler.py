@@ -11,21 +11,23 @@ The rule (docs: "The fair queue"):
    fewer running jobs, then to the owner whose oldest queued job is oldest (lowest job id).
 3. Within an owner, first in, first out (job id order).
 4. Walking that order, the first job that fits starts: it fits when the GPUs it asks for are
-   free. A job that does not fit is passed over (no head-of-line blocking), except that a job
-   which needs GPUs, cannot get them, and has waited at least GPU_RESERVE_AFTER_S bars every job
-   after it in the order from taking a GPU (jobs needing none still start), so the GPUs it
-   needs are bound to come free for it: no job waits for GPUs forever.
+   free. A job that does not fit is passed over (no head-of-line blocking).
+5. No starvation: the first job in that order that needs GPUs and has waited (since it was
+   submitted) at least GPU_RESERVE_AFTER_S holds a reservation. It starts as soon as its GPUs
+   are free, before any other job; until then no other job may take a GPU (jobs needing none
+   still start). GPUs only come free meanwhile, so it runs once enough of the running jobs end.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: removing one from a long queue stays cheap
 class Waiting:
     """A queued job as the scheduler sees it."""
 
@@ -129,36 +131,93 @@ class GpuPool:
             del self._holder[device]
 
 
+@dataclass(frozen=True)
+class _Span:
+    owner: str
+    started_at: datetime
+    finished_at: datetime
+    seq: int  # tells apart spans with equal times
+
+    @property
+    def us(self) -> int:
+        return _us(self.finished_at - self.started_at)
+
+
+def _us(delta: timedelta) -> int:
+    """Whole microseconds: sums and differences stay exact, so equal usage ties exactly."""
+    return delta // timedelta(microseconds=1)
+
+
 class UsageLedger:
-    """Run intervals of finished jobs, kept while they overlap the fair-share window."""
+    """Run intervals of finished jobs, kept while they overlap the fair-share window.
+
+    Each owner's total is kept as runs are added and dropped; a decision then only subtracts,
+    for the few runs that straddle the window's start (at most the jobs that were running at
+    that instant), their part before it: its cost does not grow with the jobs finished in the
+    window.
+    """
 
     def __init__(self, window_s: float) -> None:
         self._window = timedelta(seconds=window_s)
-        # (finished_at, owner, started_at), appended in finishing order.
-        self._spans: deque[tuple[datetime, str, datetime]] = deque()
+        self._spans: deque[_Span] = deque()  # by finished_at
+        self._totals_us: Counter[str] = Counter()
+        self._unclipped: list[tuple[datetime, int, _Span]] = []  # heap: started_at >= since
+        self._clipped: dict[int, _Span] = {}  # started_at < since < finished_at
+        self._since: datetime | None = None
+        self._seq = 0
 
     def __len__(self) -> int:
         return len(self._spans)
 
     def add(self, owner: str, started_at: datetime, finished_at: datetime) -> None:
-        self._spans.append((finished_at, owner, started_at))
-        self._drop_before(finished_at - self._window)
+        if finished_at <= started_at:
+            return
+        self._seq += 1
+        span = _Span(owner, started_at, finished_at, self._seq)
+        if self._spans and finished_at < self._spans[-1].finished_at:
+            # Out of finishing order (records loaded at startup): keep the deque sorted.
+            at = len(self._spans)
+            while at and self._spans[at - 1].finished_at > finished_at:
+                at -= 1
+            self._spans.insert(at, span)
+        else:
+            self._spans.append(span)
+        self._totals_us[owner] += span.us
+        if self._since is not None and started_at < self._since:
+            self._clipped[span.seq] = span
+        else:
+            heapq.heappush(self._unclipped, (started_at, span.seq, span))
+        self._advance(max(finished_at - self._window, self._since or finished_at - self._window))
 
-    def _drop_before(self, since: datetime) -> None:
-        while self._spans and self._spans[0][0] <= since:
-            self._spans.popleft()
+    def _advance(self, since: datetime) -> None:
+        if self._since is not None and since < self._since:
+            self._rebuild(since)  # the clock went back
+        self._since = since
+        while self._unclipped and self._unclipped[0][0] < since:
+            span = heapq.heappop(self._unclipped)[2]
+            self._clipped[span.seq] = span
+        while self._spans and self._spans[0].finished_at <= since:
+            span = self._spans.popleft()
+            self._totals_us[span.owner] -= span.us
+            if not self._totals_us[span.owner]:
+                del self._totals_us[span.owner]
+            self._clipped.pop(span.seq, None)
+
+    def _rebuild(self, since: datetime) -> None:
+        self._clipped = {s.seq: s for s in self._spans if s.started_at < since}
+        self._unclipped = [(s.started_at, s.seq, s) for s in self._spans if s.started_at >= since]
+        heapq.heapify(self._unclipped)
 
     def recent(self, now: datetime, running: Iterable[tuple[str, datetime]]) -> dict[str, float]:
         """Seconds each owner's jobs ran within the window; `running`: (owner, started_at)."""
         since = now - self._window
-        self._drop_before(since)
-        usage: dict[str, float] = {}
-        spans = [(o, s, f) for f, o, s in self._spans] + [(o, s, now) for o, s in running]
-        for owner, started, ended in spans:
-            seconds = (min(ended, now) - max(started, since)).total_seconds()
-            if seconds > 0:
-                usage[owner] = usage.get(owner, 0.0) + seconds
-        return usage
+        self._advance(since)
+        usage_us = Counter(self._totals_us)
+        for span in self._clipped.values():
+            usage_us[span.owner] -= _us(since - span.started_at)
+        for owner, started_at in running:
+            usage_us[owner] += max(0, _us(now - max(started_at, since)))
+        return {owner: us / 1e6 for owner, us in usage_us.items() if us > 0}
 
 
 def fair_order(
@@ -194,13 +253,13 @@ def choose(
     now: datetime,
 ) -> Waiting | None:
     """The job to start in a free slot, or None when no queued job may start now."""
+    order = fair_order(heads, running, usage, policy)
     reserve_after = timedelta(seconds=policy.reserve_after_s)
-    barred = False  # a starving GPU job earlier in the order keeps the GPUs for itself
-    for job in fair_order(heads, running, usage, policy):
-        if job.gpus == 0:
-            return job
-        if job.gpus <= free_gpus and not barred:
-            return job
-        if job.gpus > free_gpus and now - job.queued_at >= reserve_after:
-            barred = True
-    return None
+    reserved = next((j for j in order if j.gpus and now - j.queued_at >= reserve_after), None)
+    if reserved is not None:
+        # It has waited long enough: it starts the moment its GPUs are free, and until then
+        # no job takes a GPU (jobs needing none still start; they take no device from it).
+        if reserved.gpus <= free_gpus:
+            return reserved
+        return next((j for j in order if not j.gpus), None)
+    return next((j for j in order if j.gpus <= free_gpus), None)
