@@ -171,6 +171,7 @@ def test_compare_refuses_bad_lists_unfinished_and_other_owners_jobs(make_client:
     client = make_client(api_keys=["alice:alice-key-0123456789", "bob:bob-key-0123456789"])
     alice = {"Authorization": "Bearer alice-key-0123456789"}
     bob = {"Authorization": "Bearer bob-key-0123456789"}
+    client.headers.update(alice)  # so the fixture's clean-up stops alice's jobs
     done = [submit(client, {**DUMMY_JOB, "limit": 2}, headers=alice) for _ in range(2)]
     for job_id in done:
         assert wait_for_as(client, job_id, alice)["status"] == "Completed"
@@ -205,6 +206,9 @@ def test_compare_refuses_bad_lists_unfinished_and_other_owners_jobs(make_client:
     # Another owner's job answers exactly like a missing one.
     refused(f"{a},{bobs}", 404, f"Job {bobs} not found.")
     refused(f"{a},99999", 404, "Job 99999 not found.")
+    # Without a key: 401, like every job route.
+    anonymous = client.get("/compare", params={"jobs": f"{a},{b}"}, headers={"Authorization": ""})
+    assert anonymous.status_code == 401 and "API key" in anonymous.json()["detail"]
     missing = client.get("/compare", headers=alice)
     assert missing.status_code == 422 and "jobs" in str(missing.json()["detail"])
     # The samples of another owner's job are not there either.
