@@ -16,10 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lm_eval_server import hosts, job_env, lm_eval_cli
-from lm_eval_server.api import compare, dashboard, files, health
+from lm_eval_server import gpus, hosts, job_env, lm_eval_cli
+from lm_eval_server.api import compare, dashboard, files, health, team
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
+from lm_eval_server.audit import Audit, MemoryAudit, SqliteAudit
 from lm_eval_server.catalog import Catalog, TaskLimits
 from lm_eval_server.config import ExecutorKind, Settings, StoreKind
 from lm_eval_server.errors import DomainError
@@ -56,13 +57,32 @@ def _make_store(settings: Settings) -> JobStore:
     return SqliteJobStore(settings.db_path)
 
 
-def _make_warm_pool(settings: Settings) -> WarmPool | None:
+def _make_audit(settings: Settings) -> Audit:
+    """Beside the job store, after it: the store's migrations create the audit table."""
+    if settings.store is StoreKind.memory:
+        return MemoryAudit(retention_days=settings.audit_retention_days)
+    return SqliteAudit(settings.db_path, retention_days=settings.audit_retention_days)
+
+
+def _gpu_devices(settings: Settings) -> list[str] | None:
+    """The GPU ids local jobs are given; None with Ray, which places jobs on GPUs itself."""
+    if settings.executor is not ExecutorKind.local:
+        return None
+    found = gpus.detect(settings.gpus, os.environ)
+    if found.ids:
+        log.info("GPU slots: %s (from %s)", ",".join(found.ids), found.source)
+    return found.ids
+
+
+def _make_warm_pool(settings: Settings, gpu_devices: list[str] | None) -> WarmPool | None:
     if settings.executor is not ExecutorKind.local or settings.warm_workers == 0:
         return None
     from lm_eval_server.executors.warm_pool import WarmPool
 
     run_dir = settings.warm_dir
-    return WarmPool(settings.warm_workers, job_env.worker_environment(settings, run_dir), run_dir)
+    # With GPU slots the workers see no device, like the jobs they may run (given none).
+    env = job_env.worker_environment(settings, run_dir, gpus=[] if gpu_devices else None)
+    return WarmPool(settings.warm_workers, env, run_dir)
 
 
 def _make_executor(settings: Settings, warm_pool: WarmPool | None = None) -> Executor:
@@ -97,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limits=TaskLimits.from_settings(settings),
     )
     metrics = AppMetrics()
+    gpu_devices = _gpu_devices(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -113,10 +134,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 host,
             )
         # The executor first: an unreachable Ray cluster stops startup before anything is open.
-        warm_pool = _make_warm_pool(settings)
+        warm_pool = _make_warm_pool(settings, gpu_devices)
         executor = _make_executor(settings, warm_pool)
         store = _make_store(settings)
-        manager = JobManager(settings, store, executor)
+        state.audit = _make_audit(settings)
+        state.audit.prune()
+        manager = JobManager(settings, store, executor, gpu_devices=gpu_devices)
         metrics.watch(manager)
         state.warm_pool = warm_pool
         state.manager = manager
@@ -134,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await executor.close()
             if warm_pool is not None:
                 await warm_pool.close()
+            state.audit.close()
             store.close()
             state.store_open = False
 
@@ -149,7 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         catalog=catalog,
         metrics=metrics,
-        validator=RequestValidator(settings, parser, specs, catalog),
+        validator=RequestValidator(settings, parser, specs, catalog, gpu_devices),
         keys=settings.key_table(),
         log_followers=FollowerSlots(settings.max_log_followers),
     )
@@ -161,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
     app.include_router(compare.router, dependencies=secured)
+    app.include_router(team.router, dependencies=secured)
     app.include_router(dashboard.router)
     _add_error_handlers(app)
     _add_http_metrics(app, metrics)

@@ -4,6 +4,7 @@
     lm-eval-server submit --model hf --tasks arc_easy --model_args pretrained=gpt2 --wait
     lm-eval-server jobs | status ID | logs ID -f | results ID | stop ID | delete ID | wait ID
     lm-eval-server compare ID ID [ID ...] [--format table|csv|markdown|json]
+    lm-eval-server whoami
 
 Client commands talk HTTP only (httpx): they import nothing from lm-eval, so they start fast and
 work against a server on another machine.
@@ -379,6 +380,8 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
         params["status"] = args.status
     if args.limit is not None:
         params["limit"] = args.limit
+    if args.owner:
+        params["owner"] = args.owner
     data = client.get("/jobs", params=params)
     if args.json:
         print_json(data)
@@ -392,10 +395,11 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
             ",".join(job.get("tasks") or []) or "-",
             fmt_time(job.get("started_at")),
             fmt_duration(job.get("duration_s")),
+            job.get("owner") or "-",
         ]
         for job in data["jobs"]
     ]
-    headers = ["ID", "STATUS", "PROGRESS", "MODEL", "TASKS", "STARTED", "DURATION"]
+    headers = ["ID", "STATUS", "PROGRESS", "MODEL", "TASKS", "STARTED", "DURATION", "OWNER"]
     print(table(headers, rows, right={0, 6}))
     shown = len(data["jobs"])
     if data["total"] != shown:
@@ -411,6 +415,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     exit_code = f" (exit code {job['exit_code']})" if job.get("exit_code") is not None else ""
     facts = [
         ("status", f"{job['status']}{exit_code}"),
+        ("owner", job.get("owner") or "-"),
         ("progress", fmt_progress(job)),
         ("model", job.get("model") or "-"),
         ("tasks", ",".join(job.get("tasks") or []) or "-"),
@@ -516,6 +521,15 @@ def cmd_delete(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_whoami(client: Client, args: argparse.Namespace) -> int:
+    me = client.get("/me")
+    if args.json:
+        print_json(me)
+    else:
+        print(f"{me['name']}{' (admin)' if me['admin'] else ''}")
+    return EXIT_OK
+
+
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
     return wait_for(client, args.job_id, args.timeout, args.interval, args.quiet)
 
@@ -595,7 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--status", help="comma-separated, e.g. Running,Queued")
     jobs.add_argument("--limit", type=int)
     jobs.add_argument("--offset", type=int, default=0)
+    jobs.add_argument("--owner", help="only this principal's jobs (admins see every owner)")
     jobs.add_argument("--json", action="store_true", help="print the API's JSON")
+    whoami = sub.add_parser("whoami", parents=[connection], help="the principal of the API key")
+    whoami.add_argument("--json", action="store_true", help="print the API's JSON")
 
     def with_id(name: str, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, parents=[connection], help=help_text)
@@ -695,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stop": cmd_stop,
             "delete": cmd_delete,
             "wait": cmd_wait,
+            "whoami": cmd_whoami,
         }[args.command]
         return handler(client, args)
     except CliError as exc:

@@ -69,10 +69,14 @@ class LaunchPolicy:
             job_id=record.job_id,
             argv=record.argv,
             # Built from nothing at each start: never the server's own environment.
-            env=job_env.job_environment(self._settings, work_dir, record.env_vars),
+            env=job_env.job_environment(
+                self._settings, work_dir, record.env_vars, gpus=record.gpus
+            ),
             work_dir=work_dir,
             num_gpus=resources.get("num_gpus"),
             num_cpus=resources.get("num_cpus"),
             memory=resources.get("memory"),
-            warm_args=warm_args(record.argv, record.env_vars),
+            # A warm worker's environment is fixed and sees no GPU: a job given devices runs
+            # cold, with its own CUDA_VISIBLE_DEVICES.
+            warm_args=None if record.gpus else warm_args(record.argv, record.env_vars),
         )

@@ -237,10 +237,16 @@ def _field_annotation(spec: OptionSpec) -> Any:
 
 
 class Resources(BaseModel):
-    """Per-job resources for the Ray executor (ignored by the local executor)."""
+    """Per-job resources: num_gpus for both executors, the rest for Ray only."""
 
     model_config = ConfigDict(extra="forbid")
-    num_gpus: float | None = Field(None, ge=0, description="Ray entrypoint_num_gpus.")
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs for the job. Local executor: whole devices from the server's GPUS; "
+        "the job waits until they are free. EXECUTOR=ray: entrypoint_num_gpus (fractions "
+        "allowed).",
+    )
     num_cpus: float | None = Field(None, ge=0, description="Ray entrypoint_num_cpus.")
     memory: int | None = Field(None, ge=0, le=2**49, description="Ray entrypoint_memory, in bytes.")
 
@@ -293,7 +299,11 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
     )
     fields["resources"] = (
         Resources | None,
-        Field(None, description="Ray executor only: resources reserved for the job."),
+        Field(
+            None,
+            description="Resources reserved for the job: num_gpus (GPU slots locally, Ray "
+            "otherwise); num_cpus and memory with EXECUTOR=ray only.",
+        ),
     )
     return create_model(  # type: ignore[call-overload, no-any-return]
         "JobRequest",

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lm_eval_server import backends, jobdir, lm_eval_checks, paths
+from lm_eval_server import backends, gpus, jobdir, lm_eval_checks, paths
 from lm_eval_server.catalog import Catalog, TaskRequestRefused, UnknownTasks, close_matches
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import InvalidRequest
@@ -168,8 +168,12 @@ class RequestValidator:
         parser: argparse.ArgumentParser,
         specs: list[OptionSpec],
         catalog: Catalog,
+        gpus: list[str] | None = None,
     ) -> None:
         self._settings = settings
+        # The local executor's GPU devices (GPU slots); None when jobs run on Ray, which
+        # places them itself.
+        self._gpus = gpus
         self._parser = parser
         self._specs = specs
         self._catalog = catalog
@@ -205,6 +209,10 @@ class RequestValidator:
         server = {k: values.pop(k) for k in SERVER_FIELDS if k in values}
         program = self._program(server.get("lm_eval_path"))
         env_vars = self._env_vars(server.get("env_vars") or {})
+        if self._gpus is not None and (
+            refused := gpus.check_request(server.get("resources"), self._gpus)
+        ):
+            raise InvalidRequest(refused)
         base = Path.cwd()
         self._absolute_paths(values, base)
         try:

@@ -4,7 +4,9 @@ Allowlisted through LM_EVAL_PATHS as `<python> <this file>`; it ignores lm-eval'
 and follows FAKE_* environment variables (sent as the job's env_vars):
 FAKE_STDERR_BYTES (write that many deterministic bytes to stderr), FAKE_SLEEP_S,
 FAKE_EXIT (exit code), FAKE_IGNORE_TERM (ignore SIGTERM), FAKE_CHILD (spawn a sleeping child),
-FAKE_DUMP_ENV (write os.environ as JSON to that file, relative to the job's directory).
+FAKE_DUMP_ENV (write os.environ as JSON to that file, relative to the job's directory),
+FAKE_PRINT_ENV (comma-separated names: print `env NAME=<repr of its value or None>` to stdout),
+FAKE_WAIT_FILE (wait until that file exists, up to 120 s, then go on; exit 3 if it never does).
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ def main() -> int:
             sys.stderr.buffer.write(data[start : start + (1 << 16)])
         sys.stderr.flush()
     print("fake lm_eval started", flush=True)
+    for name in filter(None, os.environ.get("FAKE_PRINT_ENV", "").split(",")):
+        print(f"env {name}={os.environ.get(name)!r}", flush=True)
+    wait_file = os.environ.get("FAKE_WAIT_FILE")
+    if wait_file:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(wait_file):
+            if time.monotonic() > deadline:
+                return 3
+            time.sleep(0.05)
     if os.environ.get("FAKE_IGNORE_TERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.environ.get("FAKE_CHILD"):

@@ -57,6 +57,7 @@ def summary(record: JobRecord) -> JobSummary:
         finished_at=record.finished_at,
         duration_s=record.duration_s,
         error=record.error,
+        gpus=record.gpus,
     )
 
 
