@@ -106,3 +106,14 @@ def test_odd_lines_keep_their_place(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert index.page(None, True, 0, 50) == (1, [0])
     # A page stops at its byte budget, after at least one sample.
     assert len(samples.read_page(path, index, page, max_bytes=1)) == 1
+
+
+def test_index_reads_the_tail_and_falls_back_to_the_whole_line(tmp_path: Path) -> None:
+    tricky = line(0, acc=0.0)
+    # A response that spells the key inside a string cannot fool the tail read.
+    tricky["filtered_resps"] = ['x, "filter": "evil", "metrics": ["acc"], "acc": 1.0}']
+    reordered = {"acc": 0.0, "metrics": ["acc"], "filter": "f2", "doc_id": 1, "doc": {}}
+    path = write(tmp_path / "s.jsonl", [tricky, reordered])
+    index = samples.build_index(path)
+    assert index.filters == ["none", "f2"]
+    assert index.page(None, True, 0, 10) == (2, [0, 1])

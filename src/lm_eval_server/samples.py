@@ -189,7 +189,7 @@ def build_index(path: Path) -> SampleIndex:
     with path.open("rb") as f:
         for offset, length, line in _lines(f):
             filter_id, judged = _OVERSIZE_FILTER, _UNDECIDED
-            sample = _parse(line) if line is not None else None
+            sample = _tail(line) if line is not None else None
             if sample is not None:
                 name = sample.get("filter")
                 name = name if isinstance(name, str) else "none"
@@ -231,10 +231,33 @@ def read_page(
     return out
 
 
+_FILTER_KEY = b', "filter": '
+
+
+def _tail(line: bytes) -> dict[str, Any] | None:
+    """What the index needs of a line (filter, metric names and values), read cheaply.
+
+    lm-eval writes `filter`, `metrics`, the hashes and the metric values after the document,
+    the arguments and the responses, which make up nearly all of a line. Inside a JSON string
+    a quote is escaped, so the last `, "filter": ` is a key: parsing from there reads a small
+    object. A line that does not look like that is parsed whole.
+    """
+    at = line.rfind(_FILTER_KEY)
+    if at != -1:
+        tail = _parse(b"{" + line[at + 2 :])
+        if tail is not None and isinstance(tail.get("metrics"), list):
+            return tail
+    return _parse(line)
+
+
+# NaN and Infinity have no JSON spelling in a response: they read as null. One decoder for
+# every line (json.loads with an option builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=lambda _: None)
+
+
 def _parse(line: bytes) -> dict[str, Any] | None:
     try:
-        # NaN and Infinity have no JSON spelling in a response: they read as null.
-        data = json.loads(line, parse_constant=lambda _: None)
-    except ValueError:
+        data = _DECODER.decode(line.decode("utf-8"))
+    except ValueError:  # also UnicodeDecodeError
         return None
     return data if isinstance(data, dict) else None
