@@ -191,6 +191,8 @@ def test_compare_refuses_bad_lists_unfinished_and_other_owners_jobs(make_client:
     a, b = done
     ok = client.get("/compare", params={"jobs": f" {a}, {b} "}, headers=alice)
     assert ok.status_code == 200 and ok.json()["jobs"] == [a, b]
+    repeated = client.get("/compare", params=[("jobs", a), ("jobs", b)], headers=alice)
+    assert repeated.json() == ok.json()
     [row] = ok.json()["rows"]
     assert (row["task"], row["metric"]) == ("demo_mc", "acc")
     # lm-eval's dummy model scores at random: whatever the values, the rule holds.

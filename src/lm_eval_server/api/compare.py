@@ -47,17 +47,17 @@ async def get_compare(
     files: Files,
     caller: Caller,
     jobs: Annotated[
-        str,
+        list[str],
         Query(
             max_length=1000,
-            description=f"2 to {compare.MAX_JOBS} comma-separated job ids; the first is the "
-            "base the deltas are taken from",
+            description=f"2 to {compare.MAX_JOBS} comma-separated job ids (or the parameter "
+            "repeated); the first is the base the deltas are taken from",
             examples=["1,2,3"],
         ),
     ],
     format: CompareFormat | None = None,
 ) -> Response:
-    ids = compare.parse_job_ids(jobs)
+    ids = compare.parse_job_ids(",".join(jobs))
     runs = [(job_id, (await files.results(job_id, caller))[0]) for job_id in ids]
     comparison = compare.compare(runs)
     media = (
