@@ -117,3 +117,18 @@ def test_index_reads_the_tail_and_falls_back_to_the_whole_line(tmp_path: Path) -
     index = samples.build_index(path)
     assert index.filters == ["none", "f2"]
     assert index.page(None, True, 0, 10) == (2, [0, 1])
+
+
+def test_pages_mask_known_secret_values_but_not_a_datasets_own_fields(tmp_path: Path) -> None:
+    from lm_eval_server.redact import Redactor
+
+    redactor = Redactor()
+    redactor.add_secrets(["sk-very-secret-value"])
+    sample = line(0, acc=1.0)
+    sample["doc"] = {"answerKey": "B", "api_key": "plain", "text": "say sk-very-secret-value"}
+    sample["filtered_resps"] = ["sk-very-secret-value"]
+    path = write(tmp_path / "s.jsonl", [sample])
+    index = samples.build_index(path)
+    [view] = samples.read_page(path, index, [0], redact=redactor.json_values_only)
+    assert view["doc"] == {"answerKey": "B", "api_key": "plain", "text": "say ***"}
+    assert view["responses"] == ["***"] and view["correct"] is True

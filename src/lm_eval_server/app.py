@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,6 +29,7 @@ from lm_eval_server.executors.base import Executor
 from lm_eval_server.jobfiles import JobFiles
 from lm_eval_server.manager import JobManager
 from lm_eval_server.metrics import AppMetrics
+from lm_eval_server.redact import MIN_LEARNED_CHARS, Redactor
 from lm_eval_server.security import (
     BodyLimitMiddleware,
     HttpGuardMiddleware,
@@ -118,6 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     metrics = AppMetrics()
     gpu_devices = _gpu_devices(settings)
+    # The values the server injects into jobs, masked in everything it serves (redact.py).
+    redactor = Redactor()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -139,7 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = _make_store(settings)
         state.audit = _make_audit(settings)
         state.audit.prune()
-        manager = JobManager(settings, store, executor, gpu_devices=gpu_devices)
+        _learn_secrets(settings, redactor)
+        manager = JobManager(settings, store, executor, gpu_devices=gpu_devices, redactor=redactor)
         metrics.watch(manager)
         state.warm_pool = warm_pool
         state.manager = manager
@@ -176,6 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         validator=RequestValidator(settings, parser, specs, catalog, gpu_devices),
         keys=settings.key_table(),
         log_followers=FollowerSlots(settings.max_log_followers),
+        redactor=redactor,
     )
     app.state.server = state
 
@@ -199,6 +205,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _learn_secrets(settings: Settings, redactor: Redactor) -> None:
+    values = settings.secret_policy().read_all()
+    redactor.add_secrets(values)
+    if short := sum(1 for v in values if len(v) < MIN_LEARNED_CHARS):
+        log.warning(
+            "SECRETS_DIR: %d secret(s) shorter than %d characters; they are masked wherever "
+            "they appear in served text, ordinary words included",
+            short,
+            MIN_LEARNED_CHARS,
+        )
+
+
 def _host_rules(settings: Settings) -> list[hosts.HostRule] | None:
     """Loopback names and the bound address always (no DNS rebinding can forge them), plus
     ALLOWED_HOSTS; `*` turns the check off."""
@@ -218,9 +236,16 @@ def _error(status_code: int, message: str, headers: dict[str, str] | None = None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    async def domain_error(_: Request, exc: Exception) -> JSONResponse:
+    async def redactor(request: Request) -> Redactor:
+        redactor: Redactor = request.app.state.server.redactor
+        if not redactor.ready:
+            await run_in_threadpool(redactor.prepare)
+        return redactor
+
+    async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DomainError)
-        return _error(exc.status_code, str(exc), exc.headers)
+        # Known values only: our messages quote `key=value` syntax that rule 2 would mask.
+        return _error(exc.status_code, (await redactor(request)).values_only(str(exc)), exc.headers)
 
     async def not_started(_: Request, exc: Exception) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "5"})
@@ -228,11 +253,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, domain_error)
     app.add_exception_handler(NotStarted, not_started)
 
-    async def request_invalid(_: Request, exc: Exception) -> JSONResponse:
+    async def request_invalid(request: Request, exc: Exception) -> JSONResponse:
         # FastAPI's own handler echoes each input; a NaN or a lone surrogate in it made that
-        # response itself fail with a 500.
+        # response itself fail with a 500. The echo is redacted like any served text.
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        return JSONResponse({"detail": json_safe(jsonable_encoder(errors))}, status_code=422)
+        detail = (await redactor(request)).json(json_safe(jsonable_encoder(errors)))
+        return JSONResponse({"detail": detail}, status_code=422)
 
     app.add_exception_handler(RequestValidationError, request_invalid)
 

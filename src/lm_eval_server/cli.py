@@ -41,6 +41,7 @@ SUBMIT_CLIENT_VALUES = {
     "url": "server URL (as the global --url)",
     "token": "API key (as the global --token)",
     "env": "KEY=VALUE added to env_vars; repeatable",
+    "secret": "KEY=SECRET: env_vars KEY set from the server's secret SECRET; repeatable",
     "wait_timeout": "with --wait: give up after this many seconds (exit 4)",
 }
 
@@ -235,7 +236,7 @@ def parse_submit(
     file: str | None = None
     body: dict[str, Any] = {}
     client: dict[str, Any] = {}
-    env: dict[str, str] = {}
+    env: dict[str, Any] = {}
     i = 0
     if tokens and (not tokens[0].startswith("-") or tokens[0] == "-"):
         file, i = tokens[0], 1
@@ -265,6 +266,11 @@ def parse_submit(
                 if not eq or not key:
                     raise CliError(f"--env wants KEY=VALUE, got {text!r}")
                 env[key] = val
+            elif name == "secret":
+                key, eq, val = text.partition("=")
+                if not eq or not key or not val:
+                    raise CliError(f"--secret wants KEY=SECRET, got {text!r}")
+                env[key] = {"secret": val}
             else:
                 client[name] = text
         elif name in kinds:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from lm_eval_server import job_env
+from lm_eval_server import job_env, job_secrets
 from lm_eval_server.gpus import check_ids as check_gpu_ids
 from lm_eval_server.hosts import parse_rules
 from lm_eval_server.principals import Principal, key_table, parse_entry
@@ -226,6 +226,41 @@ class Settings(BaseSettings):
         description="Audit entries older than this many days are removed (at startup and "
         "hourly); unset: kept for as long as the store.",
     )
+
+    # Secrets by reference (lm_eval_server.job_secrets): a request's env_vars may name a file of
+    # SECRETS_DIR instead of carrying a value; ALLOWED_SECRETS says who may name which.
+    secrets_dir: Path | None = Field(
+        None,
+        description="One file per secret (name = secret, content = value), as Docker and "
+        'Kubernetes mount them; env_vars may then say {"secret": "<name>"}.',
+    )
+    allowed_secrets: CsvList = Field(
+        default_factory=list,
+        description="secret:principal|principal or secret:* entries; unset, every key may use "
+        "every secret in SECRETS_DIR.",
+    )
+
+    @field_validator("allowed_secrets", mode="before")
+    @classmethod
+    def _csv_secrets(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> Settings:
+        job_secrets.parse_allowed_secrets(self.allowed_secrets)
+        if self.secrets_dir is not None and not self.secrets_dir.is_dir():
+            raise ValueError(f"SECRETS_DIR {self.secrets_dir} is not a directory")
+        if self.allowed_secrets and self.secrets_dir is None:
+            raise ValueError("ALLOWED_SECRETS needs SECRETS_DIR (the directory of the secrets)")
+        return self
+
+    def secret_policy(self) -> job_secrets.SecretPolicy:
+        allowed = self.allowed_secrets
+        return job_secrets.SecretPolicy(
+            directory=self.secrets_dir.resolve() if self.secrets_dir is not None else None,
+            allowed=job_secrets.parse_allowed_secrets(allowed) if allowed else None,
+            max_bytes=self.max_env_value_bytes,
+        )
 
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")

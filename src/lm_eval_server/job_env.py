@@ -139,14 +139,18 @@ def is_allowed(name: str, patterns: Iterable[str]) -> bool:
     return name in DEFAULT_ALLOWED_ENV_VARS or any(fnmatchcase(name, p) for p in patterns)
 
 
-def check_env_vars(env_vars: Mapping[str, object], settings: JobEnvSettings) -> dict[str, str]:
-    """The request's env_vars, if every name is allowed and every value within bounds."""
+def check_env_vars(
+    env_vars: Mapping[str, object], settings: JobEnvSettings
+) -> dict[str, str | dict[str, str]]:
+    """The request's env_vars, if every name is allowed and every value within bounds. A
+    secret reference (`{"secret": name}`, job_secrets) is kept as it is: its name is checked
+    against SECRETS_DIR by the caller, its value read only when the job starts."""
     if len(env_vars) > settings.max_env_vars:
         raise EnvVarsRefused(
             f"env_vars has {len(env_vars)} entries; the limit is {settings.max_env_vars} "
             "(MAX_ENV_VARS)"
         )
-    checked: dict[str, str] = {}
+    checked: dict[str, str | dict[str, str]] = {}
     for name, value in env_vars.items():
         if not isinstance(name, str) or not ENV_NAME.match(name):
             raise EnvVarsRefused(
@@ -165,6 +169,15 @@ def check_env_vars(env_vars: Mapping[str, object], settings: JobEnvSettings) -> 
                 'from "resources": {"num_gpus": N} (GPU slots, GPUS), whatever '
                 "ALLOWED_ENV_VARS allows"
             )
+        if isinstance(value, Mapping):
+            secret = value.get("secret") if set(value) == {"secret"} else None
+            if not isinstance(secret, str):
+                raise EnvVarsRefused(
+                    f"env_vars: the value of {name} must be a string or a secret reference "
+                    '{"secret": "<name>"}'
+                )
+            checked[name] = {"secret": secret}
+            continue
         if not isinstance(value, str):
             raise EnvVarsRefused(f"env_vars: the value of {name} must be a string")
         try:
@@ -278,7 +291,7 @@ def device_env(gpus: Sequence[str] | None, env: Mapping[str, str]) -> dict[str, 
 def job_environment(
     settings: JobEnvSettings,
     work_dir: Path,
-    env_vars: Mapping[str, str],
+    env_vars: Mapping[str, str],  # secret references already resolved (job_secrets.resolve)
     environ: Mapping[str, str] | None = None,
     gpus: Sequence[str] | None = None,
 ) -> dict[str, str]:

@@ -35,10 +35,13 @@ class JobFiles:
         return Path(jobdir.log_path(record.work_dir, stream))
 
     async def results(self, job_id: int, viewer: Principal | None) -> tuple[dict[str, Any], Path]:
+        """The results JSON as served: known secret values and credential-named keys masked
+        (lm-eval copies model_args, api_key=... included, into its `config`)."""
         record = self._manager.get(job_id, viewer)
         path = self._results_file(record)
+        redactor = self._manager.redactor
         try:
-            data = await asyncio.to_thread(_read_json, path)
+            data = await asyncio.to_thread(lambda: redactor.json(_read_json(path)))
         except FileNotFoundError:
             raise self._no_results(record) from None
         return data, path
@@ -73,7 +76,12 @@ class JobFiles:
         path = await self.samples_path(job_id, task, viewer)
         index = await self._index(path)
         total, lines = index.page(filter_name, incorrect, offset, limit)
-        page = await asyncio.to_thread(samples.read_page, path, index, lines)
+        # Known secret values masked, as in the raw file (rule 1 alone: a dataset's own fields
+        # named like credentials, such as ARC's answerKey, stay readable).
+        redact = self._manager.redactor.json_values_only
+        page = await asyncio.to_thread(
+            samples.read_page, path, index, lines, samples.MAX_PAGE_BYTES, redact
+        )
         end = offset + len(page)
         return {
             "job_id": job_id,

@@ -251,6 +251,15 @@ class Resources(BaseModel):
     memory: int | None = Field(None, ge=0, le=2**49, description="Ray entrypoint_memory, in bytes.")
 
 
+class SecretRef(BaseModel):
+    """An env_vars value read from the server's SECRETS_DIR when the job starts."""
+
+    model_config = ConfigDict(extra="forbid")
+    secret: str = Field(
+        max_length=128, description="The name of a secret (a file in the server's SECRETS_DIR)."
+    )
+
+
 def _description(spec: OptionSpec) -> str:
     text = f"`{spec.flag}`: {spec.help}" if spec.help else spec.flag
     if spec.has_lm_default and spec.lm_default is not None:
@@ -275,8 +284,13 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
             Field(None, description=_description(spec), json_schema_extra=extra or None),
         )
     fields["env_vars"] = (
-        dict[str, str] | None,
-        Field(None, description="Environment variables added to the job's environment."),
+        dict[str, str | SecretRef] | None,
+        Field(
+            None,
+            description="Environment variables added to the job's environment: a value, or "
+            '{"secret": "<name>"} for a secret of the server\'s SECRETS_DIR (read when the '
+            "job starts, never stored or shown).",
+        ),
     )
     fields["lm_eval_path"] = (
         str | None,

@@ -32,6 +32,7 @@ from lm_eval_server.idempotency import IdempotencyClaim
 from lm_eval_server.launch import LaunchPolicy
 from lm_eval_server.models import JobRecord, JobStatus, utcnow
 from lm_eval_server.principals import DEFAULT_PRINCIPAL, Principal
+from lm_eval_server.redact import Redactor
 from lm_eval_server.runner import JobRunner, Live
 from lm_eval_server.store import JobStore, TerminalStateError
 from lm_eval_server.validation import ValidatedJob
@@ -47,6 +48,7 @@ class JobManager:
         executor: Executor,
         clock: Callable[[], datetime] = utcnow,
         gpu_devices: Sequence[str] | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         """`gpu_devices`: the GPU ids local jobs are given (GPU slots); None when the
         executor places jobs on devices itself (Ray)."""
@@ -54,7 +56,8 @@ class JobManager:
         self._store = store
         self._executor = executor
         self._clock = clock
-        self._policy = LaunchPolicy(settings)
+        self._policy = LaunchPolicy(settings, redactor)
+        self.redactor = self._policy.redactor
         self._runner = JobRunner(settings, executor, self._policy, self, clock)
         self._jobs: dict[int, JobRecord] = {}
         self._queue = scheduler.FairQueue()
@@ -78,6 +81,8 @@ class JobManager:
         queued: list[JobRecord] = []
         for record in self._store.load_all():
             self._jobs[record.job_id] = record
+            # Credentials stored jobs received stay masked in what they left behind.
+            self._policy.learn(record.argv, record.env_vars)
             if record.idempotency_key:
                 self._idempotency[record.idempotency_key] = record.job_id
             if record.status is JobStatus.queued:
@@ -415,7 +420,8 @@ class JobManager:
             return
         record.status = status
         record.exit_code = code
-        record.error = error
+        # Often the tail of the job's stderr: stored and served without the secrets it printed.
+        record.error = self.redactor.text(error)
         record.finished_at = self._clock()
         self.persist(record, previous)
         record.release_launch_inputs()

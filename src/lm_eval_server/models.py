@@ -64,6 +64,9 @@ class JobRecord:
     progress: Any = None
     # The API's JSON for this job once it is finished (it cannot change any more).
     summary_json: bytes | None = field(default=None, compare=False, repr=False)
+    # The Redactor generation summary_json was redacted with (redact.py): a value learned since
+    # (a secret added to SECRETS_DIR) makes the cached JSON stale.
+    summary_redaction: int = field(default=-1, compare=False, repr=False)
 
     def release_launch_inputs(self) -> None:
         """Forget what only the launch needed (the request body and the job's environment): up

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,11 +79,8 @@ def verdict(sample: dict[str, Any]) -> bool | None:
 
 
 def sample_view(sample: dict[str, Any]) -> dict[str, Any]:
-    """One line of lm-eval's samples file as the API shows it.
-
-    The only place a sample becomes part of a response: a server-wide redaction of secrets
-    applies here.
-    """
+    """One line of lm-eval's samples file as the API shows it: the only place a sample
+    becomes part of a response (`read_page` then passes it through the redactor)."""
     names = sample.get("metrics")
     names = [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
     return {
@@ -207,9 +204,14 @@ def build_index(path: Path) -> SampleIndex:
 
 
 def read_page(
-    path: Path, index: SampleIndex, lines: list[int], max_bytes: int = MAX_PAGE_BYTES
+    path: Path,
+    index: SampleIndex,
+    lines: list[int],
+    max_bytes: int = MAX_PAGE_BYTES,
+    redact: Callable[[Any], Any] = lambda view: view,
 ) -> list[dict[str, Any]]:
-    """The samples at `lines` (line numbers from `index.select`), until `max_bytes` is spent."""
+    """The samples at `lines` (line numbers from `index.page`), until `max_bytes` is spent;
+    each view passes through `redact` (the server's redactor) before it leaves."""
     out: list[dict[str, Any]] = []
     spent = 0
     with path.open("rb") as f:
@@ -227,7 +229,7 @@ def read_page(
             if sample is None:
                 out.append(unreadable_view("this line is not a JSON object"))
             else:
-                out.append(sample_view(sample))
+                out.append(redact(sample_view(sample)))
     return out
 
 

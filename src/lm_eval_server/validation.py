@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lm_eval_server import backends, gpus, jobdir, lm_eval_checks, paths
+from lm_eval_server import backends, gpus, job_secrets, jobdir, lm_eval_checks, paths
 from lm_eval_server.catalog import Catalog, TaskRequestRefused, UnknownTasks, close_matches
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import InvalidRequest
@@ -53,7 +53,8 @@ class ValidatedJob:
     values: dict[str, Any]
     lm_args: list[str]
     program: list[str]
-    env_vars: dict[str, str]
+    # A value, or a secret reference {"secret": name} (job_secrets), read only at launch.
+    env_vars: dict[str, str | dict[str, str]]
     user_output_path: str | None
     timeout_s: float | None
     resources: dict[str, Any] = field(default_factory=dict)
@@ -181,6 +182,7 @@ class RequestValidator:
         backends.installed()  # probe the installed backends once, at startup
         # Resolved once: settings do not change while the server runs.
         self._roots = settings.allowed_roots
+        self._secrets = settings.secret_policy()
         self._server_files = paths.ServerFiles.of(settings)
         metavars = {a.dest: a.metavar for a in parser._actions if isinstance(a.metavar, str)}
         self._path_dests = {
@@ -196,19 +198,21 @@ class RequestValidator:
             or (s.kind is OptionKind.optional_value and s.false_token is None)
         }
 
-    def validate(self, request: BaseModel) -> ValidatedJob:
+    def validate(self, request: BaseModel, principal: str | None = None) -> ValidatedJob:
+        """`principal`: the caller's name, which ALLOWED_SECRETS judges secret references by
+        (None: the server itself, e.g. a test; it may use no secret ALLOWED_SECRETS limits)."""
         try:
-            return self._validate(request)
+            return self._validate(request, principal)
         except OSError as exc:
             # A path the filesystem will not even look up (too long, unreadable, ...).
             raise InvalidRequest(f"a path in the request cannot be used: {exc}") from None
 
-    def _validate(self, request: BaseModel) -> ValidatedJob:
+    def _validate(self, request: BaseModel, principal: str | None) -> ValidatedJob:
         values = request.model_dump(exclude_none=True)
         check_text(values, "request")
         server = {k: values.pop(k) for k in SERVER_FIELDS if k in values}
         program = self._program(server.get("lm_eval_path"))
-        env_vars = self._env_vars(server.get("env_vars") or {})
+        env_vars = self._env_vars(server.get("env_vars") or {}, principal)
         if self._gpus is not None and (
             refused := gpus.check_request(server.get("resources"), self._gpus)
         ):
@@ -392,11 +396,18 @@ class RequestValidator:
             )
         return shlex.split(lm_eval_path)
 
-    def _env_vars(self, env_vars: dict[str, str]) -> dict[str, str]:
+    def _env_vars(
+        self, env_vars: dict[str, Any], principal: str | None
+    ) -> dict[str, str | dict[str, str]]:
         try:
-            return check_env_vars(env_vars, self._settings)
-        except EnvVarsRefused as exc:
-            raise InvalidRequest(str(exc)) from exc
+            checked = check_env_vars(env_vars, self._settings)
+            for name, value in checked.items():
+                secret = job_secrets.reference_name(value)
+                if secret is not None:
+                    self._secrets.check(name, secret, principal or "")
+        except (EnvVarsRefused, job_secrets.SecretRefused) as exc:
+            raise InvalidRequest(str(exc)) from None
+        return checked
 
     def _check_model(self, model: str | None) -> None:
         names = self._catalog.model_names

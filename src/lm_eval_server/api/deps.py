@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
@@ -14,6 +14,7 @@ from lm_eval_server.jobfiles import JobFiles
 from lm_eval_server.manager import JobManager
 from lm_eval_server.metrics import AppMetrics
 from lm_eval_server.principals import Principal
+from lm_eval_server.redact import Redactor
 from lm_eval_server.security import Admin, Caller
 from lm_eval_server.validation import RequestValidator
 
@@ -60,6 +61,8 @@ class ServerState:
     warm_pool: WarmPoolStatus | None = None
     store_open: bool = False
     audit: Audit | None = None
+    # Masks injected secrets in served text; the same object as the manager's (app.py).
+    redactor: Redactor = field(default_factory=Redactor)
 
 
 class NotStarted(RuntimeError):

@@ -115,33 +115,36 @@ def screened_body_route(fields: Collection[str]) -> type[APIRoute]:
     return ScreenedBodyRoute
 
 
-async def _validate_once(validator: RequestValidator, body: BaseModel) -> ValidatedJob:
+async def _validate_once(
+    validator: RequestValidator, body: BaseModel, principal: str
+) -> ValidatedJob:
     try:
         try:
-            return validator.validate(body)  # usually a fraction of a millisecond
+            return validator.validate(body, principal)  # usually a fraction of a millisecond
         except OffloadRequired:
-            return await run_in_threadpool(validator.validate, body)
+            return await run_in_threadpool(validator.validate, body, principal)
     except UnknownTaskNames as exc:
         # The close-match search is the slow part: off the event loop.
         raise InvalidRequest(await run_in_threadpool(exc.describe)) from None
 
 
 async def validate_job(
-    validator: RequestValidator, catalog: Catalog, body: BaseModel, wait_s: float
+    validator: RequestValidator, catalog: Catalog, body: BaseModel, wait_s: float, principal: str
 ) -> ValidatedJob:
-    """Validate; while the task index builds, wait for it (up to `wait_s`) and validate again.
+    """Validate for the caller `principal` (secret references are judged by who asks); while
+    the task index builds, wait for it (up to `wait_s`) and validate again.
 
     A request that is refused for another reason is refused at once, without waiting.
     """
     try:
-        return await _validate_once(validator, body)
+        return await _validate_once(validator, body, principal)
     except TaskIndexUnavailable:
         if catalog.state is not IndexState.building or wait_s <= 0:
             raise
     started = time.monotonic()
     await catalog.wait_for_index(wait_s)
     try:
-        return await _validate_once(validator, body)
+        return await _validate_once(validator, body, principal)
     except TaskIndexUnavailable:
         if catalog.state is IndexState.building:
             raise catalog.unavailable(waited_s=round(time.monotonic() - started, 1)) from None
@@ -172,7 +175,9 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         refused: BodyRefused | None = getattr(request.state, _REFUSED, None)
         if refused is not None:
             raise HTTPException(refused.status_code, str(refused))
-        job = await validate_job(validator, state.catalog, body, state.settings.index_wait_s)
+        job = await validate_job(
+            validator, state.catalog, body, state.settings.index_wait_s, caller.name
+        )
         claim = None
         if idempotency_key is not None:
             # Bound to who asks (the key and its principal) and what they send (idempotency.py):
@@ -217,6 +222,7 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
     )
     async def list_jobs(
         manager: Manager,
+        state: State,
         caller: Caller,
         include_completed: Annotated[
             bool | None, Query(description="false: only Queued and Running jobs.")
@@ -245,14 +251,19 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             active = {JobStatus.queued, JobStatus.running}
             statuses = active if statuses is None else statuses & active
         records, total = manager.list(statuses, limit, offset, viewer=caller, owner=owner)
-        return Response(views.job_list_json(records, total), media_type="application/json")
+        if not state.redactor.ready:
+            await run_in_threadpool(state.redactor.prepare)  # off the event loop, once
+        body = views.job_list_json(records, total, state.redactor)
+        return Response(body, media_type="application/json")
 
     @router.get("/job/{job_id}", response_model=JobDetail, responses=_NOT_FOUND)
     async def get_job(
-        manager: Manager, settings: SettingsDep, caller: Caller, job_id: int
+        manager: Manager, state: State, settings: SettingsDep, caller: Caller, job_id: int
     ) -> JobDetail:
         record = manager.get(job_id, caller)
-        return await run_in_threadpool(views.detail, record, settings.log_tail_lines)
+        return await run_in_threadpool(
+            views.detail, record, settings.log_tail_lines, state.redactor
+        )
 
     async def stop_job(
         manager: Manager, caller: Caller, trail: AuditTrail, job_id: int
