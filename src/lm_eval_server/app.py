@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lm_eval_server import gpus, hosts, job_env, lm_eval_cli
-from lm_eval_server.api import dashboard, files, health, team
+from lm_eval_server.api import compare, dashboard, files, health, team
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
 from lm_eval_server.audit import Audit, MemoryAudit, SqliteAudit
@@ -197,6 +197,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.secured_router, dependencies=secured)
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
+    app.include_router(compare.router, dependencies=secured)
     app.include_router(team.router, dependencies=secured)
     app.include_router(dashboard.router)
     _add_error_handlers(app)

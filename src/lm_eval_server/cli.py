@@ -3,6 +3,7 @@
     lm-eval-server serve --host 0.0.0.0 --port 8080
     lm-eval-server submit --model hf --tasks arc_easy --model_args pretrained=gpt2 --wait
     lm-eval-server jobs | status ID | logs ID -f | results ID | stop ID | delete ID | wait ID
+    lm-eval-server compare ID ID [ID ...] [--format table|csv|markdown|json]
     lm-eval-server whoami
 
 Client commands talk HTTP only (httpx): they import nothing from lm-eval, so they start fast and
@@ -68,6 +69,14 @@ class Client:
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)
+
+    def get_text(self, path: str, **kwargs: Any) -> str:
+        try:
+            response = self.http.request("GET", path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise CliError(f"cannot reach the server at {self.url}: {exc}") from exc
+        check(response)
+        return response.text
 
     def stream_text(self, path: str, params: dict[str, Any], out: Any) -> None:
         try:
@@ -463,6 +472,51 @@ def cmd_results(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+COMPARE_MEDIA = {"csv": "text/csv", "markdown": "text/markdown"}
+
+
+def cmd_compare(client: Client, args: argparse.Namespace) -> int:
+    params = {"jobs": ",".join(str(i) for i in args.job_ids)}
+    if args.format in COMPARE_MEDIA:
+        headers = {"Accept": COMPARE_MEDIA[args.format]}
+        sys.stdout.write(client.get_text("/compare", params=params, headers=headers))
+        return EXIT_OK
+    data = client.get("/compare", params=params)
+    if args.format == "json":
+        print_json(data)
+        return EXIT_OK
+    print(compare_table(data))
+    return EXIT_OK
+
+
+def compare_table(data: dict[str, Any]) -> str:
+    """TASK FILTER METRIC, each job's value ± stderr, and each later job's delta (* when
+    significant, by the server's rule)."""
+    jobs = data["jobs"]
+    headers = ["TASK", "FILTER", "METRIC"]
+    for i, job in enumerate(jobs):
+        headers.append(f"#{job}")
+        if i:
+            headers.append(f"Δ#{job}")
+    rows = []
+    for row in data["rows"]:
+        cells = [row["task"], row["filter"], row["metric"]]
+        for i in range(len(jobs)):
+            value, stderr = row["values"][i], row["stderrs"][i]
+            text = fmt_value(value) if value is not None else "-"
+            if isinstance(stderr, int | float) and value is not None:
+                text += f" ± {fmt_value(float(stderr))}"
+            cells.append(text)
+            if i:
+                delta = row["deltas"][i]
+                mark = " *" if row["significant"][i] else ""
+                cells.append(f"{delta:+.4f}{mark}" if delta is not None else "-")
+        rows.append(cells)
+    right = set(range(3, len(headers)))
+    note = f"Δ: difference from job {jobs[0]}; * where |Δ| > 1.96·√(se₁² + se₂²)"
+    return table(headers, rows, right=right) + "\n" + note
+
+
 def cmd_stop(client: Client, args: argparse.Namespace) -> int:
     print(client.request("POST", f"/job/{args.job_id}/stop")["message"])
     return EXIT_OK
@@ -579,6 +633,16 @@ def build_parser() -> argparse.ArgumentParser:
     with_id("results", "print a Completed job's metrics").add_argument(
         "--json", action="store_true", help="the full results JSON"
     )
+    compare = sub.add_parser(
+        "compare", parents=[connection], help="compare Completed jobs' metrics (first = base)"
+    )
+    compare.add_argument("job_ids", type=int, nargs="+", metavar="ID")
+    compare.add_argument(
+        "--format",
+        choices=["table", "csv", "markdown", "json"],
+        default="table",
+        help="table (default), or the server's CSV, Markdown or JSON",
+    )
     with_id("stop", "stop a job (dequeue it if queued)")
     with_id("delete", "delete a job and its files")
     wait = with_id(
@@ -650,6 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "status": cmd_status,
             "logs": cmd_logs,
             "results": cmd_results,
+            "compare": cmd_compare,
             "stop": cmd_stop,
             "delete": cmd_delete,
             "wait": cmd_wait,

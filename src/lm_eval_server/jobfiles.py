@@ -8,19 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from lm_eval_server import jobdir, results
+from lm_eval_server import jobdir, results, samples
 from lm_eval_server.errors import FileNotAvailable, JobNotCompleted
 from lm_eval_server.manager import JobManager
 from lm_eval_server.models import JobRecord, JobStatus
 from lm_eval_server.principals import Principal
 
+# Indexes of samples files kept between page requests (each ~20 bytes per line).
+SAMPLE_INDEXES_KEPT = 8
+_IndexKey = tuple[str, int, int, int]  # path, inode, size, mtime: a rewritten file is new
+
 
 class JobFiles:
     def __init__(self, manager: JobManager) -> None:
         self._manager = manager
+        self._indexes: OrderedDict[_IndexKey, samples.SampleIndex] = OrderedDict()
+        self._building: dict[_IndexKey, asyncio.Future[samples.SampleIndex]] = {}
 
     def log_path(self, job_id: int, stream: str, viewer: Principal | None) -> Path:
         record = self._manager.get(job_id, viewer)
@@ -48,6 +56,67 @@ class JobFiles:
                 f"Job {job_id} has no samples for task {task[:200]!r}; tasks with samples: {have}"
             )
         return found
+
+    async def samples_tasks(self, job_id: int, viewer: Principal | None) -> list[str]:
+        path = self._results_file(self._manager.get(job_id, viewer))
+        return list(await asyncio.to_thread(results.samples_files, path))
+
+    async def samples_page(
+        self,
+        job_id: int,
+        task: str,
+        viewer: Principal | None,
+        *,
+        offset: int,
+        limit: int,
+        incorrect: bool,
+        filter_name: str | None,
+    ) -> dict[str, Any]:
+        """One page of a task's samples as the API shows them (see samples.py)."""
+        path = await self.samples_path(job_id, task, viewer)
+        index = await self._index(path)
+        total, lines = index.page(filter_name, incorrect, offset, limit)
+        # Known secret values masked, as in the raw file (rule 1 alone: a dataset's own fields
+        # named like credentials, such as ARC's answerKey, stay readable).
+        redact = self._manager.redactor.json_values_only
+        page = await asyncio.to_thread(
+            samples.read_page, path, index, lines, samples.MAX_PAGE_BYTES, redact
+        )
+        end = offset + len(page)
+        return {
+            "job_id": job_id,
+            "task": task,
+            "filters": list(index.filters),
+            "total": total,
+            "offset": offset,
+            "limit": limit,
+            "next_offset": end if end < total else None,
+            "samples": page,
+        }
+
+    async def _index(self, path: Path) -> samples.SampleIndex:
+        stat = await asyncio.to_thread(os.stat, path)
+        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if (found := self._indexes.get(key)) is not None:
+            self._indexes.move_to_end(key)
+            return found
+        # Concurrent first views of one file share a single build, which a client that goes
+        # away does not cancel (the task stays referenced in _building until it ends).
+        building = self._building.get(key)
+        if building is None:
+            building = asyncio.ensure_future(self._build(key, path))
+            self._building[key] = building
+        return await asyncio.shield(building)
+
+    async def _build(self, key: _IndexKey, path: Path) -> samples.SampleIndex:
+        try:
+            index = await asyncio.to_thread(samples.build_index, path)
+        finally:
+            self._building.pop(key, None)
+        self._indexes[key] = index
+        while len(self._indexes) > SAMPLE_INDEXES_KEPT:
+            self._indexes.popitem(last=False)
+        return index
 
     def _results_file(self, record: JobRecord) -> Path:
         if record.status is not JobStatus.completed:

@@ -268,3 +268,58 @@ class AuditEntry(BaseModel):
 class AuditPage(BaseModel):
     entries: list[AuditEntry] = Field(description="Newest first.")
     total: int = Field(description="Entries matching the filters, before limit/offset.")
+
+
+# ---- samples you can read, and comparing runs (issue 16)
+
+
+class SampleView(BaseModel):
+    doc_id: int | None
+    filter: str | None = Field(description="lm-eval's filter this line was scored under.")
+    doc: Any = None
+    target: Any = None
+    prompt: str | None = Field(None, description="The first request's first argument.")
+    arguments: Any = Field(None, description="Every request's arguments, as lm-eval logged them.")
+    responses: Any = Field(None, description="The model's response(s) after filters.")
+    raw_responses: Any = Field(None, description="The model's response(s) before filters.")
+    metrics: dict[str, Any]
+    primary_metric: str | None = Field(
+        None, description="The metric `correct` is judged by (first correctness metric)."
+    )
+    correct: bool | None = Field(
+        None, description="Primary metric true/1: true; false/0: false; else null."
+    )
+    error: str | None = Field(None, description="Why this line cannot be shown as JSON.")
+
+
+class SamplesPage(BaseModel):
+    job_id: int
+    task: str
+    filters: list[str] = Field(description="The filters present in the file.")
+    total: int = Field(description="Samples that pass `incorrect` and `filter`.")
+    offset: int
+    limit: int
+    next_offset: int | None = Field(description="Where the next page starts; null at the end.")
+    samples: list[SampleView]
+
+
+class SampleTasks(BaseModel):
+    job_id: int
+    tasks: list[str] = Field(description="Tasks with a samples file (run with log_samples).")
+
+
+class CompareRow(BaseModel):
+    task: str
+    metric: str
+    filter: str
+    values: list[float | str | None]
+    stderrs: list[float | str | None]
+    deltas: list[float | None] = Field(description="value minus the first job's value.")
+    significant: list[bool | None] = Field(
+        description="|delta| > 1.96 * sqrt(se_first^2 + se^2); null when it cannot be told."
+    )
+
+
+class Comparison(BaseModel):
+    jobs: list[int]
+    rows: list[CompareRow]

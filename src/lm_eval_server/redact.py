@@ -334,6 +334,26 @@ def redact_json(obj: Any, values: Iterable[str] | ValuePatterns, depth: int = 0)
     return obj
 
 
+def redact_json_values(obj: Any, values: Iterable[str] | ValuePatterns, depth: int = 0) -> Any:
+    """Rule 1 alone over JSON data (known values in every string, keys too): for what a job
+    wrote, such as samples, where rule 2 would mask a dataset's own fields (ARC's answerKey)."""
+    patterns = values if isinstance(values, ValuePatterns) else ValuePatterns(values)
+    if depth > MAX_DEPTH:
+        return MASK
+    if isinstance(obj, str):
+        return redact_text(obj, patterns)
+    if isinstance(obj, dict):
+        return {
+            (redact_text(k, patterns) if isinstance(k, str) else k): redact_json_values(
+                v, patterns, depth + 1
+            )
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return [redact_json_values(item, patterns, depth + 1) for item in obj]
+    return obj
+
+
 # ------------------------------------------------------------------ the server's known values
 
 
@@ -415,6 +435,10 @@ class Redactor:
 
     def json(self, obj: Any) -> Any:
         return redact_json(obj, self.patterns)
+
+    def json_values_only(self, obj: Any) -> Any:
+        """Rule 1 alone over JSON data: for samples, as their raw file is served."""
+        return redact_json_values(obj, self.patterns)
 
     def stream(self) -> StreamRedactor:
         return StreamRedactor(self)

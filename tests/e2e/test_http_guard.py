@@ -97,6 +97,8 @@ ROUTES = [
     ("GET", "/job/{id}/logs"),
     ("GET", "/job/{id}/results"),
     ("GET", "/job/{id}/samples?task=x"),
+    ("GET", "/job/{id}/samples"),
+    ("GET", "/compare?jobs={id},{id}"),
     ("GET", "/job/{id}/stop"),
     ("POST", "/job/{id}/stop"),
     ("GET", "/jobs/stop"),

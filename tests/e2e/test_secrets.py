@@ -89,6 +89,9 @@ def served_everywhere(client: httpx.Client, job_id: int, task: str) -> dict[str,
         "jobs": client.get("/jobs").content,
         "results": client.get(f"/job/{job_id}/results").content,
         "samples": client.get(f"/job/{job_id}/samples", params={"task": task}).content,
+        "samples-json": client.get(
+            f"/job/{job_id}/samples", params={"task": task, "format": "json"}
+        ).content,
         "dashboard": client.get("/").content,
         "metrics": client.get("/metrics").content,
     }
@@ -147,6 +150,8 @@ def test_a_job_receives_a_secret_that_nothing_served_or_stored_shows(
     samples = alice.get(f"/job/{job_id}/samples", params={"task": "fake_task"})
     assert samples.status_code == 200
     assert json.loads(samples.text)["resps"] == [["answer ***"]]
+    page = alice.get(f"/job/{job_id}/samples", params={"task": "fake_task", "format": "json"})
+    assert page.json()["samples"][0]["raw_responses"] == [["answer ***"]]
 
     served = served_everywhere(alice, job_id, "fake_task")
     served["follow"] = followed

@@ -58,12 +58,17 @@ _SCATTER = 17
 _QUESTION_RE = re.compile(r"Question (\d+): What is (-?\d+) \+ (-?\d+)\?")
 
 
-def is_answered_correctly(question_id: int) -> bool:
-    """Whether the stub answers question ``question_id`` correctly."""
-    return (question_id * _SCATTER) % CYCLE < CORRECT_PER_CYCLE
+def is_answered_correctly(question_id: int, correct_per_cycle: int = CORRECT_PER_CYCLE) -> bool:
+    """Whether the stub answers question ``question_id`` correctly.
+
+    A stub with a higher ``correct_per_cycle`` answers a superset of the questions a lower one
+    does (``correct_per_cycle * 5`` of the 200 docs), which gives two "checkpoints" with a
+    known difference to compare.
+    """
+    return (question_id * _SCATTER) % CYCLE < correct_per_cycle
 
 
-def answer_for(prompt: str) -> str:
+def answer_for(prompt: str, correct_per_cycle: int = CORRECT_PER_CYCLE) -> str:
     """The completion text the stub generates for ``prompt``, before stop sequences.
 
     Prompts without a question id but with ``a + b`` get the correct sum; anything else gets
@@ -78,7 +83,7 @@ def answer_for(prompt: str) -> str:
         return f"{int(a) + int(b)}\n"
     qid, a, b = (int(x) for x in matches[-1])
     total = a + b
-    return f"{total if is_answered_correctly(qid) else total + 1}\n"
+    return f"{total if is_answered_correctly(qid, correct_per_cycle) else total + 1}\n"
 
 
 def apply_stop(text: str, stop: Any) -> str:
@@ -113,9 +118,12 @@ class CompletionsStubServer(ThreadingHTTPServer):
     # Rebinding a just-used port is only relevant for the fixed --port CLI case.
     allow_reuse_address = True
 
-    def __init__(self, port: int = 0, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, port: int = 0, delay_s: float = 0.0, correct_per_cycle: int = CORRECT_PER_CYCLE
+    ) -> None:
         super().__init__((HOST, port), _Handler)
         self.delay_s = delay_s
+        self.correct_per_cycle = correct_per_cycle
         self.request_count = 0
         self.prompt_count = 0
         self.lock = threading.Lock()
@@ -226,7 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
         choices = [
             {
                 "index": i,
-                "text": apply_stop(answer_for(p), stop),
+                "text": apply_stop(answer_for(p, self.server.correct_per_cycle), stop),
                 "logprobs": None,
                 "finish_reason": "stop",
             }
@@ -255,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
         text = "\n".join(c for c in contents if isinstance(c, str))
         self._sleep()
         n = self.server.count(1)
-        content = apply_stop(answer_for(text), payload.get("stop"))
+        content = apply_stop(answer_for(text, self.server.correct_per_cycle), payload.get("stop"))
         self._send_json(
             HTTPStatus.OK,
             {
@@ -276,9 +284,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def running_stub_server(delay_s: float = 0.0, port: int = 0) -> Iterator[CompletionsStubServer]:
+def running_stub_server(
+    delay_s: float = 0.0, port: int = 0, correct_per_cycle: int = CORRECT_PER_CYCLE
+) -> Iterator[CompletionsStubServer]:
     """Run the stub in a background thread; yields the server (for counters and URLs)."""
-    server = CompletionsStubServer(port=port, delay_s=delay_s)
+    server = CompletionsStubServer(port=port, delay_s=delay_s, correct_per_cycle=correct_per_cycle)
     # A short poll interval keeps shutdown() fast (the default 0.5 s adds up across tests).
     thread = threading.Thread(
         target=server.serve_forever,
@@ -337,8 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--delay-s", type=float, default=0.0, help="sleep per request")
+    parser.add_argument(
+        "--correct-per-cycle",
+        type=int,
+        default=CORRECT_PER_CYCLE,
+        help=f"questions answered right out of every {CYCLE} (default {CORRECT_PER_CYCLE})",
+    )
     args = parser.parse_args(argv)
-    server = CompletionsStubServer(port=args.port, delay_s=args.delay_s)
+    server = CompletionsStubServer(
+        port=args.port, delay_s=args.delay_s, correct_per_cycle=args.correct_per_cycle
+    )
     # The parent process reads this first line to learn the port, so flush immediately.
     print(server.base_url, flush=True)
     try:

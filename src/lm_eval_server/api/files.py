@@ -10,15 +10,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from lm_eval_server import joblogs, results
+from lm_eval_server import accept, joblogs, results, samples
 from lm_eval_server.api.deps import Caller, Files, Manager, State
+from lm_eval_server.errors import InvalidRequest
 from lm_eval_server.manager import JobManager
-from lm_eval_server.models import JobResults, Metric
+from lm_eval_server.models import JobResults, Metric, SamplesPage, SampleTasks
 from lm_eval_server.redact import StreamRedactor
 
 log = logging.getLogger(__name__)
@@ -48,27 +49,83 @@ async def get_results(files: Files, caller: Caller, job_id: int) -> JobResults:
     return JobResults(job_id=job_id, results=data, metrics=metrics, results_file=str(path))
 
 
+class SamplesFormat(StrEnum):
+    json = "json"
+    jsonl = "jsonl"
+
+
+RAW_SAMPLES = "application/x-ndjson"
+JSON = "application/json"
+
+
 @router.get(
     "/job/{job_id}/samples",
-    response_class=FileResponse,
-    responses={200: {"content": {"application/x-ndjson": {}}}},
+    response_model=None,
+    responses={
+        200: {
+            "model": SamplesPage,
+            "description": "A page of samples as JSON, the raw JSONL file, or (without `task`) "
+            "the tasks that have samples.",
+            "content": {RAW_SAMPLES: {}},
+        },
+        404: {"description": "No job has this id, or it has no samples for this task."},
+        409: {"description": "The job is not Completed."},
+    },
+    summary="A task's samples: the raw JSONL, or paginated JSON with a wrong-answers filter",
 )
 async def get_samples(
+    request: Request,
     state: State,
     files: Files,
     caller: Caller,
     job_id: int,
-    task: Annotated[str, Query(min_length=1, max_length=500)],
+    task: Annotated[str | None, Query(min_length=1, max_length=500)] = None,
+    offset: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    limit: Annotated[int | None, Query(ge=1, le=samples.PAGE_LIMIT_MAX)] = None,
+    incorrect: Annotated[
+        bool | None, Query(description="true: only samples judged wrong (correct=false)")
+    ] = None,
+    filter_name: Annotated[
+        str | None,
+        Query(alias="filter", min_length=1, max_length=200, description="lm-eval filter name"),
+    ] = None,
+    format: SamplesFormat | None = None,
 ) -> Response:
-    path = await files.samples_path(job_id, task, caller)
-    if not state.redactor:
-        return FileResponse(path, media_type="application/x-ndjson", filename=path.name)
-    # Samples hold the model_args and whatever the model answered: known values masked.
-    return StreamingResponse(
-        _chunks(state.redactor.stream().wrap(_file_chunks(path))),
-        media_type="application/x-ndjson",
-        headers={"Content-Disposition": f'attachment; filename="{path.name}"'},
+    paged = offset is not None or limit is not None or incorrect is not None or filter_name
+    if format is SamplesFormat.jsonl and paged:
+        raise InvalidRequest(
+            "format=jsonl returns the whole file; offset, limit, incorrect and filter page the "
+            "JSON view: drop them or use format=json"
+        )
+    if task is None:
+        if format is SamplesFormat.jsonl:
+            raise InvalidRequest("format=jsonl needs task=NAME (one file per task)")
+        tasks = await files.samples_tasks(job_id, caller)
+        return JSONResponse(SampleTasks(job_id=job_id, tasks=tasks).model_dump())
+    as_json = format is SamplesFormat.json or (
+        format is None
+        and (paged or accept.preferred(request.headers.get("accept"), [RAW_SAMPLES, JSON]) == JSON)
     )
+    if not as_json:
+        path = await files.samples_path(job_id, task, caller)
+        if not state.redactor:
+            return FileResponse(path, media_type=RAW_SAMPLES, filename=path.name)
+        # Samples hold the model_args and whatever the model answered: known values masked.
+        return StreamingResponse(
+            _chunks(state.redactor.stream().wrap(_file_chunks(path))),
+            media_type=RAW_SAMPLES,
+            headers={"Content-Disposition": f'attachment; filename="{path.name}"'},
+        )
+    page = await files.samples_page(
+        job_id,
+        task,
+        caller,
+        offset=offset or 0,
+        limit=limit or samples.PAGE_LIMIT_DEFAULT,
+        incorrect=bool(incorrect),
+        filter_name=filter_name,
+    )
+    return JSONResponse(SamplesPage(**page).model_dump())
 
 
 def _file_chunks(path) -> Iterator[bytes]:  # type: ignore[no-untyped-def]

@@ -219,7 +219,7 @@ const jobsView = {
     });
     $("jobs-body").addEventListener("click", (event) => {
       const row = event.target.closest("tr[data-job-id]");
-      if (!row || event.target.closest("a") || String(window.getSelection())) return;
+      if (!row || event.target.closest("a, .pick") || String(window.getSelection())) return;
       location.hash = `#/job/${row.dataset.jobId}`;
     });
   },
@@ -270,6 +270,7 @@ function jobRow(job) {
   return h(
     "tr",
     { dataset: { jobId: job.job_id, status: job.status }, "data-testid": "job-row" },
+    compareView.cell(job),
     h("td", { class: "num" }, h("a", { href: `#/job/${job.job_id}` }, `#${job.job_id}`)),
     h("td", { title: job.error ? job.error.trim().split("\n").pop() : null }, badge(job.status)),
     h("td", { class: "mono ellipsis", title: job.model || "" }, job.model || "—"),
@@ -317,6 +318,7 @@ const jobView = {
       $("results-section").hidden = true;
       $("results-body").replaceChildren();
       $("log").textContent = "";
+      samplesView.reset();
     }
   },
 
@@ -343,6 +345,7 @@ const jobView = {
     if (job.status === "Completed" && this.resultsFor !== id) {
       this.resultsFor = id;
       await this.loadResults(id);
+      await samplesView.load(id);
     }
     return !TERMINAL.has(job.status);
   },
@@ -649,6 +652,7 @@ const views = {
   jobs: { section: "jobs-view", refresh: () => jobsView.refresh() },
   job: { section: "job-view", refresh: () => jobView.refresh() },
   new: { section: "new-view", refresh: () => formView.load().then(() => false) },
+  compare: { section: "compare-view", refresh: () => compareView.refresh() },
 };
 
 let current = null;
@@ -664,6 +668,9 @@ function route() {
     jobView.open(Number(match[1]));
   } else if (hash === "/new") {
     name = "new";
+  } else if (/^\/compare\?jobs=\d+(,\d+)*$/.test(hash)) {
+    name = "compare";
+    compareView.open(hash.split("=")[1].split(",").map(Number));
   }
   current = views[name];
   for (const [key, view] of Object.entries(views)) $(view.section).hidden = key !== name;
