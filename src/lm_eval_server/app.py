@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lm_eval_server import hosts, job_env, lm_eval_cli
-from lm_eval_server.api import dashboard, files, health
+from lm_eval_server.api import dashboard, files, health, tasks
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
 from lm_eval_server.catalog import Catalog, TaskLimits
@@ -35,6 +35,7 @@ from lm_eval_server.security import (
     require_api_key,
 )
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
+from lm_eval_server.uploads import TaskUploads
 from lm_eval_server.validation import RequestValidator, json_safe
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limits=TaskLimits.from_settings(settings),
     )
     metrics = AppMetrics()
+    uploads = TaskUploads(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -149,9 +151,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         catalog=catalog,
         metrics=metrics,
-        validator=RequestValidator(settings, parser, specs, catalog),
+        validator=RequestValidator(settings, parser, specs, catalog, uploads),
         keys=settings.key_table(),
         log_followers=FollowerSlots(settings.max_log_followers),
+        uploads=uploads,
     )
     app.state.server = state
 
@@ -160,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.secured_router, dependencies=secured)
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
+    app.include_router(tasks.router, dependencies=secured)
     app.include_router(dashboard.router)
     _add_error_handlers(app)
     _add_http_metrics(app, metrics)
@@ -167,6 +171,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         timeout_s=settings.body_read_timeout_s,
+        # Task uploads carry data files: their own cap, in place of MAX_BODY_BYTES.
+        routes={("POST", "/tasks"): (settings.max_upload_bytes, "MAX_UPLOAD_BYTES")},
     )
     # Outermost: a request for a foreign Host or from a foreign site touches nothing else.
     app.add_middleware(HttpGuardMiddleware, rules=_host_rules(settings))

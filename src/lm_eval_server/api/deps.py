@@ -14,6 +14,7 @@ from lm_eval_server.manager import JobManager
 from lm_eval_server.metrics import AppMetrics
 from lm_eval_server.principals import Principal
 from lm_eval_server.security import Caller
+from lm_eval_server.uploads import TaskUploads
 from lm_eval_server.validation import RequestValidator
 
 
@@ -54,6 +55,7 @@ class ServerState:
     validator: RequestValidator
     keys: dict[bytes, Principal]  # each API key to its principal; empty: an open server
     log_followers: FollowerSlots
+    uploads: TaskUploads
     manager: JobManager | None = None
     files: JobFiles | None = None
     warm_pool: WarmPoolStatus | None = None
@@ -92,9 +94,14 @@ async def get_settings(state: State) -> Settings:
     return state.settings
 
 
+async def get_uploads(state: State) -> TaskUploads:
+    return state.uploads
+
+
+Uploads = Annotated[TaskUploads, Depends(get_uploads)]
 Manager = Annotated[JobManager, Depends(get_manager)]
 Files = Annotated[JobFiles, Depends(get_files)]
 Validator = Annotated[RequestValidator, Depends(get_validator)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
-__all__ = ["Caller", "Files", "Manager", "SettingsDep", "State", "Validator"]
+__all__ = ["Caller", "Files", "Manager", "SettingsDep", "State", "Uploads", "Validator"]

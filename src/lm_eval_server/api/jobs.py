@@ -113,33 +113,39 @@ def screened_body_route(fields: Collection[str]) -> type[APIRoute]:
     return ScreenedBodyRoute
 
 
-async def _validate_once(validator: RequestValidator, body: BaseModel) -> ValidatedJob:
+async def _validate_once(
+    validator: RequestValidator, body: BaseModel, owner: str | None
+) -> ValidatedJob:
     try:
         try:
-            return validator.validate(body)  # usually a fraction of a millisecond
+            return validator.validate(body, owner)  # usually a fraction of a millisecond
         except OffloadRequired:
-            return await run_in_threadpool(validator.validate, body)
+            return await run_in_threadpool(validator.validate, body, owner)
     except UnknownTaskNames as exc:
         # The close-match search is the slow part: off the event loop.
         raise InvalidRequest(await run_in_threadpool(exc.describe)) from None
 
 
 async def validate_job(
-    validator: RequestValidator, catalog: Catalog, body: BaseModel, wait_s: float
+    validator: RequestValidator,
+    catalog: Catalog,
+    body: BaseModel,
+    wait_s: float,
+    owner: str | None = None,
 ) -> ValidatedJob:
     """Validate; while the task index builds, wait for it (up to `wait_s`) and validate again.
 
     A request that is refused for another reason is refused at once, without waiting.
     """
     try:
-        return await _validate_once(validator, body)
+        return await _validate_once(validator, body, owner)
     except TaskIndexUnavailable:
         if catalog.state is not IndexState.building or wait_s <= 0:
             raise
     started = time.monotonic()
     await catalog.wait_for_index(wait_s)
     try:
-        return await _validate_once(validator, body)
+        return await _validate_once(validator, body, owner)
     except TaskIndexUnavailable:
         if catalog.state is IndexState.building:
             raise catalog.unavailable(waited_s=round(time.monotonic() - started, 1)) from None
@@ -169,7 +175,9 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         refused: BodyRefused | None = getattr(request.state, _REFUSED, None)
         if refused is not None:
             raise HTTPException(refused.status_code, str(refused))
-        job = await validate_job(validator, state.catalog, body, state.settings.index_wait_s)
+        job = await validate_job(
+            validator, state.catalog, body, state.settings.index_wait_s, caller.name
+        )
         claim = None
         if idempotency_key is not None:
             # Bound to who asks and what they send (idempotency.py).
