@@ -323,7 +323,7 @@ def _function(loader: yaml.SafeLoader, node: yaml.Node) -> FunctionRef:
 
 
 def _other_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
-    raise TaskRefused(f"YAML tag {suffix!r} is not allowed in a task YAML")
+    raise TaskRefused(f"YAML tag {node.tag!r} is not allowed in a task YAML")
 
 
 _Loader.add_constructor("!function", _function)

@@ -40,7 +40,8 @@ def task_yaml(name: str = "say_lol", **extra: str) -> str:
         "doc_to_text": '"Q: {{ question.strip() }}\\nA:"',
         "doc_to_target": '"{{answer}}"',
         "generation_kwargs": '\n  until: ["\\n"]\n  max_gen_toks: 4',
-        "metric_list": "\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true",
+        "metric_list": "\n  - metric: exact_match\n    aggregation: mean"
+        "\n    higher_is_better: true",
         **extra,
     }
     return "".join(f"{k}: {v}\n" for k, v in fields.items() if v is not None)
@@ -86,8 +87,12 @@ def test_uploaded_task_runs_with_real_lm_eval_and_scores_the_known_answer(
         job = wait_for(http, job_id, timeout_s=240)
         assert job["status"] == "Completed", job
         results = http.get(f"/job/{job_id}/results").json()
-        metrics = results["results"]["say_lol"]
-        assert metrics["exact_match,none"] == pytest.approx(0.6)
+        assert results["results"]["results"]["say_lol"]["exact_match,none"] == 0.6
+        [metric] = [m for m in results["metrics"] if m["metric"] == "exact_match"]
+        assert metric["task"] == "say_lol" and metric["value"] == 0.6
+        # lm-eval read the stored YAML: the record keeps the name, the command the path.
+        assert job["tasks"] == ["say_lol"]
+        assert f"--tasks {stored / 'say_lol.yaml'}" in job["argument"]
 
         # Bob neither sees nor runs nor deletes alice's task.
         assert http.get("/tasks/say_lol", headers=BOB).status_code == 404
