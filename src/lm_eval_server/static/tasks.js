@@ -95,6 +95,8 @@ const taskSuggest = {
     );
     if (note) items.push(h("li", { class: "muted small note" }, note));
     this.list.replaceChildren(...items);
+    // Just below the input (the field also holds its label and help text).
+    this.list.style.top = `${this.input.offsetTop + this.input.offsetHeight}px`;
     this.list.hidden = items.length === 0;
     this.input.setAttribute("aria-expanded", String(!this.list.hidden));
   },
