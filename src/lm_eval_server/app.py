@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.files = JobFiles(manager)
         state.store_open = True
         catalog.start()
+        await asyncio.to_thread(uploads.clean_staging)
         await manager.start()
         if warm_pool is not None:
             await warm_pool.start()  # returns at once; workers warm up in their own processes

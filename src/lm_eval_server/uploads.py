@@ -239,6 +239,23 @@ class TaskUploads:
 
     # ------------------------------------------------------------ writing
 
+    def clean_staging(self, older_than_s: float = 3600.0) -> None:
+        """Remove what uploads interrupted by a crash left in the staging directory (entries
+        old enough that no running upload, of this process or another, still uses them)."""
+        staging = self.root / STAGING
+        cutoff = time.time() - older_than_s
+        try:
+            entries = list(os.scandir(staging))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+
     def _lock(self, owner: str) -> asyncio.Lock:
         return self._locks.setdefault(owner, asyncio.Lock())
 

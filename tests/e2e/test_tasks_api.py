@@ -116,6 +116,9 @@ def test_uploaded_task_runs_with_real_lm_eval_and_scores_the_known_answer(
             headers=BOB,
         )
         assert include.status_code == 422
+        assert include.json()["detail"].startswith(
+            f"include_path: {stored} is inside the server's uploaded tasks (DATA_DIR/tasks)"
+        )
 
         # The admin sees every owner's uploads.
         everyone = http.get("/tasks", params={"source": "upload"}, headers=ADMIN).json()
