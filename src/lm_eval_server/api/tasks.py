@@ -119,9 +119,10 @@ async def list_tasks(
             for t in own
             if needle in t.name.lower()
         ]
-    # Name order, lm-eval's before uploads of the same name, then by owner: the same query
-    # pages through the same list.
-    entries.sort(key=lambda e: (e[0], e[3], e[4] or ""))
+    # Names that start with the search first (what a person typing wants), then by name,
+    # lm-eval's before uploads of the same name, then by owner: the same query pages through
+    # the same list.
+    entries.sort(key=lambda e: (not e[0].lower().startswith(needle), e[0], e[3], e[4] or ""))
     page = entries[offset : offset + limit]
     return TaskList(
         tasks=[
