@@ -253,3 +253,12 @@ def test_progress_column_names_the_phase_before_the_first_request() -> None:
     assert fmt_progress({"status": "Running", "progress": loading}) == "0% loading model"
     running = {"status": "Running", "inference_progress_pct": 25, "progress": counting}
     assert fmt_progress(running).startswith("25% 5/20 eta ")
+
+
+def test_submit_secret_option_sends_a_reference() -> None:
+    properties = {"env_vars": {"anyOf": [{"type": "object"}, {"type": "null"}]}}
+    tokens = ["--env", "A=1", "--secret", "OPENAI_API_KEY=openai"]
+    _, body, _ = cli.parse_submit(tokens, properties)
+    assert body == {"env_vars": {"A": "1", "OPENAI_API_KEY": {"secret": "openai"}}}
+    with pytest.raises(cli.CliError, match="--secret wants KEY=SECRET"):
+        cli.parse_submit(["--secret", "OPENAI_API_KEY"], properties)

@@ -196,7 +196,7 @@ def test_task_names_and_file_names() -> None:
 
 
 def test_malformed_and_odd_yaml() -> None:
-    with pytest.raises(TaskRefused, match="t.yaml is not valid YAML"):
+    with pytest.raises(TaskRefused, match=r"t\.yaml is not valid YAML"):
         parse_yaml(b"task: [x\n", "t.yaml")
     with pytest.raises(TaskRefused, match="a task YAML is a mapping"):
         parse_yaml(b"- a\n- b\n", "t.yaml")
@@ -228,7 +228,7 @@ def test_prepare_counts_names_and_sizes() -> None:
         prepare([yaml_file, data], False, 16, 100)
     with pytest.raises(UnsupportedUpload):
         prepare([yaml_file, data, ("x.exe", b"")], False, 16, 10_000)
-    with pytest.raises(UploadRefused, match="may not be named probe.yaml or upload.json"):
+    with pytest.raises(UploadRefused, match=r"may not be named probe\.yaml or upload\.json"):
         prepare([("t.yml", BASE.encode()), data, ("upload.json", b"")], False, 16, 10_000)
 
 

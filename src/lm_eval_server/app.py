@@ -12,15 +12,17 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lm_eval_server import hosts, job_env, lm_eval_cli
-from lm_eval_server.api import dashboard, files, health, tasks
+from lm_eval_server import gpus, hosts, job_env, lm_eval_cli
+from lm_eval_server.api import dashboard, files, health, tasks, team
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
+from lm_eval_server.audit import Audit, MemoryAudit, SqliteAudit
 from lm_eval_server.catalog import Catalog, TaskLimits
 from lm_eval_server.config import ExecutorKind, Settings, StoreKind
 from lm_eval_server.errors import DomainError
@@ -28,6 +30,7 @@ from lm_eval_server.executors.base import Executor
 from lm_eval_server.jobfiles import JobFiles
 from lm_eval_server.manager import JobManager
 from lm_eval_server.metrics import AppMetrics
+from lm_eval_server.redact import MIN_LEARNED_CHARS, Redactor
 from lm_eval_server.security import (
     BodyLimitMiddleware,
     HttpGuardMiddleware,
@@ -58,13 +61,32 @@ def _make_store(settings: Settings) -> JobStore:
     return SqliteJobStore(settings.db_path)
 
 
-def _make_warm_pool(settings: Settings) -> WarmPool | None:
+def _make_audit(settings: Settings) -> Audit:
+    """Beside the job store, after it: the store's migrations create the audit table."""
+    if settings.store is StoreKind.memory:
+        return MemoryAudit(retention_days=settings.audit_retention_days)
+    return SqliteAudit(settings.db_path, retention_days=settings.audit_retention_days)
+
+
+def _gpu_devices(settings: Settings) -> list[str] | None:
+    """The GPU ids local jobs are given; None with Ray, which places jobs on GPUs itself."""
+    if settings.executor is not ExecutorKind.local:
+        return None
+    found = gpus.detect(settings.gpus, os.environ)
+    if found.ids:
+        log.info("GPU slots: %s (from %s)", ",".join(found.ids), found.source)
+    return found.ids
+
+
+def _make_warm_pool(settings: Settings, gpu_devices: list[str] | None) -> WarmPool | None:
     if settings.executor is not ExecutorKind.local or settings.warm_workers == 0:
         return None
     from lm_eval_server.executors.warm_pool import WarmPool
 
     run_dir = settings.warm_dir
-    return WarmPool(settings.warm_workers, job_env.worker_environment(settings, run_dir), run_dir)
+    # With GPU slots the workers see no device, like the jobs they may run (given none).
+    env = job_env.worker_environment(settings, run_dir, gpus=[] if gpu_devices else None)
+    return WarmPool(settings.warm_workers, env, run_dir)
 
 
 def _make_executor(settings: Settings, warm_pool: WarmPool | None = None) -> Executor:
@@ -99,6 +121,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limits=TaskLimits.from_settings(settings),
     )
     metrics = AppMetrics()
+    gpu_devices = _gpu_devices(settings)
+    # The values the server injects into jobs, masked in everything it serves (redact.py).
+    redactor = Redactor()
     uploads = TaskUploads(settings)
 
     @asynccontextmanager
@@ -116,10 +141,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 host,
             )
         # The executor first: an unreachable Ray cluster stops startup before anything is open.
-        warm_pool = _make_warm_pool(settings)
+        warm_pool = _make_warm_pool(settings, gpu_devices)
         executor = _make_executor(settings, warm_pool)
         store = _make_store(settings)
-        manager = JobManager(settings, store, executor)
+        state.audit = _make_audit(settings)
+        state.audit.prune()
+        _learn_secrets(settings, redactor)
+        manager = JobManager(settings, store, executor, gpu_devices=gpu_devices, redactor=redactor)
         metrics.watch(manager)
         state.warm_pool = warm_pool
         state.manager = manager
@@ -138,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await executor.close()
             if warm_pool is not None:
                 await warm_pool.close()
+            state.audit.close()
             store.close()
             state.store_open = False
 
@@ -153,9 +182,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         catalog=catalog,
         metrics=metrics,
-        validator=RequestValidator(settings, parser, specs, catalog, uploads),
+        validator=RequestValidator(settings, parser, specs, catalog, gpu_devices, uploads),
         keys=settings.key_table(),
         log_followers=FollowerSlots(settings.max_log_followers),
+        redactor=redactor,
         uploads=uploads,
     )
     app.state.server = state
@@ -166,6 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
     app.include_router(tasks.router, dependencies=secured)
+    app.include_router(team.router, dependencies=secured)
     app.include_router(dashboard.router)
     _add_error_handlers(app)
     _add_http_metrics(app, metrics)
@@ -179,6 +210,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: a request for a foreign Host or from a foreign site touches nothing else.
     app.add_middleware(HttpGuardMiddleware, rules=_host_rules(settings))
     return app
+
+
+def _learn_secrets(settings: Settings, redactor: Redactor) -> None:
+    values = settings.secret_policy().read_all()
+    redactor.add_secrets(values)
+    if short := sum(1 for v in values if len(v) < MIN_LEARNED_CHARS):
+        log.warning(
+            "SECRETS_DIR: %d secret(s) shorter than %d characters; they are masked wherever "
+            "they appear in served text, ordinary words included",
+            short,
+            MIN_LEARNED_CHARS,
+        )
 
 
 def _host_rules(settings: Settings) -> list[hosts.HostRule] | None:
@@ -200,9 +243,16 @@ def _error(status_code: int, message: str, headers: dict[str, str] | None = None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    async def domain_error(_: Request, exc: Exception) -> JSONResponse:
+    async def redactor(request: Request) -> Redactor:
+        redactor: Redactor = request.app.state.server.redactor
+        if not redactor.ready:
+            await run_in_threadpool(redactor.prepare)
+        return redactor
+
+    async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DomainError)
-        return _error(exc.status_code, str(exc), exc.headers)
+        # Known values only: our messages quote `key=value` syntax that rule 2 would mask.
+        return _error(exc.status_code, (await redactor(request)).values_only(str(exc)), exc.headers)
 
     async def not_started(_: Request, exc: Exception) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "5"})
@@ -210,11 +260,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, domain_error)
     app.add_exception_handler(NotStarted, not_started)
 
-    async def request_invalid(_: Request, exc: Exception) -> JSONResponse:
+    async def request_invalid(request: Request, exc: Exception) -> JSONResponse:
         # FastAPI's own handler echoes each input; a NaN or a lone surrogate in it made that
-        # response itself fail with a 500.
+        # response itself fail with a 500. The echo is redacted like any served text.
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        return JSONResponse({"detail": json_safe(jsonable_encoder(errors))}, status_code=422)
+        detail = (await redactor(request)).json(json_safe(jsonable_encoder(errors)))
+        return JSONResponse({"detail": detail}, status_code=422)
 
     app.add_exception_handler(RequestValidationError, request_invalid)
 

@@ -3,6 +3,7 @@
     lm-eval-server serve --host 0.0.0.0 --port 8080
     lm-eval-server submit --model hf --tasks arc_easy --model_args pretrained=gpt2 --wait
     lm-eval-server jobs | status ID | logs ID -f | results ID | stop ID | delete ID | wait ID
+    lm-eval-server whoami
 
 Client commands talk HTTP only (httpx): they import nothing from lm-eval, so they start fast and
 work against a server on another machine.
@@ -39,6 +40,7 @@ SUBMIT_CLIENT_VALUES = {
     "url": "server URL (as the global --url)",
     "token": "API key (as the global --token)",
     "env": "KEY=VALUE added to env_vars; repeatable",
+    "secret": "KEY=SECRET: env_vars KEY set from the server's secret SECRET; repeatable",
     "wait_timeout": "with --wait: give up after this many seconds (exit 4)",
 }
 
@@ -225,7 +227,7 @@ def parse_submit(
     file: str | None = None
     body: dict[str, Any] = {}
     client: dict[str, Any] = {}
-    env: dict[str, str] = {}
+    env: dict[str, Any] = {}
     i = 0
     if tokens and (not tokens[0].startswith("-") or tokens[0] == "-"):
         file, i = tokens[0], 1
@@ -255,6 +257,11 @@ def parse_submit(
                 if not eq or not key:
                     raise CliError(f"--env wants KEY=VALUE, got {text!r}")
                 env[key] = val
+            elif name == "secret":
+                key, eq, val = text.partition("=")
+                if not eq or not key or not val:
+                    raise CliError(f"--secret wants KEY=SECRET, got {text!r}")
+                env[key] = {"secret": val}
             else:
                 client[name] = text
         elif name in kinds:
@@ -370,6 +377,8 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
         params["status"] = args.status
     if args.limit is not None:
         params["limit"] = args.limit
+    if args.owner:
+        params["owner"] = args.owner
     data = client.get("/jobs", params=params)
     if args.json:
         print_json(data)
@@ -383,10 +392,11 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
             ",".join(job.get("tasks") or []) or "-",
             fmt_time(job.get("started_at")),
             fmt_duration(job.get("duration_s")),
+            job.get("owner") or "-",
         ]
         for job in data["jobs"]
     ]
-    headers = ["ID", "STATUS", "PROGRESS", "MODEL", "TASKS", "STARTED", "DURATION"]
+    headers = ["ID", "STATUS", "PROGRESS", "MODEL", "TASKS", "STARTED", "DURATION", "OWNER"]
     print(table(headers, rows, right={0, 6}))
     shown = len(data["jobs"])
     if data["total"] != shown:
@@ -402,6 +412,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     exit_code = f" (exit code {job['exit_code']})" if job.get("exit_code") is not None else ""
     facts = [
         ("status", f"{job['status']}{exit_code}"),
+        ("owner", job.get("owner") or "-"),
         ("progress", fmt_progress(job)),
         ("model", job.get("model") or "-"),
         ("tasks", ",".join(job.get("tasks") or []) or "-"),
@@ -459,6 +470,15 @@ def cmd_stop(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_delete(client: Client, args: argparse.Namespace) -> int:
     print(client.request("DELETE", f"/job/{args.job_id}")["message"])
+    return EXIT_OK
+
+
+def cmd_whoami(client: Client, args: argparse.Namespace) -> int:
+    me = client.get("/me")
+    if args.json:
+        print_json(me)
+    else:
+        print(f"{me['name']}{' (admin)' if me['admin'] else ''}")
     return EXIT_OK
 
 
@@ -541,7 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--status", help="comma-separated, e.g. Running,Queued")
     jobs.add_argument("--limit", type=int)
     jobs.add_argument("--offset", type=int, default=0)
+    jobs.add_argument("--owner", help="only this principal's jobs (admins see every owner)")
     jobs.add_argument("--json", action="store_true", help="print the API's JSON")
+    whoami = sub.add_parser("whoami", parents=[connection], help="the principal of the API key")
+    whoami.add_argument("--json", action="store_true", help="print the API's JSON")
 
     def with_id(name: str, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, parents=[connection], help=help_text)
@@ -630,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stop": cmd_stop,
             "delete": cmd_delete,
             "wait": cmd_wait,
+            "whoami": cmd_whoami,
         }[args.command]
         return handler(client, args)
     except CliError as exc:

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from lm_eval_server import job_env
+from lm_eval_server import job_env, job_secrets
+from lm_eval_server.gpus import check_ids as check_gpu_ids
 from lm_eval_server.hosts import parse_rules
 from lm_eval_server.principals import Principal, key_table, parse_entry
 
@@ -38,7 +39,11 @@ CsvList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    # Errors name the setting and the rule, never echo the value: API_KEYS and ADMIN_KEYS are
+    # secrets, and a startup error goes to logs that more people read than the key file.
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", hide_input_in_errors=True
+    )
 
     max_concurrency: int = Field(4, ge=1, description="Jobs run at once.")
     queue_process_interval: float = Field(
@@ -195,6 +200,85 @@ class Settings(BaseSettings):
         description="Seconds lm-eval may take to load an uploaded task in the check process.",
     )
 
+    # Scheduling: quotas per principal, the fair queue, GPU slots for the local executor
+    # (lm_eval_server.scheduler, lm_eval_server.gpus).
+    max_queued_per_key: int | None = Field(
+        None, ge=1, description="Queued jobs one principal may have; more get 429. Unset: no limit."
+    )
+    max_running_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="Running jobs one principal may have; their further jobs wait. Unset: none.",
+    )
+    fair_share_window_s: float = Field(
+        3600.0,
+        gt=0,
+        description="The fair queue ranks owners by their jobs' running seconds in this window.",
+    )
+    gpus: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="GPU device ids local jobs are given (e.g. 0,1). Unset: the server's "
+        "CUDA_VISIBLE_DEVICES, else nvidia-smi -L. Empty: no GPU slots.",
+    )
+    gpu_reserve_after_s: float = Field(
+        600.0,
+        ge=0,
+        description="A job waiting this long for GPUs keeps later jobs off the GPUs it needs.",
+    )
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _csv_gpus(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("gpus", mode="after")
+    @classmethod
+    def _gpu_ids(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_gpu_ids(value)
+
+    # Audit trail (GET /audit): who submitted, stopped or deleted what
+    audit_retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Audit entries older than this many days are removed (at startup and "
+        "hourly); unset: kept for as long as the store.",
+    )
+
+    # Secrets by reference (lm_eval_server.job_secrets): a request's env_vars may name a file of
+    # SECRETS_DIR instead of carrying a value; ALLOWED_SECRETS says who may name which.
+    secrets_dir: Path | None = Field(
+        None,
+        description="One file per secret (name = secret, content = value), as Docker and "
+        'Kubernetes mount them; env_vars may then say {"secret": "<name>"}.',
+    )
+    allowed_secrets: CsvList = Field(
+        default_factory=list,
+        description="secret:principal|principal or secret:* entries; unset, every key may use "
+        "every secret in SECRETS_DIR.",
+    )
+
+    @field_validator("allowed_secrets", mode="before")
+    @classmethod
+    def _csv_secrets(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> Settings:
+        job_secrets.parse_allowed_secrets(self.allowed_secrets)
+        if self.secrets_dir is not None and not self.secrets_dir.is_dir():
+            raise ValueError(f"SECRETS_DIR {self.secrets_dir} is not a directory")
+        if self.allowed_secrets and self.secrets_dir is None:
+            raise ValueError("ALLOWED_SECRETS needs SECRETS_DIR (the directory of the secrets)")
+        return self
+
+    def secret_policy(self) -> job_secrets.SecretPolicy:
+        allowed = self.allowed_secrets
+        return job_secrets.SecretPolicy(
+            directory=self.secrets_dir.resolve() if self.secrets_dir is not None else None,
+            allowed=job_secrets.parse_allowed_secrets(allowed) if allowed else None,
+            max_bytes=self.max_env_value_bytes,
+        )
+
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     host_hint: str = Field("", description="Set by the CLI; used for the open-server warning.")
 
@@ -233,6 +317,8 @@ class Settings(BaseSettings):
             raise ValueError("EXECUTOR=ray needs RAY_ADDRESS (e.g. http://head:8265)")
         if self.warm_workers and self.executor is not ExecutorKind.local:
             raise ValueError("WARM_WORKERS works with EXECUTOR=local only")
+        if self.gpus is not None and self.executor is not ExecutorKind.local:
+            raise ValueError("GPUS works with EXECUTOR=local only (Ray places jobs on GPUs)")
         if self.warm_workers and not self.use_launcher:
             raise ValueError("WARM_WORKERS needs USE_LAUNCHER=true (warm jobs run the launcher)")
         return self

@@ -59,5 +59,11 @@ class QueueFull(_RetryLater):
     status_code = 429
 
 
+class QuotaExceeded(_RetryLater):
+    """One principal's limit (MAX_QUEUED_PER_KEY) is reached; other principals are unaffected."""
+
+    status_code = 429
+
+
 class ShuttingDown(_RetryLater):
     status_code = 503

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Protocol
@@ -91,6 +91,19 @@ DEFAULT_JOB_ENV_PASSTHROUGH: tuple[str, ...] = (
     "ROCR_VISIBLE_DEVICES",
 )
 
+# Which devices a process sees, and how they are numbered: the server's to set (GPU slots), so
+# refused in env_vars even where ALLOWED_ENV_VARS would allow them.
+DEVICE_VARS = frozenset(
+    {
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "NVIDIA_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+        "ROCR_VISIBLE_DEVICES",
+        "GPU_DEVICE_ORDINAL",
+    }
+)
+
 # Set per job (its own directory); everything else in a job's environment is the same for
 # every job of a server that has no env_vars, which is what lets a warm worker run it.
 PER_JOB_NAMES = frozenset({"HOME", "TMPDIR"})
@@ -126,14 +139,18 @@ def is_allowed(name: str, patterns: Iterable[str]) -> bool:
     return name in DEFAULT_ALLOWED_ENV_VARS or any(fnmatchcase(name, p) for p in patterns)
 
 
-def check_env_vars(env_vars: Mapping[str, object], settings: JobEnvSettings) -> dict[str, str]:
-    """The request's env_vars, if every name is allowed and every value within bounds."""
+def check_env_vars(
+    env_vars: Mapping[str, object], settings: JobEnvSettings
+) -> dict[str, str | dict[str, str]]:
+    """The request's env_vars, if every name is allowed and every value within bounds. A
+    secret reference (`{"secret": name}`, job_secrets) is kept as it is: its name is checked
+    against SECRETS_DIR by the caller, its value read only when the job starts."""
     if len(env_vars) > settings.max_env_vars:
         raise EnvVarsRefused(
             f"env_vars has {len(env_vars)} entries; the limit is {settings.max_env_vars} "
             "(MAX_ENV_VARS)"
         )
-    checked: dict[str, str] = {}
+    checked: dict[str, str | dict[str, str]] = {}
     for name, value in env_vars.items():
         if not isinstance(name, str) or not ENV_NAME.match(name):
             raise EnvVarsRefused(
@@ -146,6 +163,21 @@ def check_env_vars(env_vars: Mapping[str, object], settings: JobEnvSettings) -> 
                 "HF_HUB_OFFLINE, LMEVAL_LOG_LEVEL, OPENAI_API_KEY); the operator can allow "
                 f"{name} by adding it (or a pattern) to ALLOWED_ENV_VARS"
             )
+        if name in DEVICE_VARS:
+            raise EnvVarsRefused(
+                f"env_vars: {name} is set by the server, not by a request: a job's GPUs come "
+                'from "resources": {"num_gpus": N} (GPU slots, GPUS), whatever '
+                "ALLOWED_ENV_VARS allows"
+            )
+        if isinstance(value, Mapping):
+            secret = value.get("secret") if set(value) == {"secret"} else None
+            if not isinstance(secret, str):
+                raise EnvVarsRefused(
+                    f"env_vars: the value of {name} must be a string or a secret reference "
+                    '{"secret": "<name>"}'
+                )
+            checked[name] = {"secret": secret}
+            continue
         if not isinstance(value, str):
             raise EnvVarsRefused(f"env_vars: the value of {name} must be a string")
         try:
@@ -240,22 +272,46 @@ def job_tmp(work_dir: Path) -> Path:
     return work_dir / jobdir.TMP
 
 
+def device_env(gpus: Sequence[str] | None, env: Mapping[str, str]) -> dict[str, str]:
+    """The device variables of a job given `gpus` by the GPU slots (None: no GPU slots).
+
+    Exactly its devices, or none at all ("" hides every device): a job that asked for no GPU
+    cannot allocate memory on one another job holds. Ids are nvidia-smi's numbering, so CUDA is
+    told to number devices the same way (PCI bus order) unless the operator passes
+    CUDA_DEVICE_ORDER through.
+    """
+    if gpus is None:
+        return {}
+    return {
+        "CUDA_VISIBLE_DEVICES": ",".join(gpus),
+        "CUDA_DEVICE_ORDER": env.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
+    }
+
+
 def job_environment(
     settings: JobEnvSettings,
     work_dir: Path,
-    env_vars: Mapping[str, str],
+    env_vars: Mapping[str, str],  # secret references already resolved (job_secrets.resolve)
     environ: Mapping[str, str] | None = None,
+    gpus: Sequence[str] | None = None,
 ) -> dict[str, str]:
-    """A job's whole environment: the base for its directory, then its checked env_vars."""
+    """A job's whole environment: the base for its directory, its checked env_vars, then its
+    GPU allocation (last: nothing overrides it)."""
     home, tmp = job_home(work_dir), job_tmp(work_dir)
-    return {**base_env(settings, home, tmp, environ), **env_vars}
+    env = {**base_env(settings, home, tmp, environ), **env_vars}
+    return {**env, **device_env(gpus, env)}
 
 
 def worker_environment(
-    settings: JobEnvSettings, run_dir: Path, environ: Mapping[str, str] | None = None
+    settings: JobEnvSettings,
+    run_dir: Path,
+    environ: Mapping[str, str] | None = None,
+    gpus: Sequence[str] | None = None,
 ) -> dict[str, str]:
-    """A warm worker's environment: a job's, with a HOME and TMPDIR of the worker's own."""
-    return base_env(settings, job_home(run_dir), job_tmp(run_dir), environ)
+    """A warm worker's environment: a job's, with a HOME and TMPDIR of the worker's own. With
+    GPU slots (`gpus=[]`) it sees no device, as the jobs it may run (those given none)."""
+    env = base_env(settings, job_home(run_dir), job_tmp(run_dir), environ)
+    return {**env, **device_env(gpus, env)}
 
 
 def shared_part(env: Mapping[str, str]) -> dict[str, str]:

@@ -27,10 +27,13 @@ class JobFiles:
         return Path(jobdir.log_path(record.work_dir, stream))
 
     async def results(self, job_id: int, viewer: Principal | None) -> tuple[dict[str, Any], Path]:
+        """The results JSON as served: known secret values and credential-named keys masked
+        (lm-eval copies model_args, api_key=... included, into its `config`)."""
         record = self._manager.get(job_id, viewer)
         path = self._results_file(record)
+        redactor = self._manager.redactor
         try:
-            data = await asyncio.to_thread(_read_json, path)
+            data = await asyncio.to_thread(lambda: redactor.json(_read_json(path)))
         except FileNotFoundError:
             raise self._no_results(record) from None
         return data, path

@@ -8,11 +8,14 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lm_eval_server import job_env, jobdir
+from lm_eval_server import job_env, jobdir, redact
 from lm_eval_server.config import Settings
 from lm_eval_server.executors.base import LaunchSpec
+from lm_eval_server.job_secrets import reference_name
 from lm_eval_server.models import JobRecord
+from lm_eval_server.redact import Redactor
 from lm_eval_server.validation import ValidatedJob, job_lm_args
 
 LAUNCHER_MODULE = "lm_eval_server.launcher"
@@ -22,16 +25,28 @@ def launcher_command() -> list[str]:
     return [sys.executable, "-m", LAUNCHER_MODULE]
 
 
-def warm_args(argv: list[str], env_vars: dict[str, str]) -> list[str] | None:
+def warm_args(argv: list[str], env_vars: dict[str, Any]) -> list[str] | None:
     """The lm-eval arguments a warm worker would run for this job, or None if it may not.
 
     A warm worker has imported lm-eval under the base job environment, and some variables are
-    read at import time: only launcher jobs that add no variables of their own qualify.
+    read at import time: only launcher jobs that add no variables of their own qualify (so a
+    job with a secret always runs cold: its value goes to its own process only).
     """
     prefix = launcher_command()
     if env_vars or argv[: len(prefix)] != prefix:
         return None
     return argv[len(prefix) :]
+
+
+def injected_values(argv: list[str], env_vars: dict[str, Any]) -> list[str]:
+    """What a request makes its job receive that names a credential: values of credential-named
+    keys in its arguments (model_args' api_key=..., JSON "token": ...) and plain values of
+    credential-named env_vars (OPENAI_API_KEY). Secret references are not values."""
+    values = [v for arg in argv for v in redact.assignment_values(arg)]
+    values += [
+        v for name, v in env_vars.items() if isinstance(v, str) and redact.is_sensitive_key(name)
+    ]
+    return values
 
 
 @dataclass(frozen=True)
@@ -42,8 +57,10 @@ class Command:
 
 
 class LaunchPolicy:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redactor: Redactor | None = None) -> None:
         self._settings = settings
+        self._secrets = settings.secret_policy()
+        self.redactor = redactor if redactor is not None else Redactor()
         self._default_program = shlex.split(settings.default_lm_eval_path)
         self._launcher = settings.use_launcher and (
             importlib.util.find_spec(LAUNCHER_MODULE) is not None
@@ -60,19 +77,37 @@ class LaunchPolicy:
             argv = [*launcher_command(), *lm_args]
         else:
             argv = [*job.program, *lm_args]
-        return Command(argv, shlex.join([*job.program, *lm_args]), output_path)
+        self.learn(argv, job.env_vars)
+        # `argument` is for display only (argv is what runs): stored with credentials masked.
+        argument = self.redactor.text(shlex.join([*job.program, *lm_args])) or ""
+        return Command(argv, argument, output_path)
+
+    def learn(self, argv: list[str], env_vars: dict[str, Any]) -> None:
+        """Teach the redactor the credentials this job will receive (at submission, and for
+        every stored job when the server starts)."""
+        self.redactor.learn(injected_values(argv, env_vars))
 
     def spec(self, record: JobRecord) -> LaunchSpec:
+        """The job's launch. Reads its secrets now (SecretUnavailable if one is gone: the job
+        must not run with an empty value) and tells the redactor every secret's value."""
         work_dir = Path(record.work_dir)
         resources = record.request.get("resources") or {}
+        env_vars = self._secrets.resolve(record.env_vars)
+        # Every secret, not just this job's: a secret rotated since startup is known from now on.
+        self.redactor.add_secrets(
+            [env_vars[n] for n, v in record.env_vars.items() if reference_name(v) is not None]
+        )
+        self.redactor.add_secrets(self._secrets.read_all())
         return LaunchSpec(
             job_id=record.job_id,
             argv=record.argv,
             # Built from nothing at each start: never the server's own environment.
-            env=job_env.job_environment(self._settings, work_dir, record.env_vars),
+            env=job_env.job_environment(self._settings, work_dir, env_vars, gpus=record.gpus),
             work_dir=work_dir,
             num_gpus=resources.get("num_gpus"),
             num_cpus=resources.get("num_cpus"),
             memory=resources.get("memory"),
-            warm_args=warm_args(record.argv, record.env_vars),
+            # A warm worker's environment is fixed and sees no GPU: a job given devices runs
+            # cold, with its own CUDA_VISIBLE_DEVICES.
+            warm_args=None if record.gpus else warm_args(record.argv, record.env_vars),
         )

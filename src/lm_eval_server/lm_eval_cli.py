@@ -237,12 +237,27 @@ def _field_annotation(spec: OptionSpec) -> Any:
 
 
 class Resources(BaseModel):
-    """Per-job resources for the Ray executor (ignored by the local executor)."""
+    """Per-job resources: num_gpus for both executors, the rest for Ray only."""
 
     model_config = ConfigDict(extra="forbid")
-    num_gpus: float | None = Field(None, ge=0, description="Ray entrypoint_num_gpus.")
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs for the job. Local executor: whole devices from the server's GPUS; "
+        "the job waits until they are free. EXECUTOR=ray: entrypoint_num_gpus (fractions "
+        "allowed).",
+    )
     num_cpus: float | None = Field(None, ge=0, description="Ray entrypoint_num_cpus.")
     memory: int | None = Field(None, ge=0, le=2**49, description="Ray entrypoint_memory, in bytes.")
+
+
+class SecretRef(BaseModel):
+    """An env_vars value read from the server's SECRETS_DIR when the job starts."""
+
+    model_config = ConfigDict(extra="forbid")
+    secret: str = Field(
+        max_length=128, description="The name of a secret (a file in the server's SECRETS_DIR)."
+    )
 
 
 def _description(spec: OptionSpec) -> str:
@@ -269,8 +284,13 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
             Field(None, description=_description(spec), json_schema_extra=extra or None),
         )
     fields["env_vars"] = (
-        dict[str, str] | None,
-        Field(None, description="Environment variables added to the job's environment."),
+        dict[str, str | SecretRef] | None,
+        Field(
+            None,
+            description="Environment variables added to the job's environment: a value, or "
+            '{"secret": "<name>"} for a secret of the server\'s SECRETS_DIR (read when the '
+            "job starts, never stored or shown).",
+        ),
     )
     fields["lm_eval_path"] = (
         str | None,
@@ -293,7 +313,11 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
     )
     fields["resources"] = (
         Resources | None,
-        Field(None, description="Ray executor only: resources reserved for the job."),
+        Field(
+            None,
+            description="Resources reserved for the job: num_gpus (GPU slots locally, Ray "
+            "otherwise); num_cpus and memory with EXECUTOR=ray only.",
+        ),
     )
     return create_model(  # type: ignore[call-overload, no-any-return]
         "JobRequest",

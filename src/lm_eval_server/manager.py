@@ -12,18 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from lm_eval_server import retention
+from lm_eval_server import gpus, retention, scheduler
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import (
     RETRY_AFTER_S,
     IdempotencyConflict,
     JobNotFound,
     QueueFull,
+    QuotaExceeded,
     ShuttingDown,
 )
 from lm_eval_server.executors.base import Executor, JobHandle
@@ -31,6 +32,7 @@ from lm_eval_server.idempotency import IdempotencyClaim
 from lm_eval_server.launch import LaunchPolicy
 from lm_eval_server.models import JobRecord, JobStatus, utcnow
 from lm_eval_server.principals import DEFAULT_PRINCIPAL, Principal
+from lm_eval_server.redact import Redactor
 from lm_eval_server.runner import JobRunner, Live
 from lm_eval_server.store import JobStore, TerminalStateError
 from lm_eval_server.validation import ValidatedJob
@@ -45,15 +47,28 @@ class JobManager:
         store: JobStore,
         executor: Executor,
         clock: Callable[[], datetime] = utcnow,
+        gpu_devices: Sequence[str] | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
+        """`gpu_devices`: the GPU ids local jobs are given (GPU slots); None when the
+        executor places jobs on devices itself (Ray)."""
         self._settings = settings
         self._store = store
         self._executor = executor
         self._clock = clock
-        self._policy = LaunchPolicy(settings)
+        self._policy = LaunchPolicy(settings, redactor)
+        self.redactor = self._policy.redactor
         self._runner = JobRunner(settings, executor, self._policy, self, clock)
         self._jobs: dict[int, JobRecord] = {}
-        self._queue: deque[int] = deque()
+        self._queue = scheduler.FairQueue()
+        self._gpus = scheduler.GpuPool(gpu_devices or ())
+        # Queued jobs' GPU needs count only where this server hands out the devices.
+        self._gpu_slots = gpu_devices is not None
+        self._usage = scheduler.UsageLedger(settings.fair_share_window_s)
+        self._policy_sched = scheduler.Policy(
+            max_running_per_owner=settings.max_running_per_key,
+            reserve_after_s=settings.gpu_reserve_after_s,
+        )
         self._live: dict[int, Live] = {}
         self._idempotency: dict[str, int] = {}
         self._shutting_down = False
@@ -63,16 +78,25 @@ class JobManager:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        queued: list[JobRecord] = []
         for record in self._store.load_all():
             self._jobs[record.job_id] = record
+            # Credentials stored jobs received stay masked in what they left behind.
+            self._policy.learn(record.argv, record.env_vars)
             if record.idempotency_key:
                 self._idempotency[record.idempotency_key] = record.job_id
             if record.status is JobStatus.queued:
-                self._queue.append(record.job_id)
+                queued.append(record)
             else:
                 record.release_launch_inputs()
+                self._count_usage(record)
         for record in [r for r in self._jobs.values() if r.status is JobStatus.running]:
+            if record.gpus and self._gpu_slots:
+                # Its process still has these devices: no other job may be given them.
+                self._gpus.hold(record.job_id, record.gpus)
             await self._recover(record)
+        for record in queued:
+            self._requeue(record)
         self._prune()
         self._schedule()
         self._sweeper = asyncio.create_task(self._sweep(), name="queue-sweeper")
@@ -144,6 +168,14 @@ class JobManager:
         return len(self._queue)
 
     @property
+    def gpus_total(self) -> int:
+        return self._gpus.total
+
+    @property
+    def gpus_in_use(self) -> int:
+        return self._gpus.in_use
+
+    @property
     def running_count(self) -> int:
         return len(self._live)
 
@@ -163,6 +195,7 @@ class JobManager:
                 f"the queue is full ({self._settings.max_queued_jobs} jobs, MAX_QUEUED_JOBS); "
                 f"retry in {RETRY_AFTER_S} s"
             )
+        self._check_quota(owner)
         job_id = self._store.next_id()
         work_dir = (self._settings.jobs_dir / str(job_id)).resolve()
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -185,9 +218,22 @@ class JobManager:
         self._jobs[job_id] = record
         if idempotency is not None:
             self._idempotency[idempotency.scope] = job_id
-        self._queue.append(job_id)
+        self._queue.push(self._waiting(record))
         self._schedule()
         return record
+
+    def _check_quota(self, owner: str) -> None:
+        limit = self._settings.max_queued_per_key
+        if limit is not None and self._queue.queued(owner) >= limit:
+            raise QuotaExceeded(
+                f"{owner} already has {self._queue.queued(owner)} queued jobs, the limit per "
+                f"key (MAX_QUEUED_PER_KEY={limit}); retry in {RETRY_AFTER_S} s, once one has "
+                "started, or stop a queued job. Other keys are not affected"
+            )
+
+    def claimed_job(self, claim: IdempotencyClaim) -> int | None:
+        """The job an earlier request with this claim queued, while the server keeps it."""
+        return self._idempotency.get(claim.scope)
 
     def _first_claimed(self, claim: IdempotencyClaim) -> JobRecord | None:
         existing = self._idempotency.get(claim.scope)
@@ -269,16 +315,61 @@ class JobManager:
         live.stop_event.set()
         return live.task
 
+    def _waiting(self, record: JobRecord) -> scheduler.Waiting:
+        need = gpus.need(record.request.get("resources")) if self._gpu_slots else 0
+        return scheduler.Waiting(record.job_id, record.owner, need, record.created_at)
+
+    def _requeue(self, record: JobRecord) -> None:
+        """A job that was queued when the server stopped waits again, in its place."""
+        record.gpus = None  # given at dispatch, never before
+        entry = self._waiting(record)
+        if entry.gpus > self._gpus.total:
+            self.finish(
+                record,
+                JobStatus.failed,
+                None,
+                f"the job asks for {entry.gpus} GPUs (resources.num_gpus) and this server now "
+                f"has {self._gpus.total} (GPUS); submit it again with fewer",
+            )
+            return
+        self._queue.push(entry)
+
+    def _count_usage(self, record: JobRecord) -> None:
+        if record.started_at is not None and record.finished_at is not None:
+            self._usage.add(record.owner, record.started_at, record.finished_at)
+
     def _schedule(self) -> None:
-        while (
-            self._queue
-            and len(self._live) < self._settings.max_concurrency
-            and not self._shutting_down
-        ):
-            job_id = self._queue.popleft()
-            record = self._jobs.get(job_id)
+        """Starts queued jobs while slots are free, in the fair order (scheduler.choose)."""
+        max_concurrency = self._settings.max_concurrency
+        if self._shutting_down or not self._queue or len(self._live) >= max_concurrency:
+            return
+        now = self._clock()
+        running_records = [self._jobs[i] for i in self._live if i in self._jobs]
+        running = Counter(r.owner for r in running_records)
+        usage: dict[str, float] | None = None
+        while self._queue and len(self._live) < max_concurrency:
+            heads = self._queue.heads()
+            if usage is None and len({h.owner for h in heads}) > 1:
+                # Only needed to rank owners (a walk over the window's finished jobs).
+                spans = [(r.owner, r.started_at or now) for r in running_records]
+                usage = self._usage.recent(now, spans)
+            chosen = scheduler.choose(
+                heads,
+                free_gpus=self._gpus.free_count,
+                running=running,
+                usage=usage or {},
+                policy=self._policy_sched,
+                now=now,
+            )
+            if chosen is None:
+                return  # what waits needs GPUs, or its owner is at MAX_RUNNING_PER_KEY
+            self._queue.remove(chosen.job_id)
+            record = self._jobs.get(chosen.job_id)
             if record is None or record.status is not JobStatus.queued:
                 continue  # removed or finished while it waited
+            if self._gpus.total:
+                record.gpus = self._gpus.take(record.job_id, chosen.gpus)
+            running[record.owner] += 1
             self._start_runner(record, None)
 
     def _start_runner(self, record: JobRecord, handle: JobHandle | None) -> None:
@@ -292,8 +383,10 @@ class JobManager:
         try:
             await self._runner.run(record, live, handle)
         finally:
-            # The slot is free whatever happened, and the next job starts at once.
+            # The slot (and its GPUs) is free whatever happened, and the next job starts at
+            # once.
             self._live.pop(record.job_id, None)
+            self._gpus.release(record.job_id)
             self._schedule()
 
     async def _sweep(self) -> None:
@@ -327,10 +420,13 @@ class JobManager:
             return
         record.status = status
         record.exit_code = code
-        record.error = error
+        # Often the tail of the job's stderr: stored and served without the secrets it printed.
+        record.error = self.redactor.text(error)
         record.finished_at = self._clock()
         self.persist(record, previous)
         record.release_launch_inputs()
+        self._gpus.release(record.job_id)
+        self._count_usage(record)
         for callback in self.on_finish:
             callback(record)
         self._prune()

@@ -35,6 +35,16 @@ class _JobCollector(Collector):
         yield GaugeMetricFamily(
             "lm_eval_server_running_jobs", "Jobs running now", value=self._manager.running_count
         )
+        yield GaugeMetricFamily(
+            "lm_eval_server_gpus",
+            "GPU devices the server hands out to local jobs (GPUS)",
+            value=self._manager.gpus_total,
+        )
+        yield GaugeMetricFamily(
+            "lm_eval_server_gpus_in_use",
+            "GPU devices held by running jobs",
+            value=self._manager.gpus_in_use,
+        )
 
 
 class AppMetrics:

@@ -57,10 +57,16 @@ class JobRecord:
     idempotency_body: str | None = None  # SHA-256 of the canonical body sent with that key
     executor_ref: str | None = None  # e.g. the Ray submission id
     owner: str = "default"  # the principal whose key submitted the job (principals.py)
+    # GPU device ids the job was given (GPU slots, scheduler.GpuPool); None when the server
+    # does not hand out devices (no GPUs, or EXECUTOR=ray) or the job has not started.
+    gpus: list[str] | None = None
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
     # The API's JSON for this job once it is finished (it cannot change any more).
     summary_json: bytes | None = field(default=None, compare=False, repr=False)
+    # The Redactor generation summary_json was redacted with (redact.py): a value learned since
+    # (a secret added to SECRETS_DIR) makes the cached JSON stale.
+    summary_redaction: int = field(default=-1, compare=False, repr=False)
 
     def release_launch_inputs(self) -> None:
         """Forget what only the launch needed (the request body and the job's environment): up
@@ -134,6 +140,12 @@ class JobSummary(BaseModel):
     finished_at: datetime | None = None
     duration_s: float | None = None
     error: str | None = Field(None, description="Why a Failed job failed (tail of stderr).")
+    gpus: list[str] | None = Field(
+        None,
+        description="GPU device ids the job was given (its CUDA_VISIBLE_DEVICES); [] when it "
+        "asked for none on a server with GPU slots; null when the server does not hand out "
+        "devices (no GPUS, EXECUTOR=ray) or the job has not started.",
+    )
 
 
 class JobDetail(JobSummary):
@@ -175,3 +187,33 @@ class JobResults(BaseModel):
     results: dict[str, Any] = Field(description="The results JSON exactly as lm-eval wrote it.")
     metrics: list[Metric]
     results_file: str | None = None
+
+
+# Principals and the audit trail (principals.py, audit.py)
+class Me(BaseModel):
+    name: str = Field(
+        description="The principal the API key belongs to ('default' for a bare key)."
+    )
+    admin: bool = Field(
+        description="True for ADMIN_KEYS (and on a server without keys): sees and acts on every "
+        "owner's jobs, reads GET /audit."
+    )
+
+
+class AuditEntry(BaseModel):
+    id: int = Field(description="Increases with every entry; newer entries have larger ids.")
+    at: datetime = Field(description="When the action took effect (UTC).")
+    principal: str = Field(description="Who acted: the name of the API key used.")
+    admin: bool = Field(description="Whether that key is an admin key.")
+    action: str = Field(
+        description="submit, stop, delete, stop_all, delete_all, or another part's action name."
+    )
+    job_ids: list[int] = Field(description="The jobs acted on (at most 1000 are listed).")
+    job_count: int = Field(description="How many jobs were acted on.")
+    target: str | None = Field(None, description="What was acted on when it is not a job.")
+    outcome: str = Field(description="What happened, in the server's words.")
+
+
+class AuditPage(BaseModel):
+    entries: list[AuditEntry] = Field(description="Newest first.")
+    total: int = Field(description="Entries matching the filters, before limit/offset.")

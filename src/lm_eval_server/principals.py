@@ -29,21 +29,40 @@ class Principal:
 OPEN_SERVER = Principal(DEFAULT_PRINCIPAL, admin=True)
 
 
+# A key travels as `Authorization: Bearer <key>`: visible ASCII, no spaces. Anything else
+# could never be sent as configured (a header is Latin-1 text, split on spaces), and a space
+# next to ':' is the usual sign of a mistyped `name: key`.
+KEY_PATTERN = re.compile(r"[\x21-\x7e]+")
+
+
 def parse_entry(entry: str, setting: str) -> tuple[str, str]:
     """`name:key` -> (name, key); a bare key -> ("default", key).
 
     A key may itself contain ':'. The text before the first ':' is a name only when it looks
-    like one, so a bare key such as `abc:def/+=` stays one key.
+    like one, so a bare key such as `abc/def:ghi` stays one key. Errors name the setting and
+    the principal, never the key.
     """
     entry = entry.strip()
+    if not entry:
+        raise ValueError(f"{setting}: an empty entry")
     name, sep, key = entry.partition(":")
     if sep and NAME_PATTERN.fullmatch(name):
         if not key:
             raise ValueError(f"{setting}: the entry for {name!r} has no key after ':'")
-        return name, key
-    if not entry:
-        raise ValueError(f"{setting}: an empty entry")
-    return DEFAULT_PRINCIPAL, entry
+    elif sep and not name:
+        raise ValueError(
+            f"{setting}: an entry starts with ':'; write `name:key`, or the key alone for "
+            f"the principal {DEFAULT_PRINCIPAL!r}"
+        )
+    else:
+        name, key = DEFAULT_PRINCIPAL, entry
+    if not KEY_PATTERN.fullmatch(key):
+        raise ValueError(
+            f"{setting}: the key of {name!r} holds a space or a character outside visible "
+            "ASCII; a key is sent as `Authorization: Bearer <key>` (for a name, use letters, "
+            "digits and _.@- before the ':')"
+        )
+    return name, key
 
 
 def key_table(

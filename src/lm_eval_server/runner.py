@@ -17,6 +17,7 @@ from typing import Protocol
 from lm_eval_server import results, watch
 from lm_eval_server.config import Settings
 from lm_eval_server.executors.base import Executor, JobHandle
+from lm_eval_server.job_secrets import SecretUnavailable
 from lm_eval_server.launch import LaunchPolicy
 from lm_eval_server.models import JobRecord, JobStatus
 
@@ -86,7 +87,12 @@ class JobRunner:
             )
 
     async def _launch(self, record: JobRecord) -> JobHandle | None:
-        spec = self._policy.spec(record)
+        try:
+            spec = self._policy.spec(record)
+        except SecretUnavailable as exc:
+            # Never started with an empty or stale value in place of the secret.
+            self._states.finish(record, JobStatus.failed, None, str(exc))
+            return None
         record.started_at = self._clock()
         self._states.transition(record, JobStatus.running)
         try:
@@ -173,4 +179,7 @@ class JobRunner:
             self._states.finish(record, JobStatus.completed, code, None)
             return
         error = reason or await asyncio.to_thread(watch.failure_reason, work_dir, code)
+        if not self._policy.redactor.ready:
+            # The manager redacts the error it stores; compiling the matcher is thread work.
+            await asyncio.to_thread(self._policy.redactor.prepare)
         self._states.finish(record, JobStatus.failed, code, error)

@@ -55,6 +55,20 @@ async def require_api_key(
 Caller = Annotated[Principal, Depends(require_api_key)]
 
 
+async def require_admin(request: Request, caller: Caller) -> Principal:
+    """The caller, when an admin (ADMIN_KEYS, or anyone on a server without keys); else 403."""
+    if not caller.admin:
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN,
+            detail=f"{request.method} {request.url.path} is for admins; the key sent belongs "
+            f"to {caller.name!r}, who is not one. Use a key listed in ADMIN_KEYS.",
+        )
+    return caller
+
+
+Admin = Annotated[Principal, Depends(require_admin)]
+
+
 def caller_of(request: Request) -> str:
     """Who sent the request, as idempotency keys are scoped: the API key used, or nobody."""
     key: bytes | None = getattr(request.state, "api_key", None)

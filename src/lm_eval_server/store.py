@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from lm_eval_server.models import JobRecord, JobStatus
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -55,6 +55,29 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT 'default';
     CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner);
     """,
+    # The GPU devices a job holds (JSON list), so a job re-adopted after a restart keeps them
+    # and no other job is given them; NULL where the server hands out no devices.
+    """
+    ALTER TABLE jobs ADD COLUMN gpus TEXT;
+    """,
+    # The audit trail (audit.py): who did what to which jobs, newest read first. Job ids are
+    # plain numbers, not references: an entry outlives the jobs it names.
+    """
+    CREATE TABLE IF NOT EXISTS audit (
+        entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        admin INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        job_ids TEXT NOT NULL,
+        job_count INTEGER NOT NULL,
+        target TEXT,
+        outcome TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS audit_principal ON audit (principal, entry_id);
+    CREATE INDEX IF NOT EXISTS audit_action ON audit (action, entry_id);
+    CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+    """,
 ]
 
 _COLUMNS = (
@@ -77,6 +100,7 @@ _COLUMNS = (
     "executor_ref",
     "idempotency_body",
     "owner",
+    "gpus",
 )
 _MUTABLE_COLUMNS = (
     "status",
@@ -87,8 +111,9 @@ _MUTABLE_COLUMNS = (
     "pid",
     "results_file",
     "executor_ref",
+    "gpus",
 )
-_JSON_COLUMNS = {"request", "argv", "env_vars"}
+_JSON_COLUMNS = {"request", "argv", "env_vars", "gpus"}
 _TIME_COLUMNS = {"created_at", "started_at", "finished_at"}
 
 
@@ -115,7 +140,7 @@ def _to_row(record: JobRecord, columns: tuple[str, ...] = _COLUMNS) -> tuple[Any
     for name in columns:
         value = getattr(record, name)
         if name in _JSON_COLUMNS:
-            value = json.dumps(value)
+            value = json.dumps(value) if value is not None else None
         elif name in _TIME_COLUMNS:
             value = value.isoformat() if value is not None else None
         elif name == "status":
@@ -129,7 +154,7 @@ def _from_row(row: sqlite3.Row) -> JobRecord:
     for name in _COLUMNS:
         value = row[name]
         if name in _JSON_COLUMNS:
-            value = json.loads(value)
+            value = json.loads(value) if value is not None else None
         elif name in _TIME_COLUMNS:
             value = datetime.fromisoformat(value) if value is not None else None
         elif name == "status":

@@ -293,7 +293,6 @@ class TaskUploads:
         finally:
             self._checks -= 1
         log.info("task %r uploaded by %s (%s)", name, owner, "replaced" if replaced else "new")
-        on_task_changed("upload", owner, name)
         return task, replaced
 
     async def _store(
@@ -417,14 +416,7 @@ class TaskUploads:
             except FileNotFoundError:
                 raise UploadedTaskNotFound(name) from None
             await asyncio.to_thread(shutil.rmtree, trash, True)
-        on_task_changed("delete", task.owner, name)
         return task
-
-
-def on_task_changed(action: str, owner: str, name: str) -> None:
-    """Hook point for the audit log (not wired here): called after an upload is stored or
-    replaced (`action` "upload") and after one is deleted ("delete")."""
-    log.debug("uploaded task %s: %s/%s", action, owner, name)
 
 
 def _last_json(text: str) -> dict[str, Any] | None:

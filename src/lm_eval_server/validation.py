@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lm_eval_server import backends, jobdir, lm_eval_checks, paths
+from lm_eval_server import backends, gpus, job_secrets, jobdir, lm_eval_checks, paths
 from lm_eval_server.catalog import Catalog, TaskRequestRefused, UnknownTasks, close_matches
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import InvalidRequest
@@ -54,7 +54,8 @@ class ValidatedJob:
     values: dict[str, Any]
     lm_args: list[str]
     program: list[str]
-    env_vars: dict[str, str]
+    # A value, or a secret reference {"secret": name} (job_secrets), read only at launch.
+    env_vars: dict[str, str | dict[str, str]]
     user_output_path: str | None
     timeout_s: float | None
     resources: dict[str, Any] = field(default_factory=dict)
@@ -169,9 +170,13 @@ class RequestValidator:
         parser: argparse.ArgumentParser,
         specs: list[OptionSpec],
         catalog: Catalog,
+        gpus: list[str] | None = None,
         uploads: TaskUploads | None = None,
     ) -> None:
         self._settings = settings
+        # The local executor's GPU devices (GPU slots); None when jobs run on Ray, which
+        # places them itself.
+        self._gpus = gpus
         self._uploads = uploads
         self._tasks_dir = settings.tasks_dir
         self._parser = parser
@@ -181,6 +186,7 @@ class RequestValidator:
         backends.installed()  # probe the installed backends once, at startup
         # Resolved once: settings do not change while the server runs.
         self._roots = settings.allowed_roots
+        self._secrets = settings.secret_policy()
         self._server_files = paths.ServerFiles.of(settings)
         metavars = {a.dest: a.metavar for a in parser._actions if isinstance(a.metavar, str)}
         self._path_dests = {
@@ -196,20 +202,26 @@ class RequestValidator:
             or (s.kind is OptionKind.optional_value and s.false_token is None)
         }
 
-    def validate(self, request: BaseModel, owner: str | None = None) -> ValidatedJob:
-        """`owner`'s uploaded tasks are known by name (None: nobody's)."""
+    def validate(self, request: BaseModel, principal: str | None = None) -> ValidatedJob:
+        """`principal`: the caller's name, which ALLOWED_SECRETS judges secret references by
+        and whose uploaded tasks are known by name (None: the server itself, e.g. a test; it
+        may use no secret ALLOWED_SECRETS limits and has no uploads)."""
         try:
-            return self._validate(request, owner)
+            return self._validate(request, principal)
         except OSError as exc:
             # A path the filesystem will not even look up (too long, unreadable, ...).
             raise InvalidRequest(f"a path in the request cannot be used: {exc}") from None
 
-    def _validate(self, request: BaseModel, owner: str | None) -> ValidatedJob:
+    def _validate(self, request: BaseModel, principal: str | None) -> ValidatedJob:
         values = request.model_dump(exclude_none=True)
         check_text(values, "request")
         server = {k: values.pop(k) for k in SERVER_FIELDS if k in values}
         program = self._program(server.get("lm_eval_path"))
-        env_vars = self._env_vars(server.get("env_vars") or {})
+        env_vars = self._env_vars(server.get("env_vars") or {}, principal)
+        if self._gpus is not None and (
+            refused := gpus.check_request(server.get("resources"), self._gpus)
+        ):
+            raise InvalidRequest(refused)
         base = Path.cwd()
         self._absolute_paths(values, base)
         try:
@@ -246,7 +258,7 @@ class RequestValidator:
         self._check_model(model)
         if missing := backends.missing_extra(model, program, self._settings):
             raise InvalidRequest(missing)
-        uploaded = self._uploads.names(owner) if owner and self._uploads else {}
+        uploaded = self._uploads.names(principal) if principal and self._uploads else {}
         self._check_tasks(names, include_paths, uploaded)
         if used := {t: str(uploaded[t]) for t in names if t in uploaded}:
             lm_args, snapshot = self._run_uploaded(values, yaml_config, used)
@@ -428,11 +440,18 @@ class RequestValidator:
             )
         return shlex.split(lm_eval_path)
 
-    def _env_vars(self, env_vars: dict[str, str]) -> dict[str, str]:
+    def _env_vars(
+        self, env_vars: dict[str, Any], principal: str | None
+    ) -> dict[str, str | dict[str, str]]:
         try:
-            return check_env_vars(env_vars, self._settings)
-        except EnvVarsRefused as exc:
-            raise InvalidRequest(str(exc)) from exc
+            checked = check_env_vars(env_vars, self._settings)
+            for name, value in checked.items():
+                secret = job_secrets.reference_name(value)
+                if secret is not None:
+                    self._secrets.check(name, secret, principal or "")
+        except (EnvVarsRefused, job_secrets.SecretRefused) as exc:
+            raise InvalidRequest(str(exc)) from None
+        return checked
 
     def _check_model(self, model: str | None) -> None:
         names = self._catalog.model_names

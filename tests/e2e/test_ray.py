@@ -438,3 +438,36 @@ def test_server_refuses_to_start_when_ray_is_unreachable(
         TestClient(create_app(settings)),
     ):
         pass
+
+
+def test_a_secret_reaches_a_ray_job_through_its_env_file_only(
+    ray_client: Callable[..., TestClient], ray_head: RayHead, tmp_path: Path
+):
+    import hashlib
+
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    value = "sk-ray-secret-" + os.urandom(12).hex()
+    (secrets_dir / "openai").write_text(value + "\n")
+    client = ray_client(secrets_dir=secrets_dir)
+    env_vars = {"OPENAI_API_KEY": {"secret": "openai"}, "FAKE_HASH_ENV": "OPENAI_API_KEY"}
+    job_id = submit(client, {**fake_job(), "env_vars": env_vars})
+    job = wait_for(client, job_id, timeout_s=JOB_TIMEOUT_S)
+    assert job["status"] == "Completed", job
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    # Ray combines the streams into stderr.log.
+    assert f"sha256(OPENAI_API_KEY)={digest}\n" in job["stderr"]
+    work_dir = Path(client.app.state.server.manager.get(job_id).work_dir)  # type: ignore[attr-defined]
+    assert not (work_dir / "job-env.json").exists()
+    # Never in Ray's own record of the job (entrypoint, runtime_env, metadata).
+    info = ray_head.client().get_job_info(submission_id(client, job_id))
+    assert value not in repr(info)
+
+    # A job Ray never starts (PENDING, then stopped) does not leave its env file behind.
+    pending = submit(client, {**fake_job(), "env_vars": env_vars, "resources": {"memory": 10**14}})
+    submission_id(client, pending)
+    assert (Path(client.app.state.server.manager.get(pending).work_dir) / "job-env.json").exists()  # type: ignore[attr-defined]
+    assert client.post(f"/job/{pending}/stop").status_code == 200
+    assert client.get(f"/job/{pending}").json()["status"] == "Stopped"
+    pending_dir = Path(client.app.state.server.manager.get(pending).work_dir)  # type: ignore[attr-defined]
+    assert not (pending_dir / "job-env.json").exists()

@@ -143,6 +143,17 @@ def test_uploaded_task_runs_with_real_lm_eval_and_scores_the_known_answer(
         assert gone.status_code == 422
         assert http.get("/tasks/say_lol", headers=BOB).json()["owner"] == "bob"
 
+        # Uploads and deletes are in the audit trail.
+        trail = http.get("/audit", params={"action": "task_upload"}, headers=ADMIN).json()
+        assert [(e["principal"], e["target"], e["outcome"]) for e in trail["entries"]] == [
+            ("bob", "bob/say_lol", "stored: 1 documents"),
+            ("alice", "alice/say_lol", "stored: 5 documents"),
+        ]
+        trail = http.get("/audit", params={"action": "task_delete"}, headers=ADMIN).json()
+        assert [(e["principal"], e["target"]) for e in trail["entries"]] == [
+            ("alice", "alice/say_lol")
+        ]
+
 
 def test_upload_too_large_gets_413_naming_max_upload_bytes(
     servers: Callable[..., ServerProcess],

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from lm_eval_server.principals import parse_entry
 from tests.support.jobs import DEFAULT_LM_EVAL, FAKE_LM_EVAL, ROOT
 
 
@@ -94,10 +95,25 @@ class ServerProcess:
     def stop_jobs_and_terminate(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        with contextlib.suppress(httpx.HTTPError):
-            httpx.get(f"{self.url}/jobs/stop", timeout=60, headers=self._auth())
+        # A key stops only its own principal's jobs (an admin's: all), so ask with every key.
+        for headers in self._auths():
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(f"{self.url}/jobs/stop", timeout=60, headers=headers)
         self.terminate()
 
-    def _auth(self) -> dict[str, Any]:
-        keys = self.env.get("API_KEYS")
-        return {"Authorization": f"Bearer {keys.split(',')[0]}"} if keys else {}
+    def _auths(self) -> list[dict[str, Any]]:
+        entries = [
+            entry
+            for setting in ("ADMIN_KEYS", "API_KEYS")
+            for entry in self.env.get(setting, "").split(",")
+            if entry.strip()
+        ]
+        key_file = self.env.get("API_KEYS_FILE")
+        if key_file and Path(key_file).is_file():
+            lines = (line.strip() for line in Path(key_file).read_text().splitlines())
+            entries += [line for line in lines if line and not line.startswith("#")]
+        keys = []
+        for entry in entries:
+            with contextlib.suppress(ValueError):
+                keys.append(parse_entry(entry, "")[1])
+        return [{"Authorization": f"Bearer {key}"} for key in dict.fromkeys(keys)] or [{}]

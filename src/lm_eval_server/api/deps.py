@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
 
+from lm_eval_server.audit import Audit
 from lm_eval_server.catalog import Catalog
 from lm_eval_server.config import Settings
 from lm_eval_server.jobfiles import JobFiles
 from lm_eval_server.manager import JobManager
 from lm_eval_server.metrics import AppMetrics
 from lm_eval_server.principals import Principal
-from lm_eval_server.security import Caller
+from lm_eval_server.redact import Redactor
+from lm_eval_server.security import Admin, Caller
 from lm_eval_server.uploads import TaskUploads
 from lm_eval_server.validation import RequestValidator
 
@@ -60,6 +62,9 @@ class ServerState:
     files: JobFiles | None = None
     warm_pool: WarmPoolStatus | None = None
     store_open: bool = False
+    audit: Audit | None = None
+    # Masks injected secrets in served text; the same object as the manager's (app.py).
+    redactor: Redactor = field(default_factory=Redactor)
 
 
 class NotStarted(RuntimeError):
@@ -86,6 +91,12 @@ async def get_files(state: State) -> JobFiles:
     return state.files
 
 
+async def get_audit(state: State) -> Audit:
+    if state.audit is None:
+        raise NotStarted("the server has not started (lifespan not run)")
+    return state.audit
+
+
 async def get_validator(state: State) -> RequestValidator:
     return state.validator
 
@@ -103,5 +114,16 @@ Manager = Annotated[JobManager, Depends(get_manager)]
 Files = Annotated[JobFiles, Depends(get_files)]
 Validator = Annotated[RequestValidator, Depends(get_validator)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+AuditTrail = Annotated[Audit, Depends(get_audit)]
 
-__all__ = ["Caller", "Files", "Manager", "SettingsDep", "State", "Uploads", "Validator"]
+__all__ = [
+    "Admin",
+    "AuditTrail",
+    "Caller",
+    "Files",
+    "Manager",
+    "SettingsDep",
+    "State",
+    "Uploads",
+    "Validator",
+]

@@ -5,20 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from lm_eval_server import joblogs, results
 from lm_eval_server.api.deps import Caller, Files, Manager, State
 from lm_eval_server.manager import JobManager
 from lm_eval_server.models import JobResults, Metric
+from lm_eval_server.redact import StreamRedactor
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["results and logs"])
@@ -53,13 +54,27 @@ async def get_results(files: Files, caller: Caller, job_id: int) -> JobResults:
     responses={200: {"content": {"application/x-ndjson": {}}}},
 )
 async def get_samples(
+    state: State,
     files: Files,
     caller: Caller,
     job_id: int,
     task: Annotated[str, Query(min_length=1, max_length=500)],
-) -> FileResponse:
+) -> Response:
     path = await files.samples_path(job_id, task, caller)
-    return FileResponse(path, media_type="application/x-ndjson", filename=path.name)
+    if not state.redactor:
+        return FileResponse(path, media_type="application/x-ndjson", filename=path.name)
+    # Samples hold the model_args and whatever the model answered: known values masked.
+    return StreamingResponse(
+        _chunks(state.redactor.stream().wrap(_file_chunks(path))),
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": f'attachment; filename="{path.name}"'},
+    )
+
+
+def _file_chunks(path) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
+    with open(path, "rb") as f:
+        while chunk := f.read(joblogs.CHUNK):
+            yield chunk
 
 
 @router.get(
@@ -83,8 +98,12 @@ async def get_logs(
 ) -> StreamingResponse:
     path = files.log_path(job_id, stream.value, caller)
     inode, size = joblogs.current_size(path)
+    # What a job printed, with the secrets the server injected masked (also across chunks).
+    redactor = state.redactor.stream()
     if not follow:
-        return StreamingResponse(_read(path, tail, size), media_type="text/plain; charset=utf-8")
+        return StreamingResponse(
+            _read(path, tail, size, redactor), media_type="text/plain; charset=utf-8"
+        )
     settings, slots = state.settings, state.log_followers
     if not slots.acquire():
         raise HTTPException(
@@ -95,7 +114,7 @@ async def get_logs(
         )
     limits = _FollowLimits(settings.log_follow_idle_s, settings.log_follow_max_s)
     return _FollowResponse(
-        _follow(manager, job_id, path, tail, inode, size, limits),
+        _follow(manager, job_id, path, tail, inode, size, limits, redactor),
         release=slots.release,
         hard_limit_s=limits.total_s + FOLLOW_SEND_GRACE_S,
     )
@@ -128,8 +147,15 @@ class _FollowResponse(StreamingResponse):
             self._release()
 
 
-async def _read(path, tail: int | None, end: int) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
-    chunks = joblogs.tail_text(path, tail, end)
+async def _read(  # type: ignore[no-untyped-def]
+    path, tail: int | None, end: int, redactor: StreamRedactor, flush: bool = True
+) -> AsyncIterator[bytes]:
+    async for chunk in _chunks(redactor.wrap(joblogs.tail_text(path, tail, end), flush)):
+        yield chunk
+
+
+async def _chunks(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """Each chunk read (and redacted) in a worker thread."""
     while True:
         chunk = await run_in_threadpool(next, chunks, None)
         if chunk is None:
@@ -151,23 +177,34 @@ async def _follow(  # type: ignore[no-untyped-def]
     inode: int | None,
     size: int,
     limits: _FollowLimits,
+    redactor: StreamRedactor,
 ) -> AsyncIterator[bytes]:
     started = last_output = time.monotonic()
-    async for chunk in _read(path, tail, size):
+    async for chunk in _read(path, tail, size, redactor, flush=False):
         yield chunk
     follower = joblogs.LogFollower(path, inode, size)
+
+    def read_new() -> tuple[bool, bytes]:
+        # A value cut in two by the read is held back (redactor) until its end arrives.
+        raw = follower.read_new()
+        return bool(raw), redactor.feed(raw)
+
     while True:
-        data = await run_in_threadpool(follower.read_new)
+        got, data = await run_in_threadpool(read_new)
         now = time.monotonic()
         if now - started >= limits.total_s:
-            yield data + _ended(f"open for {limits.total_s:g} s (LOG_FOLLOW_MAX_S)")
+            ended = _ended(f"open for {limits.total_s:g} s (LOG_FOLLOW_MAX_S)")
+            yield data + redactor.flush() + ended
             return
-        if data:
+        if got:
             last_output = now
-            yield data
+            if data:
+                yield data
             continue
         if now - last_output >= limits.idle_s:
-            yield _ended(f"no new output for {limits.idle_s:g} s (LOG_FOLLOW_IDLE_S)")
+            yield redactor.flush() + _ended(
+                f"no new output for {limits.idle_s:g} s (LOG_FOLLOW_IDLE_S)"
+            )
             return
         try:
             finished = manager.get(job_id).status.is_terminal()
@@ -175,7 +212,8 @@ async def _follow(  # type: ignore[no-untyped-def]
             return
         if finished:
             # The supervisor writes its last bytes before the job is marked finished.
-            if last := await run_in_threadpool(follower.read_new):
+            _, last = await run_in_threadpool(read_new)
+            if last := last + redactor.flush():
                 yield last
             return
         await asyncio.sleep(FOLLOW_POLL_S)

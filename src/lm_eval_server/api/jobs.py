@@ -12,11 +12,13 @@ from starlette.types import Message
 
 from lm_eval_server import idempotency
 from lm_eval_server.api import views
-from lm_eval_server.api.deps import Caller, Manager, SettingsDep, State, Validator
+from lm_eval_server.api.deps import AuditTrail, Caller, Manager, SettingsDep, State, Validator
+from lm_eval_server.audit import Action
 from lm_eval_server.catalog import Catalog, IndexState, TaskIndexUnavailable
 from lm_eval_server.config import Settings
 from lm_eval_server.models import BulkAction, JobAction, JobDetail, JobList, JobStatus
 from lm_eval_server.offload import OffloadRequired
+from lm_eval_server.principals import NAME_PATTERN
 from lm_eval_server.request_body import BodyLimits, BodyRefused, screen_job_body
 from lm_eval_server.security import caller_of
 from lm_eval_server.validation import (
@@ -114,38 +116,35 @@ def screened_body_route(fields: Collection[str]) -> type[APIRoute]:
 
 
 async def _validate_once(
-    validator: RequestValidator, body: BaseModel, owner: str | None
+    validator: RequestValidator, body: BaseModel, principal: str
 ) -> ValidatedJob:
     try:
         try:
-            return validator.validate(body, owner)  # usually a fraction of a millisecond
+            return validator.validate(body, principal)  # usually a fraction of a millisecond
         except OffloadRequired:
-            return await run_in_threadpool(validator.validate, body, owner)
+            return await run_in_threadpool(validator.validate, body, principal)
     except UnknownTaskNames as exc:
         # The close-match search is the slow part: off the event loop.
         raise InvalidRequest(await run_in_threadpool(exc.describe)) from None
 
 
 async def validate_job(
-    validator: RequestValidator,
-    catalog: Catalog,
-    body: BaseModel,
-    wait_s: float,
-    owner: str | None = None,
+    validator: RequestValidator, catalog: Catalog, body: BaseModel, wait_s: float, principal: str
 ) -> ValidatedJob:
-    """Validate; while the task index builds, wait for it (up to `wait_s`) and validate again.
+    """Validate for the caller `principal` (secret references are judged by who asks); while
+    the task index builds, wait for it (up to `wait_s`) and validate again.
 
     A request that is refused for another reason is refused at once, without waiting.
     """
     try:
-        return await _validate_once(validator, body, owner)
+        return await _validate_once(validator, body, principal)
     except TaskIndexUnavailable:
         if catalog.state is not IndexState.building or wait_s <= 0:
             raise
     started = time.monotonic()
     await catalog.wait_for_index(wait_s)
     try:
-        return await _validate_once(validator, body, owner)
+        return await _validate_once(validator, body, principal)
     except TaskIndexUnavailable:
         if catalog.state is IndexState.building:
             raise catalog.unavailable(waited_s=round(time.monotonic() - started, 1)) from None
@@ -161,6 +160,7 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         validator: Validator,
         manager: Manager,
         caller: Caller,
+        trail: AuditTrail,
         body: Annotated[request_model, Body(openapi_examples={"dummy": {"value": example}})],  # type: ignore[valid-type]
         idempotency_key: Annotated[
             str | None,
@@ -180,11 +180,16 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         )
         claim = None
         if idempotency_key is not None:
-            # Bound to who asks and what they send (idempotency.py).
+            # Bound to who asks (the key and its principal) and what they send (idempotency.py):
+            # a key later given to another principal never reaches the first one's jobs.
             raw = await request.body()  # already read and cached by FastAPI
-            claim = idempotency.claim(idempotency_key, caller_of(request), raw)
+            claim = idempotency.claim(idempotency_key, f"{caller.name}\0{caller_of(request)}", raw)
+        retried = claim is not None and manager.claimed_job(claim) is not None
         record = manager.submit(job, claim, owner=caller.name)
-        return JobAction(message=f"Job {record.job_id} successfully queued.", job_id=record.job_id)
+        message = f"Job {record.job_id} successfully queued."
+        outcome = "Idempotency-Key retry: no new job." if retried else message
+        trail.record(caller, Action.submit, [record.job_id], outcome)
+        return JobAction(message=message, job_id=record.job_id)
 
     router.add_api_route(
         "/job",
@@ -194,7 +199,10 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         responses={
             415: {"description": "The body is not sent as application/json."},
             422: {"description": "The request cannot run; `detail` says why."},
-            429: {"description": "The queue is full (MAX_QUEUED_JOBS); see Retry-After."},
+            429: {
+                "description": "The queue is full (MAX_QUEUED_JOBS), or the caller's key has "
+                "MAX_QUEUED_PER_KEY jobs queued; see Retry-After."
+            },
             503: {
                 "description": "The server is shutting down, or task names cannot be checked "
                 "yet (the task index is building or its build failed); see Retry-After."
@@ -214,6 +222,7 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
     )
     async def list_jobs(
         manager: Manager,
+        state: State,
         caller: Caller,
         include_completed: Annotated[
             bool | None, Query(description="false: only Queued and Running jobs.")
@@ -229,7 +238,11 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
         owner: Annotated[
             str | None,
-            Query(max_length=64, description="Only this owner's jobs (admins see every owner)."),
+            Query(
+                pattern=f"^{NAME_PATTERN.pattern}$",
+                description="Only this owner's jobs. An admin sees every owner's jobs; for "
+                "anyone else this can only narrow their own list.",
+            ),
         ] = None,
     ) -> Response:
         statuses = parse_statuses(status_filter)
@@ -238,17 +251,26 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             active = {JobStatus.queued, JobStatus.running}
             statuses = active if statuses is None else statuses & active
         records, total = manager.list(statuses, limit, offset, viewer=caller, owner=owner)
-        return Response(views.job_list_json(records, total), media_type="application/json")
+        if not state.redactor.ready:
+            await run_in_threadpool(state.redactor.prepare)  # off the event loop, once
+        body = views.job_list_json(records, total, state.redactor)
+        return Response(body, media_type="application/json")
 
     @router.get("/job/{job_id}", response_model=JobDetail, responses=_NOT_FOUND)
     async def get_job(
-        manager: Manager, settings: SettingsDep, caller: Caller, job_id: int
+        manager: Manager, state: State, settings: SettingsDep, caller: Caller, job_id: int
     ) -> JobDetail:
         record = manager.get(job_id, caller)
-        return await run_in_threadpool(views.detail, record, settings.log_tail_lines)
+        return await run_in_threadpool(
+            views.detail, record, settings.log_tail_lines, state.redactor
+        )
 
-    async def stop_job(manager: Manager, caller: Caller, job_id: int) -> JobAction:
-        return JobAction(message=await manager.stop(job_id, caller), job_id=job_id)
+    async def stop_job(
+        manager: Manager, caller: Caller, trail: AuditTrail, job_id: int
+    ) -> JobAction:
+        message = await manager.stop(job_id, caller)
+        trail.record(caller, Action.stop, [job_id], message)
+        return JobAction(message=message, job_id=job_id)
 
     # GET as in the original README, POST because stopping is a side effect; `dequeue` is the
     # original code's name for the same thing.
@@ -265,9 +287,11 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
                 deprecated=name == "dequeue",
             )
 
-    async def stop_all(manager: Manager, caller: Caller) -> BulkAction:
+    async def stop_all(manager: Manager, caller: Caller, trail: AuditTrail) -> BulkAction:
         ids = await manager.stop_all(caller)
-        return BulkAction(message=f"Stopped {len(ids)} job(s).", job_ids=ids)
+        message = f"Stopped {len(ids)} job(s)."
+        trail.record(caller, Action.stop_all, ids, message)
+        return BulkAction(message=message, job_ids=ids)
 
     for path, name in (("/jobs/stop", "stop"), ("/jobs/dequeue", "dequeue")):
         for method in ("GET", "POST"):
@@ -282,13 +306,19 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             )
 
     @router.delete("/job/{job_id}", response_model=JobAction, responses=_NOT_FOUND)
-    async def delete_job(manager: Manager, caller: Caller, job_id: int) -> JobAction:
+    async def delete_job(
+        manager: Manager, caller: Caller, trail: AuditTrail, job_id: int
+    ) -> JobAction:
         await manager.delete(job_id, caller)
-        return JobAction(message=f"Job {job_id} deleted.", job_id=job_id)
+        message = f"Job {job_id} deleted."
+        trail.record(caller, Action.delete, [job_id], message)
+        return JobAction(message=message, job_id=job_id)
 
     @router.delete("/jobs", response_model=BulkAction)
-    async def delete_jobs(manager: Manager, caller: Caller) -> BulkAction:
+    async def delete_jobs(manager: Manager, caller: Caller, trail: AuditTrail) -> BulkAction:
         ids = await manager.delete_all(caller)
-        return BulkAction(message=f"Deleted {len(ids)} job(s).", job_ids=ids)
+        message = f"Deleted {len(ids)} job(s)."
+        trail.record(caller, Action.delete_all, ids, message)
+        return BulkAction(message=message, job_ids=ids)
 
     return router

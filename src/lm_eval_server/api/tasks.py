@@ -9,11 +9,14 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from lm_eval_server import backends, task_rules
-from lm_eval_server.api.deps import Caller, State, Uploads
+from lm_eval_server.api.deps import AuditTrail, Caller, State, Uploads
 from lm_eval_server.catalog import IndexState
 from lm_eval_server.uploads import UploadedTask, UploadedTaskNotFound
 
 MAX_LIMIT = 500
+# Audit trail actions (GET /audit?action=task_upload).
+TASK_UPLOAD = "task_upload"
+TASK_DELETE = "task_delete"
 Kind = Literal["task", "group", "tag"]
 Source = Literal["lm-eval", "upload"]
 
@@ -192,6 +195,7 @@ async def upload_task(
     state: State,
     uploads: Uploads,
     caller: Caller,
+    trail: AuditTrail,
     files: Annotated[
         list[UploadFile],
         File(
@@ -210,6 +214,12 @@ async def upload_task(
     # The whole body is already bounded by MAX_UPLOAD_BYTES (BodyLimitMiddleware).
     sent = [(f.filename or "", await f.read()) for f in files]
     task, replaced = await uploads.add(caller.name, sent, builtin)
+    trail.record(
+        caller,
+        TASK_UPLOAD,
+        outcome=f"{'replaced' if replaced else 'stored'}: {task.docs} documents",
+        target=f"{task.owner}/{task.name}",
+    )
     config = await run_in_threadpool(uploads.config, task)
     return {**_upload_detail(task, config), "replaced": replaced}
 
@@ -224,9 +234,11 @@ async def delete_task(
     name: str,
     uploads: Uploads,
     caller: Caller,
+    trail: AuditTrail,
     owner: Annotated[str | None, _OWNER] = None,
 ) -> TaskDeleted:
     task = await uploads.delete(name, caller, owner)
+    trail.record(caller, TASK_DELETE, outcome="deleted", target=f"{task.owner}/{task.name}")
     return TaskDeleted(message=f"Uploaded task {name} deleted.", name=task.name, owner=task.owner)
 
 

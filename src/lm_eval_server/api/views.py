@@ -14,6 +14,7 @@ from lm_eval_server.models import (
     ProgressInfo,
 )
 from lm_eval_server.progress import STARTING_PROGRESS, Progress
+from lm_eval_server.redact import Redactor
 
 
 def progress_pct(record: JobRecord) -> int:
@@ -40,11 +41,12 @@ def progress_info(record: JobRecord) -> ProgressInfo | None:
     )
 
 
-def summary(record: JobRecord) -> JobSummary:
+def summary(record: JobRecord, redactor: Redactor) -> JobSummary:
+    """The record as the API shows it: `argument` and `error` with credentials masked."""
     return JobSummary(
         job_id=record.job_id,
         owner=record.owner,
-        argument=record.argument,
+        argument=redactor.text(record.argument) or "",
         status=record.status,
         timestamp=record.started_at,
         exit_code=record.exit_code,
@@ -56,33 +58,37 @@ def summary(record: JobRecord) -> JobSummary:
         started_at=record.started_at,
         finished_at=record.finished_at,
         duration_s=record.duration_s,
-        error=record.error,
+        error=redactor.text(record.error),
+        gpus=record.gpus,
     )
 
 
-def summary_json(record: JobRecord) -> bytes:
+def summary_json(record: JobRecord, redactor: Redactor) -> bytes:
     """The summary as JSON; cached for finished jobs, so listing 10,000 of them stays cheap."""
-    if record.summary_json is not None:
+    generation = redactor.generation
+    if record.summary_json is not None and record.summary_redaction == generation:
         return record.summary_json
-    data = summary(record).model_dump_json().encode()
+    data = summary(record, redactor).model_dump_json().encode()
     if record.status.is_terminal():
         record.summary_json = data
+        record.summary_redaction = generation
     return data
 
 
-def job_list_json(records: list[JobRecord], total: int) -> bytes:
-    parts = b",".join(summary_json(r) for r in records)
+def job_list_json(records: list[JobRecord], total: int, redactor: Redactor) -> bytes:
+    parts = b",".join(summary_json(r, redactor) for r in records)
     return b'{"jobs":[' + parts + b'],"total":' + str(total).encode() + b"}"
 
 
-def detail(record: JobRecord, tail_lines: int) -> JobDetail:
+def detail(record: JobRecord, tail_lines: int, redactor: Redactor) -> JobDetail:
     work_dir = Path(record.work_dir)
     out = joblogs.tail_lines(Path(jobdir.stdout_log(work_dir)), tail_lines)
     err = joblogs.tail_lines(Path(jobdir.stderr_log(work_dir)), tail_lines)
+    # Line by line: a multi-line secret is known by each of its lines too (redact.value_forms).
     return JobDetail(
-        **summary(record).model_dump(),
-        stdout=out.lines,
-        stderr=err.lines,
+        **summary(record, redactor).model_dump(),
+        stdout=[redactor.values_only(line) for line in out.lines],
+        stderr=[redactor.values_only(line) for line in err.lines],
         stdout_truncated=out.truncated,
         stderr_truncated=err.truncated,
     )

@@ -148,6 +148,9 @@ class RayJobHandle:
         finally:
             await _cancel(tailer)
             self._close_log()
+            # The job's entrypoint removes it once read; a job that never ran (stopped while
+            # PENDING, lost) must not leave its environment, secrets included, on disk.
+            Path(self._work_dir, jobdir.ENV_FILE).unlink(missing_ok=True)
 
     async def stop(self, grace_s: float) -> None:
         """Asks Ray to stop the job and waits up to `grace_s` for it to end.
@@ -420,6 +423,7 @@ class RayExecutor:
                     # A request that timed out may still have created the job.
                     with contextlib.suppress(Exception):
                         await asyncio.to_thread(self.client.stop_job, submission_id)
+                    env_file.unlink(missing_ok=True)
                     raise
                 log.info("submitting job %d to Ray: %s; retrying", spec.job_id, exc)
             await asyncio.sleep(min(2.0 * attempt, 5.0))

@@ -12,6 +12,10 @@ const FIRST_FIELDS = ["model", "tasks", "model_args", "limit", "num_fewshot"];
 
 const $ = (id) => document.getElementById(id);
 
+// Extension points for the dashboard's other scripts (team.js, ...), which load after this one:
+// query parameters for the jobs list, cells appended to a job's row, facts on the job page.
+const hooks = { jobsParams: [], jobCells: [], jobFacts: [] };
+
 // Builds elements with textContent only: job arguments and logs come from any submitter.
 function h(tag, props = {}, ...children) {
   const el = document.createElement(tag);
@@ -227,6 +231,7 @@ const jobsView = {
       const offset = Math.max(0, this.total - PAGE);
       const params = new URLSearchParams({ limit: PAGE, offset });
       if (filter) params.set("status", filter);
+      for (const add of hooks.jobsParams) add(params);
       const data = await api(`jobs?${params}`);
       this.total = data.total;
       if (offset === Math.max(0, data.total - PAGE) || attempt === 2) {
@@ -272,6 +277,7 @@ function jobRow(job) {
     h("td", { class: "progress-col" }, progressBar(job)),
     h("td", { title: job.started_at || "" }, formatTime(job.started_at)),
     h("td", { class: "num" }, formatDuration(job.duration_s)),
+    hooks.jobCells.map((cell) => cell(job)),
   );
 }
 
@@ -352,6 +358,9 @@ const jobView = {
       ["Finished", formatTime(job.finished_at)],
       ["Duration", formatDuration(job.duration_s)],
       ["Exit code", job.exit_code ?? "—"],
+      // GPU slots: the devices the job was given; null where the server hands out none.
+      ["GPUs", job.gpus == null ? "—" : job.gpus.join(", ") || "none"],
+      ...hooks.jobFacts.flatMap((facts) => facts(job)),
     ];
     $("job-facts").replaceChildren(
       ...facts.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", { "data-fact": k }, v))),
