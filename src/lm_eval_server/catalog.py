@@ -447,12 +447,15 @@ class Catalog:
             raise self.unavailable()
         if patterns or sum(1 for t in tasks if t.endswith((".yaml", ".yml"))) > LOOP_FILE_TASKS:
             require_thread("glob patterns or many task files")
-        extra: set[str] = set(extra_names)
+        # Uploaded names are run by exact name only: lm-eval gets each one's YAML path, which
+        # a glob pattern in --tasks would not reach.
+        exact = frozenset(extra_names)
+        extra: set[str] = set()
         for path in include_paths:
             extra |= self._include_names(path)
         unknown: list[str] = []
         for task in tasks:
-            if task in known or task in extra:
+            if task in known or task in extra or task in exact:
                 continue
             if is_pattern(task):
                 if _matches_any(task, known) or _matches_any(task, extra):
@@ -462,7 +465,7 @@ class Catalog:
             unknown.append(task)
         if not unknown:
             return None
-        return UnknownTasks(unknown, frozenset(extra), self._name_suggester)
+        return UnknownTasks(unknown, frozenset(extra | exact), self._name_suggester)
 
     def _name_suggester(self) -> NameSuggester:
         if self._suggester is None:

@@ -335,6 +335,12 @@ def test_reupload_replaces_and_jobs_see_the_new_data(keyed: TestClient) -> None:
     assert again.status_code == 201
     assert again.json()["replaced"] is True and again.json()["docs"] == 10
     assert keyed.get("/tasks/say_lol", headers=ALICE).json()["docs"] == 10
+    # Run by exact name: a pattern does not reach an upload; a typo is told the name.
+    pattern = keyed.post("/job", json={"model": "dummy", "tasks": "say_l*"}, headers=ALICE)
+    assert pattern.status_code == 422
+    assert pattern.json()["detail"].startswith("Unknown task(s): 'say_l*'")
+    typo = keyed.post("/job", json={"model": "dummy", "tasks": "say_loll"}, headers=ALICE)
+    assert typo.json()["detail"].startswith("Unknown task(s): 'say_loll' (did you mean: say_lol")
 
 
 def test_listing_search_kind_and_paging(keyed: TestClient) -> None:
