@@ -221,9 +221,9 @@ class Catalog:
         self._task: asyncio.Task[None] | None = None
         self._suggester: NameSuggester | None = None
         self._suggester_lock = threading.Lock()
-        # GET /tasks: (name, kind, output_type) of every built-in name, sorted; and name ->
-        # YAML path. Read from the index's names file on first use.
-        self._listing: list[tuple[str, str, str | None]] | None = None
+        # GET /tasks: (name, kind, output_type, lowercased name) of every built-in name, in
+        # name order; and name -> YAML path. Read from the index's names file on first use.
+        self._listing: list[tuple[str, str, str | None, str]] | None = None
         self._yaml_paths: dict[str, str] = {}
         # Validations run in worker threads too; a lost update only costs a re-scan.
         self._include_cache: dict[Path, tuple[bytes, frozenset[str]]] = {}
@@ -386,9 +386,10 @@ class Catalog:
 
     # ------------------------------------------------------------ discovery (GET /tasks)
 
-    async def listing(self) -> list[tuple[str, str, str | None]]:
-        """(name, kind, output_type) of every built-in task, group and tag, in name order;
-        empty with TASK_INDEX=false. TaskIndexUnavailable while the index is not ready."""
+    async def listing(self) -> list[tuple[str, str, str | None, str]]:
+        """(name, kind, output_type, lowercased name) of every built-in task, group and tag,
+        in name order; empty with TASK_INDEX=false. TaskIndexUnavailable while the index is
+        not ready."""
         if self.state is IndexState.disabled:
             return []
         if self.task_names is None:
@@ -401,7 +402,7 @@ class Catalog:
                 info = {name: ["task", None, None] for name in self.task_names}
             self._yaml_paths = {n: v[2] for n, v in info.items() if isinstance(v[2], str)}
             self._listing = sorted(
-                ((n, str(v[0]), v[1]) for n, v in info.items()), key=lambda e: e[0]
+                ((n, str(v[0]), v[1], n.lower()) for n, v in info.items()), key=lambda e: e[0]
             )
         return self._listing
 
@@ -414,7 +415,7 @@ class Catalog:
         found = _find(entries, name)
         if found is None:
             return None
-        _, kind, output_type = found
+        _, kind, output_type, _ = found
         path = self._yaml_paths.get(name)
         config: dict[str, object] = {}
         if path is not None:
@@ -549,8 +550,8 @@ def _matches_any(pattern: str, names: Iterable[str]) -> bool:
 
 
 def _find(
-    entries: list[tuple[str, str, str | None]], name: str
-) -> tuple[str, str, str | None] | None:
+    entries: list[tuple[str, str, str | None, str]], name: str
+) -> tuple[str, str, str | None, str] | None:
     import bisect
 
     index = bisect.bisect_left(entries, name, key=lambda e: e[0])
