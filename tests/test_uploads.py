@@ -42,3 +42,24 @@ def test_clean_staging_removes_only_old_leftovers(tmp_path: Path) -> None:
     os.utime(old, (hour_ago, hour_ago))
     uploads.clean_staging()
     assert not old.exists() and fresh.exists()
+
+
+def test_an_owner_that_is_not_a_principal_name_never_becomes_a_path(tmp_path: Path) -> None:
+    import asyncio
+
+    import pytest
+
+    from lm_eval_server.uploads import UploadedTaskNotFound
+
+    uploads = TaskUploads(Settings(data_dir=tmp_path / "data", task_index=False))
+    victim = tmp_path / "victim" / "t1"
+    victim.mkdir(parents=True)
+    (victim / "t1.yaml").write_text("task: t1\n")
+    admin = Principal("root", admin=True)
+    for owner in ("../..", "../../victim", "a/b", "a\0b", ""):
+        with pytest.raises(UploadedTaskNotFound):
+            uploads.get("t1", admin, owner)
+        with pytest.raises(UploadedTaskNotFound):
+            asyncio.run(uploads.delete("t1", admin, owner))
+        assert uploads.names(owner) == {}
+    assert (victim / "t1.yaml").exists()

@@ -32,7 +32,7 @@ from typing import Any
 from lm_eval_server import job_env, task_rules
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import DomainError
-from lm_eval_server.principals import Principal
+from lm_eval_server.principals import NAME_PATTERN, Principal
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,18 @@ class TaskUploads:
     # ------------------------------------------------------------ reading
 
     def owner_dir(self, owner: str) -> Path:
-        # Principal names are [A-Za-z0-9][A-Za-z0-9_.@-]*: a plain directory name.
+        # A principal's name ([A-Za-z0-9][A-Za-z0-9_.@-]*) is a plain directory name; any other
+        # text (an admin's ?owner=) never becomes a path.
+        if not NAME_PATTERN.fullmatch(owner):
+            raise UploadedTaskNotFound(owner, f"No owner named {owner[:100]!r}.")
         return self.root / owner
 
     def names(self, owner: str) -> dict[str, Path]:
         """The owner's task names -> their stored YAML (one scandir, bounded)."""
         found: dict[str, Path] = {}
         limit = self._settings.max_uploaded_tasks * 2 + 8
+        if not NAME_PATTERN.fullmatch(owner):
+            return found
         try:
             with os.scandir(self.owner_dir(owner)) as entries:
                 for index, entry in enumerate(entries):
@@ -205,7 +210,7 @@ class TaskUploads:
             return sorted(
                 e.name
                 for e in os.scandir(self.root)
-                if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+                if e.is_dir(follow_symlinks=False) and NAME_PATTERN.fullmatch(e.name)
             )
         except FileNotFoundError:
             return []
@@ -223,7 +228,7 @@ class TaskUploads:
     def get(self, name: str, viewer: Principal, owner: str | None = None) -> UploadedTask:
         """The viewer's own upload of that name; an admin may name another `owner`, and
         without one finds another owner's when they have none of their own."""
-        if owner is not None and not viewer.can_see(owner):
+        if owner is not None and not (viewer.can_see(owner) and NAME_PATTERN.fullmatch(owner)):
             raise UploadedTaskNotFound(name)
         candidates = [owner] if owner is not None else [viewer.name]
         if owner is None and viewer.admin:

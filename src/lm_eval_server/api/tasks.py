@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from lm_eval_server import backends, task_rules
 from lm_eval_server.api.deps import AuditTrail, Caller, State, Uploads
 from lm_eval_server.catalog import IndexState
+from lm_eval_server.principals import NAME_PATTERN
 from lm_eval_server.uploads import UploadedTask, UploadedTaskNotFound
 
 MAX_LIMIT = 500
@@ -95,6 +96,7 @@ def _order(entry: Entry) -> tuple[str, int, str]:
 _RETRY = {503: {"description": "The task index is still building; see Retry-After."}}
 _OWNER = Query(
     max_length=64,
+    pattern=f"^{NAME_PATTERN.pattern}$",
     description="Admins: the owner whose upload is meant (default: your own, else any).",
 )
 
