@@ -184,7 +184,7 @@ def fake_builtin(tmp_path: Path) -> Path:
     root = tmp_path / "builtin"
     write(root, "x/x.yaml", "task: x_task\ntag: x_tag\n")
     write(root, "y/y.yaml", "group: y_group\ntask: [x_task]\n")
-    write(root, "z/z.yaml", "task: z_task\n")
+    write(root, "z/z.yaml", "task: z_task\noutput_type: generate_until\n")
     return root
 
 
@@ -261,7 +261,15 @@ def test_build_writes_both_files(fake_builtin: Path, tmp_path: Path) -> None:
         "tasks": ["x_task", "z_task"],
         "groups": ["y_group"],
         "tags": ["x_tag"],
+        # GET /tasks: kind, output_type (tasks that set one), the YAML (none for a tag).
+        "info": {
+            "x_task": ["task", None, str(fake_builtin / "x" / "x.yaml")],
+            "x_tag": ["tag", None, None],
+            "y_group": ["group", None, str(fake_builtin / "y" / "y.yaml")],
+            "z_task": ["task", "generate_until", str(fake_builtin / "z" / "z.yaml")],
+        },
     }
+    assert task_index.load_info(data) is None  # keyed to the real install, not this one
     payload = task_index.read_index_payload(data, key)
     assert pickle.loads(payload) == TaskIndex.build([fake_builtin])
     assert sorted(p.name for p in paths.index.parent.iterdir()) == [

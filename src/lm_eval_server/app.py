@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lm_eval_server import gpus, hosts, job_env, lm_eval_cli
-from lm_eval_server.api import compare, dashboard, files, health, team
+from lm_eval_server.api import compare, dashboard, files, health, tasks, team
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
 from lm_eval_server.audit import Audit, MemoryAudit, SqliteAudit
@@ -38,6 +39,7 @@ from lm_eval_server.security import (
     require_api_key,
 )
 from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
+from lm_eval_server.uploads import TaskUploads
 from lm_eval_server.validation import RequestValidator, json_safe
 from lm_eval_server.webhook_sender import WebhookSender
 
@@ -123,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     gpu_devices = _gpu_devices(settings)
     # The values the server injects into jobs, masked in everything it serves (redact.py).
     redactor = Redactor()
+    uploads = TaskUploads(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -157,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         catalog.start()
         # Before the manager: jobs that ended while the server was down report through it.
         await webhooks.start()
+        await asyncio.to_thread(uploads.clean_staging)
         await manager.start()
         if warm_pool is not None:
             await warm_pool.start()  # returns at once; workers warm up in their own processes
@@ -185,10 +189,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         catalog=catalog,
         metrics=metrics,
-        validator=RequestValidator(settings, parser, specs, catalog, gpu_devices),
+        validator=RequestValidator(settings, parser, specs, catalog, gpu_devices, uploads),
         keys=settings.key_table(),
         log_followers=FollowerSlots(settings.max_log_followers),
         redactor=redactor,
+        uploads=uploads,
     )
     app.state.server = state
 
@@ -198,6 +203,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
     app.include_router(compare.router, dependencies=secured)
+    app.include_router(tasks.router, dependencies=secured)
     app.include_router(team.router, dependencies=secured)
     app.include_router(dashboard.router)
     _add_error_handlers(app)
@@ -206,6 +212,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         timeout_s=settings.body_read_timeout_s,
+        # Task uploads carry data files: their own cap, in place of MAX_BODY_BYTES.
+        routes={("POST", "/tasks"): (settings.max_upload_bytes, "MAX_UPLOAD_BYTES")},
     )
     # Outermost: a request for a foreign Host or from a foreign site touches nothing else.
     app.add_middleware(HttpGuardMiddleware, rules=_host_rules(settings))

@@ -200,3 +200,42 @@ def missing_extra(model: str | None, program: list[str], settings: Settings) -> 
     if model is None or not runs_here(program, settings):
         return None
     return installed().missing_extra(model)
+
+
+@functools.cache
+def describe_models() -> list[dict[str, Any]]:
+    """GET /models: every name lm-eval's registry accepts, the module that implements it, what
+    it needs and whether this server's environment has it. Computed once, like `installed`."""
+    modules = model_modules(registry_entries())
+    refusals = installed().refusals
+    extras = project_extras()
+    models = []
+    for name in sorted(modules):
+        module = modules[name]
+        reqs = REQUIREMENTS.get(module)
+        missing = refusals.get(name)
+        needs = [m for req in reqs or () for m in req.modules]
+        extra = next((r.extra for r in reqs or () if r.extra), None)
+        models.append(
+            {
+                "name": name,
+                "backend": module.removeprefix("lm_eval.models."),
+                "requires": needs,
+                "extra": extra,
+                # None: a module this table does not know (an lm-eval newer than the table).
+                "installed": None if reqs is None else missing is None,
+                "install": (
+                    next(
+                        (
+                            install_command(r, extras)
+                            for r in reqs or ()
+                            if not all(module_present(m) for m in r.modules)
+                        ),
+                        None,
+                    )
+                    if missing is not None
+                    else None
+                ),
+            }
+        )
+    return models

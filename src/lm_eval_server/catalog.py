@@ -221,6 +221,10 @@ class Catalog:
         self._task: asyncio.Task[None] | None = None
         self._suggester: NameSuggester | None = None
         self._suggester_lock = threading.Lock()
+        # GET /tasks: (name, kind, output_type, lowercased name) of every built-in name, in
+        # name order; and name -> YAML path. Read from the index's names file on first use.
+        self._listing: list[tuple[str, str, str | None, str]] | None = None
+        self._yaml_paths: dict[str, str] = {}
         # Validations run in worker threads too; a lost update only costs a re-scan.
         self._include_cache: dict[Path, tuple[bytes, frozenset[str]]] = {}
 
@@ -380,7 +384,48 @@ class Catalog:
 
     # ------------------------------------------------------------ checking names
 
-    def unknown_tasks(self, tasks: list[str], include_paths: list[Path]) -> UnknownTasks | None:
+    # ------------------------------------------------------------ discovery (GET /tasks)
+
+    async def listing(self) -> list[tuple[str, str, str | None, str]]:
+        """(name, kind, output_type, lowercased name) of every built-in task, group and tag,
+        in name order; empty with TASK_INDEX=false. TaskIndexUnavailable while the index is
+        not ready."""
+        if self.state is IndexState.disabled:
+            return []
+        if self.task_names is None:
+            raise self.unavailable()
+        if self._listing is None:
+            from lm_eval_server import task_index
+
+            info = await asyncio.to_thread(task_index.load_info, self._index_dir)
+            if info is None:  # the names file went stale under us: names without details
+                info = {name: ["task", None, None] for name in self.task_names}
+            self._yaml_paths = {n: v[2] for n, v in info.items() if isinstance(v[2], str)}
+            self._listing = sorted(
+                ((n, str(v[0]), v[1], n.lower()) for n, v in info.items()), key=lambda e: e[0]
+            )
+        return self._listing
+
+    async def builtin_config(self, name: str) -> tuple[str, str | None, dict[str, object]] | None:
+        """(kind, output_type, config) of a built-in name, or None; the config is read from
+        its YAML (includes merged), a tag has none."""
+        from lm_eval_server import task_index
+
+        entries = await self.listing()
+        found = _find(entries, name)
+        if found is None:
+            return None
+        _, kind, output_type, _ = found
+        path = self._yaml_paths.get(name)
+        config: dict[str, object] = {}
+        if path is not None:
+            with contextlib.suppress(Exception):  # an unreadable YAML: the index's facts only
+                config = await asyncio.to_thread(task_index.load_config, Path(path))
+        return kind, output_type, config
+
+    def unknown_tasks(
+        self, tasks: list[str], include_paths: list[Path], extra_names: Iterable[str] = ()
+    ) -> UnknownTasks | None:
         """The tasks nobody defines, or None when all are known (or TASK_INDEX=false).
 
         Raises TaskRequestRefused past a per-request bound, TaskIndexUnavailable while the
@@ -403,12 +448,15 @@ class Catalog:
             raise self.unavailable()
         if patterns or sum(1 for t in tasks if t.endswith((".yaml", ".yml"))) > LOOP_FILE_TASKS:
             require_thread("glob patterns or many task files")
+        # Uploaded names are run by exact name only: lm-eval gets each one's YAML path, which
+        # a glob pattern in --tasks would not reach.
+        exact = frozenset(extra_names)
         extra: set[str] = set()
         for path in include_paths:
             extra |= self._include_names(path)
         unknown: list[str] = []
         for task in tasks:
-            if task in known or task in extra:
+            if task in known or task in extra or task in exact:
                 continue
             if is_pattern(task):
                 if _matches_any(task, known) or _matches_any(task, extra):
@@ -418,7 +466,7 @@ class Catalog:
             unknown.append(task)
         if not unknown:
             return None
-        return UnknownTasks(unknown, frozenset(extra), self._name_suggester)
+        return UnknownTasks(unknown, frozenset(extra | exact), self._name_suggester)
 
     def _name_suggester(self) -> NameSuggester:
         if self._suggester is None:
@@ -499,6 +547,17 @@ def _matches_any(pattern: str, names: Iterable[str]) -> bool:
     # fnmatch.filter's semantics, stopping at the first match.
     match = re.compile(fnmatch.translate(pattern)).match
     return any(match(name) for name in names)
+
+
+def _find(
+    entries: list[tuple[str, str, str | None, str]], name: str
+) -> tuple[str, str, str | None, str] | None:
+    import bisect
+
+    index = bisect.bisect_left(entries, name, key=lambda e: e[0])
+    if index < len(entries) and entries[index][0] == name:
+        return entries[index]
+    return None
 
 
 def _is_task_file(task: str) -> bool:

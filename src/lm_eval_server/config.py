@@ -185,6 +185,23 @@ class Settings(BaseSettings):
         "these URLs (compared after normalisation).",
     )
 
+    # Uploaded tasks (POST /tasks) and task discovery (GET /tasks)
+    max_upload_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        description="Whole body of POST /tasks (every file and the multipart framing); this "
+        "route's cap in place of MAX_BODY_BYTES.",
+    )
+    max_upload_files: int = Field(
+        16, ge=2, le=1000, description="Files in one task upload (the YAML and its data)."
+    )
+    max_uploaded_tasks: int = Field(100, ge=1, description="Uploaded tasks one owner may keep.")
+    task_check_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds lm-eval may take to load an uploaded task in the check process.",
+    )
+
     # Scheduling: quotas per principal, the fair queue, GPU slots for the local executor
     # (lm_eval_server.scheduler, lm_eval_server.gpus).
     max_queued_per_key: int | None = Field(
@@ -417,6 +434,11 @@ class Settings(BaseSettings):
         return self.data_dir.resolve() / "warm"
 
     @property
+    def tasks_dir(self) -> Path:
+        """Uploaded tasks, DATA_DIR/tasks/<owner>/<task>/."""
+        return self.data_dir.resolve() / "tasks"
+
+    @property
     def server_owned_paths(self) -> list[Path]:
         """Everything under DATA_DIR the server writes itself: no job may write into them."""
         db = self.db_path.resolve()
@@ -426,6 +448,7 @@ class Settings(BaseSettings):
             self.task_index_dir,
             self.cache_dir,
             self.warm_dir,
+            self.tasks_dir,
             db,
             *sidecars,
         ]

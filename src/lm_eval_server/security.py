@@ -111,25 +111,37 @@ def _json_response(status_code: int, detail: str) -> Callable[[Send], Awaitable[
 class BodyLimitMiddleware:
     """413 for a request body above `max_bytes`, declared or streamed; 408 for one that has
     not arrived within `timeout_s` of the request (a slow client holds a connection and a
-    request task for as long as it trickles bytes)."""
+    request task for as long as it trickles bytes). `routes` gives a (method, path) its own
+    cap and the setting that names it (file uploads)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout_s: float = 30.0,
+        routes: dict[tuple[str, str], tuple[int, str]] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.routes = routes or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes, setting = self.routes.get(
+            (scope["method"], scope.get("path", "").rstrip("/") or "/"),
+            (self.max_bytes, "MAX_BODY_BYTES"),
+        )
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
-                    await _json_response(413, self._message())(send)
+                if declared > max_bytes:
+                    await _json_response(413, self._message(max_bytes, setting))(send)
                     return
         received = 0
         complete = False
@@ -154,19 +166,19 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
-                if received > self.max_bytes:
-                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self._message())
+                if received > max_bytes:
+                    raise HTTPException(
+                        status.HTTP_413_CONTENT_TOO_LARGE, self._message(max_bytes, setting)
+                    )
             else:
                 complete = True
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def _message(self) -> str:
-        return (
-            f"Request body is larger than the server's limit of {self.max_bytes} bytes "
-            "(MAX_BODY_BYTES)"
-        )
+    @staticmethod
+    def _message(max_bytes: int, setting: str) -> str:
+        return f"Request body is larger than the server's limit of {max_bytes} bytes ({setting})"
 
 
 class HttpGuardMiddleware:

@@ -16,7 +16,9 @@ Two files live in ``<data_dir>/task_index/``, both written atomically
   the key without unpickling 15 MB. Pickle runs code on load: the data dir must
   only be writable by the server.
 * ``task_names.json`` -- for the server: ``{"lm_eval_version", "key",
-  "tasks", "groups", "tags"}``.
+  "tasks", "groups", "tags", "info"}``, where ``info`` maps each name to
+  ``[kind, output_type, yaml_path]`` (kind ``task``, ``group`` or ``tag``; the
+  others null where the index has none) for ``GET /tasks``.
 
 ``cache_key`` and ``load_names`` never import ``lm_eval`` (the server calls
 them); ``build`` does, so the server runs it in a child process:
@@ -42,7 +44,7 @@ from typing import IO, Any, NamedTuple
 import yaml
 
 # Bump when the layout of either cache file changes, so old files read as stale.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CACHE_SUBDIR = "task_index"
 INDEX_FILENAME = "builtin_index.pickle"
 NAMES_FILENAME = "task_names.json"
@@ -152,6 +154,27 @@ def names_by_kind(index: Mapping[str, Any]) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+KINDS = {"TASK": "task", "PY_TASK": "task", "GROUP": "group", "TAG": "tag"}
+
+
+def entry_info(index: Mapping[str, Any]) -> dict[str, list[str | None]]:
+    """Name -> [kind, output_type, yaml_path] for GET /tasks, from the index's entries."""
+    info: dict[str, list[str | None]] = {}
+    for name, entry in index.items():
+        kind = KINDS.get(entry.kind.name)
+        if kind is None or not isinstance(name, str):
+            continue
+        cfg = entry.cfg if isinstance(entry.cfg, dict) else {}
+        output_type = cfg.get("output_type") if kind == "task" else None
+        path = getattr(entry, "yaml_path", None)
+        info[name] = [
+            kind,
+            output_type if isinstance(output_type, str) else None,
+            os.fspath(path) if path is not None else None,
+        ]
+    return info
+
+
 def write_cache(
     data_dir: Path,
     key: str,
@@ -178,7 +201,12 @@ def write_cache(
         pickle.dump(header, fh, protocol=pickle.HIGHEST_PROTOCOL)
         fh.write(payload)
 
-    names = {"lm_eval_version": version, "key": key, **names_by_kind(index)}
+    names = {
+        "lm_eval_version": version,
+        "key": key,
+        **names_by_kind(index),
+        "info": entry_info(index),
+    }
     _atomic_write(paths.index, write_index)
     _atomic_write(paths.names, lambda fh: fh.write(json.dumps(names).encode()))
     return paths
@@ -218,6 +246,26 @@ def load_names(data_dir: Path) -> set[str] | None:
         return {*data["tasks"], *data["groups"], *data["tags"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def load_info(data_dir: Path) -> dict[str, list[str | None]] | None:
+    """Name -> [kind, output_type, yaml_path] of every built-in name, or None if the names
+    file is missing or stale."""
+    path = cache_paths(data_dir).names
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") != cache_key():
+            return None
+        info = data["info"]
+        return info if isinstance(info, dict) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def load_config(yaml_path: Path) -> dict[str, Any]:
+    """A built-in task's config as lm-eval reads it (includes merged, functions unresolved),
+    without importing lm_eval."""
+    return _load_yaml(Path(yaml_path), set(), _ReadBudget(16))
 
 
 def _check_writable(directory: Path) -> None:

@@ -34,6 +34,7 @@ from lm_eval_server.lm_eval_cli import (
     request_to_argv,
     task_items,
 )
+from lm_eval_server.uploads import TaskUploads
 from lm_eval_server.urls import url_allowed
 
 # lm-eval options that name files or directories the job reads or writes.
@@ -172,11 +173,14 @@ class RequestValidator:
         specs: list[OptionSpec],
         catalog: Catalog,
         gpus: list[str] | None = None,
+        uploads: TaskUploads | None = None,
     ) -> None:
         self._settings = settings
         # The local executor's GPU devices (GPU slots); None when jobs run on Ray, which
         # places them itself.
         self._gpus = gpus
+        self._uploads = uploads
+        self._tasks_dir = settings.tasks_dir
         self._parser = parser
         self._specs = specs
         self._catalog = catalog
@@ -202,7 +206,8 @@ class RequestValidator:
 
     def validate(self, request: BaseModel, principal: str | None = None) -> ValidatedJob:
         """`principal`: the caller's name, which ALLOWED_SECRETS judges secret references by
-        (None: the server itself, e.g. a test; it may use no secret ALLOWED_SECRETS limits)."""
+        and whose uploaded tasks are known by name (None: the server itself, e.g. a test; it
+        may use no secret ALLOWED_SECRETS limits and has no uploads)."""
         try:
             return self._validate(request, principal)
         except OSError as exc:
@@ -256,7 +261,10 @@ class RequestValidator:
         self._check_model(model)
         if missing := backends.missing_extra(model, program, self._settings):
             raise InvalidRequest(missing)
-        self._check_tasks(names, include_paths)
+        uploaded = self._uploads.names(principal) if principal and self._uploads else {}
+        self._check_tasks(names, include_paths, uploaded)
+        if used := {t: str(uploaded[t]) for t in names if t in uploaded}:
+            lm_args, snapshot = self._run_uploaded(values, yaml_config, used)
         return ValidatedJob(
             values=values,
             lm_args=lm_args,
@@ -269,6 +277,38 @@ class RequestValidator:
             callback_url=callback_url,
         )
 
+    def _run_uploaded(
+        self, values: dict[str, Any], yaml_config: dict[str, Any] | None, used: dict[str, str]
+    ) -> tuple[list[str], str | None]:
+        """The argv and config snapshot with the owner's uploaded task names replaced by their
+        stored YAML: lm-eval reads a task given by path, and the request's own include_path
+        (lm-eval takes one) stays as it was. The record keeps the names."""
+
+        def swap(tasks: list[str]) -> list[str]:
+            return [used.get(task, task) for task in tasks]
+
+        argv_values = dict(values)
+        if values.get("tasks"):
+            argv_values["tasks"] = swap(task_items(values["tasks"]))
+        lm_args = request_to_argv(argv_values, self._specs)
+        snapshot = None
+        if yaml_config is not None:
+            config = dict(yaml_config)
+            if isinstance(config.get("tasks"), list):
+                config["tasks"] = swap(config["tasks"])
+            import yaml
+
+            snapshot = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+        return lm_args, snapshot
+
+    def _not_uploads(self, path: Path, what: str) -> None:
+        """Uploaded tasks are reached by name, by their owner only: never by path."""
+        if path == self._tasks_dir or path.is_relative_to(self._tasks_dir):
+            raise InvalidRequest(
+                f"{what}: {path} is inside the server's uploaded tasks (DATA_DIR/tasks); "
+                "name an uploaded task in tasks instead"
+            )
+
     # ------------------------------------------------------------------ paths
     def _absolute_paths(self, values: dict[str, Any], base: Path) -> None:
         """Path options confined and made absolute in place (the job runs in its own dir)."""
@@ -280,10 +320,12 @@ class RequestValidator:
             if not isinstance(value, str):
                 raise InvalidRequest(f"{dest} must be a path string")
             values[dest] = str(confine(value, roots, base, dest))
+            self._not_uploads(Path(values[dest]), dest)
         for dest in JSON_OR_PATH_DESTS:
             value = values.get(dest)
             if isinstance(value, str) and _is_path_text(value):
                 values[dest] = str(confine(value, roots, base, dest))
+                self._not_uploads(Path(values[dest]), dest)
 
     def _task_paths(self, tasks: list[str], base: Path) -> list[str]:
         roots = self._roots
@@ -293,6 +335,8 @@ class RequestValidator:
                 found = paths.resolve_task_path(task, roots, base, single=len(tasks) == 1)
             except paths.PathRefused as exc:
                 raise InvalidRequest(str(exc)) from None
+            for file in found.files if found is not None else ():
+                self._not_uploads(file, "tasks")
             out.append(found.text if found is not None else task)
         return out
 
@@ -431,10 +475,12 @@ class RequestValidator:
             f"Unknown model {model!r}.{suggestion} Known models: {', '.join(sorted(names))}"
         )
 
-    def _check_tasks(self, tasks: list[str], include_paths: list[Path]) -> None:
+    def _check_tasks(
+        self, tasks: list[str], include_paths: list[Path], uploaded: dict[str, Path]
+    ) -> None:
         # TaskIndexUnavailable (503) and OffloadRequired (run again in a thread) pass through.
         try:
-            unknown = self._catalog.unknown_tasks(tasks, include_paths)
+            unknown = self._catalog.unknown_tasks(tasks, include_paths, uploaded)
         except TaskRequestRefused as exc:
             raise InvalidRequest(str(exc)) from None
         if unknown is not None:
@@ -485,5 +531,6 @@ class UnknownTaskNames(InvalidRequest):
             parts.append(f"and {len(matches) - MAX_NAMES_LISTED} more")
         return (
             f"Unknown task(s): {'; '.join(parts)}. Tasks come from lm-eval's task list "
-            "(`lm_eval ls tasks`) plus the request's include_path"
+            "(`lm_eval ls tasks`, GET /tasks), your uploaded tasks and the request's "
+            "include_path"
         )

@@ -160,6 +160,8 @@ def test_output_path_stays_out_of_server_files(make_client: Any, tmp_path: Path)
         # The warm workers' HOME: a result written there could configure what they import.
         (data / "warm" / "home" / ".config" / "fsspec", "server's own files"),
         (data / "cache" / "huggingface", "server's own files"),
+        # Uploaded tasks: a job writing there could change what another owner's task reads.
+        (data / "tasks" / "alice" / "t", "uploaded tasks"),
     ):
         refused(client, {**FAKE, "output_path": str(path)}, needle)
     # lm-eval files results under output_path/<model name>: `..` would climb out of it, and

@@ -39,6 +39,11 @@ def test_api_keys_guard_every_endpoint_but_health(make_client: Any, tmp_path: Pa
         ("get", "/metrics"),
         ("get", "/job/1/logs"),
         ("get", "/job/1/results"),
+        ("get", "/tasks"),
+        ("get", "/tasks/arc_easy"),
+        ("post", "/tasks"),
+        ("delete", "/tasks/x"),
+        ("get", "/models"),
     ):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
             response = getattr(client, method)(path, headers=headers)

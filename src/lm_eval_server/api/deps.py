@@ -16,6 +16,7 @@ from lm_eval_server.metrics import AppMetrics
 from lm_eval_server.principals import Principal
 from lm_eval_server.redact import Redactor
 from lm_eval_server.security import Admin, Caller
+from lm_eval_server.uploads import TaskUploads
 from lm_eval_server.validation import RequestValidator
 from lm_eval_server.webhook_sender import WebhookSender
 
@@ -57,6 +58,7 @@ class ServerState:
     validator: RequestValidator
     keys: dict[bytes, Principal]  # each API key to its principal; empty: an open server
     log_followers: FollowerSlots
+    uploads: TaskUploads
     manager: JobManager | None = None
     files: JobFiles | None = None
     webhooks: WebhookSender | None = None
@@ -105,6 +107,11 @@ async def get_settings(state: State) -> Settings:
     return state.settings
 
 
+async def get_uploads(state: State) -> TaskUploads:
+    return state.uploads
+
+
+Uploads = Annotated[TaskUploads, Depends(get_uploads)]
 Manager = Annotated[JobManager, Depends(get_manager)]
 Files = Annotated[JobFiles, Depends(get_files)]
 Validator = Annotated[RequestValidator, Depends(get_validator)]
@@ -119,5 +126,6 @@ __all__ = [
     "Manager",
     "SettingsDep",
     "State",
+    "Uploads",
     "Validator",
 ]
