@@ -101,6 +101,11 @@ def test_submit_from_form_watch_progress_and_results(page: Page, server: ServerP
     basic = page.locator("#form-basic [data-testid^=field-]")
     names = [basic.nth(i).get_attribute("name") for i in range(basic.count())]
     assert names == ["model", "tasks", "model_args", "limit", "num_fewshot"]
+    # model_args takes key=value pairs or a JSON object (its schema also allows a list, which
+    # must not make it look like a list of task names).
+    expect(page.get_by_test_id("field-model_args")).to_have_attribute(
+        "placeholder", "key=value,key2=value2 or a JSON object"
+    )
     expect(page.get_by_test_id("field-log_samples")).to_have_attribute("type", "checkbox")
     expect(page.get_by_test_id("field-env_vars")).to_be_hidden()
 

@@ -551,8 +551,9 @@ function fieldKind(name, prop) {
   if (types.has("boolean")) return "flag_or_value"; // a bare flag or a value, e.g. a template name
   if (types.size === 1 && types.has("integer")) return "integer";
   if (types.size === 1 && types.has("number")) return "number";
-  if (types.has("array")) return "list";
+  // Before "list": model_args also takes a list, but people write key=value pairs.
   if (types.has("object") && types.has("string")) return "key_value";
+  if (types.has("array")) return "list";
   if (types.has("object")) return "json";
   return "text";
 }
