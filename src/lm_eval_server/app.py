@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lm_eval_server import gpus, hosts, job_env, lm_eval_cli
+from lm_eval_server import gpus, hosts, job_env, lm_eval_cli, sandbox
 from lm_eval_server.api import compare, dashboard, files, health, tasks, team
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
@@ -125,7 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     gpu_devices = _gpu_devices(settings)
     # The values the server injects into jobs, masked in everything it serves (redact.py).
     redactor = Redactor()
-    uploads = TaskUploads(settings)
+    job_sandbox = _resolve_sandbox(settings)
+    uploads = TaskUploads(settings, job_sandbox)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -148,7 +150,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.audit = _make_audit(settings)
         state.audit.prune()
         _learn_secrets(settings, redactor)
-        manager = JobManager(settings, store, executor, gpu_devices=gpu_devices, redactor=redactor)
+        manager = JobManager(
+            settings,
+            store,
+            executor,
+            gpu_devices=gpu_devices,
+            redactor=redactor,
+            job_sandbox=job_sandbox,
+        )
         webhooks = WebhookSender(settings, store, redactor)
         manager.on_finish.append(webhooks.job_ended)
         metrics.watch(manager)
@@ -194,6 +203,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log_followers=FollowerSlots(settings.max_log_followers),
         redactor=redactor,
         uploads=uploads,
+        sandbox_status=job_sandbox.describe(),
     )
     app.state.server = state
 
@@ -218,6 +228,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: a request for a foreign Host or from a foreign site touches nothing else.
     app.add_middleware(HttpGuardMiddleware, rules=_host_rules(settings))
     return app
+
+
+def _resolve_sandbox(settings: Settings) -> sandbox.Sandbox:
+    """The job sandbox in force: probed once, here, so that a server that needs it and cannot
+    have it never starts (sandbox.SandboxUnavailable names the reason)."""
+    principals = {p.name for p in settings.key_table().values()}
+    probe_dir = settings.data_dir.resolve() / "sandbox-probe"
+    probe_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        found = sandbox.resolve(settings.sandbox, len(principals), str(probe_dir))
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    if found.enabled:
+        log.info("job sandbox: bubblewrap (%s); job network: %s", found.bwrap, settings.job_network)
+    else:
+        log.warning("job sandbox off (%s): jobs run as the server's user", found.reason)
+    return found
 
 
 def _learn_secrets(settings: Settings, redactor: Redactor) -> None:

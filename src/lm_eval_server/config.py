@@ -17,6 +17,7 @@ from lm_eval_server import job_env, job_secrets
 from lm_eval_server.gpus import check_ids as check_gpu_ids
 from lm_eval_server.hosts import parse_rules
 from lm_eval_server.principals import Principal, key_table, parse_entry
+from lm_eval_server.sandbox import SandboxMode
 
 
 class StoreKind(StrEnum):
@@ -27,6 +28,11 @@ class StoreKind(StrEnum):
 class ExecutorKind(StrEnum):
     local = "local"
     ray = "ray"
+
+
+class JobNetwork(StrEnum):
+    host = "host"
+    none = "none"
 
 
 def _split_csv(value: object) -> object:
@@ -83,6 +89,35 @@ class Settings(BaseSettings):
     allow_remote_code: bool = False
     max_env_vars: int = Field(64, ge=0)
     max_env_value_bytes: int = Field(32 * 1024, ge=1)
+
+    # The job sandbox (lm_eval_server.sandbox): every job, warm worker and upload check runs in
+    # its own namespaces through bubblewrap.
+    sandbox: SandboxMode = Field(
+        SandboxMode.auto,
+        description="auto (use bubblewrap when it works here), bwrap (required: startup fails "
+        "without it) or off (jobs run as the server's user, with its files in reach). A server "
+        "with more than one principal refuses to start without a sandbox unless this is off.",
+    )
+    job_network: JobNetwork = Field(
+        JobNetwork.host,
+        description="host: sandboxed jobs share the host's network (API models need it); "
+        "none: they get no network at all.",
+    )
+    task_check_cpu_s: int = Field(
+        60, ge=1, description="CPU seconds the upload check process may use."
+    )
+    task_check_memory_mb: int = Field(
+        4096, ge=256, description="Address space (MB) the upload check process may use."
+    )
+    task_check_file_mb: int = Field(
+        64, ge=1, description="Largest file (MB) the upload check process may write."
+    )
+    task_check_slots: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Upload checks run at once; one owner holds at most one of them.",
+    )
 
     # Submission readiness and bounded work per request (POST /job): a submission never skips
     # the task-name check, and what one request can make the server do has a ceiling.
@@ -265,9 +300,26 @@ class Settings(BaseSettings):
     def _csv_secrets(cls, value: object) -> object:
         return _split_csv(value)
 
+    # Where a secret may go: a secret reference is taken only by a credential variable
+    # (job_env.CREDENTIAL_ENV_VARS) or by a name listed here for that secret.
+    secret_env_vars: CsvList = Field(
+        default_factory=list,
+        description="secret:NAME|NAME entries (wandb:WANDB_API_KEY): environment variables, "
+        "besides OPENAI_API_KEY, HF_TOKEN and the other credential variables, that the secret "
+        "may go into. Each name must also be allowed by ALLOWED_ENV_VARS.",
+    )
+
+    @field_validator("secret_env_vars", mode="before")
+    @classmethod
+    def _csv_secret_env_vars(cls, value: object) -> object:
+        return _split_csv(value)
+
     @model_validator(mode="after")
     def _check_secrets(self) -> Settings:
         job_secrets.parse_allowed_secrets(self.allowed_secrets)
+        job_secrets.parse_secret_env_vars(self.secret_env_vars, self.allowed_env_vars)
+        if self.secret_env_vars and self.secrets_dir is None:
+            raise ValueError("SECRET_ENV_VARS needs SECRETS_DIR (the directory of the secrets)")
         if self.secrets_dir is not None and not self.secrets_dir.is_dir():
             raise ValueError(f"SECRETS_DIR {self.secrets_dir} is not a directory")
         if self.allowed_secrets and self.secrets_dir is None:
@@ -280,6 +332,9 @@ class Settings(BaseSettings):
             directory=self.secrets_dir.resolve() if self.secrets_dir is not None else None,
             allowed=job_secrets.parse_allowed_secrets(allowed) if allowed else None,
             max_bytes=self.max_env_value_bytes,
+            env_names=job_secrets.parse_secret_env_vars(
+                self.secret_env_vars, self.allowed_env_vars
+            ),
         )
 
     # Webhooks (a job's callback_url): where job-end notifications may go, their signing key,
@@ -429,6 +484,14 @@ class Settings(BaseSettings):
         return self.data_dir.resolve() / "cache"
 
     @property
+    def owner_caches_dir(self) -> Path:
+        """Each owner's own cache, mounted at `cache_dir` inside that owner's sandboxed jobs."""
+        return self.data_dir.resolve() / "owner-cache"
+
+    def owner_cache_dir(self, owner: str) -> Path:
+        return self.owner_caches_dir / owner
+
+    @property
     def warm_dir(self) -> Path:
         """The warm workers' own directory (their HOME and TMPDIR)."""
         return self.data_dir.resolve() / "warm"
@@ -447,6 +510,7 @@ class Settings(BaseSettings):
             self.jobs_dir.resolve(),
             self.task_index_dir,
             self.cache_dir,
+            self.owner_caches_dir,
             self.warm_dir,
             self.tasks_dir,
             db,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_server import job_env, jobdir, redact
+from lm_eval_server import job_env, jobdir, redact, sandbox
 from lm_eval_server.config import Settings
 from lm_eval_server.executors.base import LaunchSpec
 from lm_eval_server.job_secrets import reference_name
@@ -57,8 +57,15 @@ class Command:
 
 
 class LaunchPolicy:
-    def __init__(self, settings: Settings, redactor: Redactor | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redactor: Redactor | None = None,
+        job_sandbox: sandbox.Sandbox = sandbox.OFF,
+    ) -> None:
         self._settings = settings
+        self.sandbox = job_sandbox
+        self._views = sandbox.Views(settings, network=settings.job_network.value == "host")
         self._secrets = settings.secret_policy()
         self.redactor = redactor if redactor is not None else Redactor()
         self._default_program = shlex.split(settings.default_lm_eval_path)
@@ -110,4 +117,36 @@ class LaunchPolicy:
             # A warm worker's environment is fixed and sees no GPU: a job given devices runs
             # cold, with its own CUDA_VISIBLE_DEVICES.
             warm_args=None if record.gpus else warm_args(record.argv, record.env_vars),
+            view=self.view(record),
+            bwrap=self.sandbox.bwrap or "bwrap",
         )
+
+    def view(self, record: JobRecord) -> sandbox.View | None:
+        """The job's sandbox view; None when jobs run unconfined."""
+        if not self.sandbox.enabled:
+            return None
+        work_dir = Path(record.work_dir)
+        writable = write_targets(record, work_dir, self._settings.allowed_roots)
+        for target in writable:
+            target.mkdir(parents=True, exist_ok=True)
+        return self._views.job(record.owner, work_dir, writable=writable)
+
+
+def write_targets(record: JobRecord, work_dir: Path, roots: list[Path]) -> list[Path]:
+    """The directories outside its own that a job writes because its request names them: its
+    output_path and its use_cache prefix, each already confined by the path rule at submission.
+    Only directories inside ALLOWED_PATHS qualify (a use_cache prefix names files beside it)."""
+    candidates = [Path(record.output_path)]
+    argv = record.argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--use_cache":
+            candidates.append(Path(argv[i + 1]).parent)
+    found: list[Path] = []
+    for path in candidates:
+        directory = path.parent if path.suffix == ".json" else path
+        directory = directory.resolve()
+        if directory.is_relative_to(work_dir.resolve()):
+            continue
+        if any(directory.is_relative_to(root) for root in roots) and directory not in found:
+            found.append(directory)
+    return found

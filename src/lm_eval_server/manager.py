@@ -34,6 +34,7 @@ from lm_eval_server.models import JobRecord, JobStatus, utcnow
 from lm_eval_server.principals import DEFAULT_PRINCIPAL, Principal
 from lm_eval_server.redact import Redactor
 from lm_eval_server.runner import JobRunner, Live
+from lm_eval_server.sandbox import OFF, Sandbox
 from lm_eval_server.store import JobStore, TerminalStateError
 from lm_eval_server.validation import ValidatedJob
 
@@ -49,6 +50,7 @@ class JobManager:
         clock: Callable[[], datetime] = utcnow,
         gpu_devices: Sequence[str] | None = None,
         redactor: Redactor | None = None,
+        job_sandbox: Sandbox = OFF,
     ) -> None:
         """`gpu_devices`: the GPU ids local jobs are given (GPU slots); None when the
         executor places jobs on devices itself (Ray)."""
@@ -56,7 +58,7 @@ class JobManager:
         self._store = store
         self._executor = executor
         self._clock = clock
-        self._policy = LaunchPolicy(settings, redactor)
+        self._policy = LaunchPolicy(settings, redactor, job_sandbox)
         self.redactor = self._policy.redactor
         self._runner = JobRunner(settings, executor, self._policy, self, clock)
         self._jobs: dict[int, JobRecord] = {}

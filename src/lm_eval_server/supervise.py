@@ -6,8 +6,11 @@ neither kills the job nor loses its exit code. It is started with `python -I -S`
 environment can hook it, and imports only built-in modules (`os`, `select`, `_signal`), so it
 starts the command a few milliseconds after it was spawned.
 
-    python -I -S supervise.py WORK_DIR MAX_LOG_BYTES -- COMMAND...
+    python -I -S supervise.py WORK_DIR MAX_LOG_BYTES [--sandboxed] -- COMMAND...
     python -I -S supervise.py WORK_DIR MAX_LOG_BYTES --attach PID STDOUT_FD STDERR_FD
+
+`--sandboxed`: COMMAND is bwrap (lm_eval_server.sandbox), which reports a command killed by
+signal N as 128+N; the exit record says -N, as for a command run directly.
 
 The second form is for a warm worker (`lm_eval_server.executors.warm_worker`): the job's
 process, PID, is already running as a child of this process (forked before this program was
@@ -35,6 +38,7 @@ else:
     import jobdir
 
 CHUNK = 1 << 16
+SANDBOXED = "--sandboxed"
 STOP_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
 
 
@@ -106,7 +110,12 @@ class _Child:
         return self.returncode
 
 
-def run(work_dir: str | os.PathLike[str], max_log_bytes: int, command: list[str]) -> int:
+def run(
+    work_dir: str | os.PathLike[str],
+    max_log_bytes: int,
+    command: list[str],
+    sandboxed: bool = False,
+) -> int:
     work_dir = os.fspath(work_dir)
     ignore_stop_signals()
     logs = _open_logs(work_dir, max_log_bytes)
@@ -134,7 +143,12 @@ def run(work_dir: str | os.PathLike[str], max_log_bytes: int, command: list[str]
     finally:
         os.close(out_w)
         os.close(err_w)
-    return _supervise(work_dir, _Child(pid), out_r, err_r, logs)
+    return _supervise(work_dir, _Child(pid), out_r, err_r, logs, sandboxed)
+
+
+def sandbox_exit_status(code: int) -> int:
+    # bwrap's encoding, as a shell's: 128+N for a command killed by signal N.
+    return -(code - 128) if 128 < code < 128 + 65 else code
 
 
 def run_attached(
@@ -162,11 +176,18 @@ def _open_logs(work_dir: str, max_log_bytes: int) -> dict[str, RotatingLog]:
 
 
 def _supervise(
-    work_dir: str, child: _Child, stdout_fd: int, stderr_fd: int, logs: dict[str, RotatingLog]
+    work_dir: str,
+    child: _Child,
+    stdout_fd: int,
+    stderr_fd: int,
+    logs: dict[str, RotatingLog],
+    sandboxed: bool = False,
 ) -> int:
     jobdir.write_atomic(jobdir.path(work_dir, jobdir.CHILD_PID), str(child.pid))
     _pump(child, {stdout_fd: logs["stdout"], stderr_fd: logs["stderr"]})
     code = child.wait()
+    if sandboxed:
+        code = sandbox_exit_status(code)
     jobdir.write_exit(work_dir, code)
     return code
 
@@ -192,7 +213,7 @@ def _pump(child: _Child, streams: dict[int, RotatingLog]) -> None:
 
 
 USAGE = (
-    "usage: supervise.py WORK_DIR MAX_LOG_BYTES -- COMMAND...\n"
+    "usage: supervise.py WORK_DIR MAX_LOG_BYTES [--sandboxed] -- COMMAND...\n"
     "       supervise.py WORK_DIR MAX_LOG_BYTES --attach PID STDOUT_FD STDERR_FD"
 )
 
@@ -201,10 +222,13 @@ def main(argv: list[str]) -> int:
     if len(argv) == 6 and argv[2] == "--attach":
         pid, stdout_fd, stderr_fd = (int(a) for a in argv[3:])
         return run_attached(argv[0], int(argv[1]), pid, stdout_fd, stderr_fd)
+    sandboxed = len(argv) > 2 and argv[2] == SANDBOXED
+    if sandboxed:
+        argv = argv[:2] + argv[3:]
     if len(argv) < 4 or argv[2] != "--":
         sys.stderr.write(USAGE + "\n")
         return 2
-    return run(argv[0], int(argv[1]), argv[3:])
+    return run(argv[0], int(argv[1]), argv[3:], sandboxed)
 
 
 if __name__ == "__main__":

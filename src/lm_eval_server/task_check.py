@@ -68,11 +68,29 @@ def check(yaml_path: Path, allow_code: bool) -> dict[str, Any]:
     }
 
 
+def limit(cpu_s: int | None, memory_mb: int | None, file_mb: int | None) -> None:
+    """Caps this process before it reads the upload: a template or data that loops, allocates
+    or writes without end is stopped by the kernel (SIGXCPU, MemoryError, EFBIG)."""
+    import resource
+
+    for kind, value in (
+        (resource.RLIMIT_CPU, cpu_s),
+        (resource.RLIMIT_AS, None if memory_mb is None else memory_mb << 20),
+        (resource.RLIMIT_FSIZE, None if file_mb is None else file_mb << 20),
+    ):
+        if value is not None:
+            resource.setrlimit(kind, (value, value))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lm_eval_server.task_check")
     parser.add_argument("yaml", type=Path)
     parser.add_argument("--allow-code", action="store_true")
+    parser.add_argument("--cpu-s", type=int)
+    parser.add_argument("--memory-mb", type=int)
+    parser.add_argument("--file-mb", type=int)
     args = parser.parse_args(argv)
+    limit(args.cpu_s, args.memory_mb, args.file_mb)
     try:
         result = check(args.yaml, args.allow_code)
     except BaseException as exc:  # lm-eval's error, whatever it is, is the answer

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lm_eval_server import job_env, task_rules
+from lm_eval_server import job_env, sandbox, task_rules
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import DomainError
 from lm_eval_server.principals import NAME_PATTERN, Principal
@@ -41,7 +41,9 @@ META = "upload.json"
 # Characters of the check process's output kept for its error message.
 CHECK_OUTPUT_CHARS = 64 * 1024
 # Uploads checked by lm-eval at once (each is a Python process importing lm-eval).
-MAX_CHECKS = 2
+MAX_PENDING_PER_OWNER = 2  # one upload being checked, one waiting for it
+# How a check process ends when it passes RLIMIT_CPU (SIGXCPU; bwrap reports 128+24).
+CPU_LIMIT_CODES = (-24, 152)
 
 
 class UploadRefused(DomainError):
@@ -149,11 +151,15 @@ def prepare(
 class TaskUploads:
     """The uploaded tasks under DATA_DIR/tasks, owner-aware."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, job_sandbox: sandbox.Sandbox = sandbox.OFF) -> None:
         self._settings = settings
         self.root = settings.tasks_dir
         self._locks: dict[str, asyncio.Lock] = {}
-        self._checks = 0
+        self._sandbox = job_sandbox
+        # The check never needs the network: it reads the upload's own files.
+        self._views = sandbox.Views(settings, network=False)
+        self._checking: set[str] = set()  # owners whose upload lm-eval is checking now
+        self._pending: dict[str, int] = {}  # each owner's uploads being checked or waiting
 
     # ------------------------------------------------------------ reading
 
@@ -279,13 +285,22 @@ class TaskUploads:
                 f"task {name!r} is one of lm-eval's own tasks, groups or tags; give the "
                 "uploaded task another name (task: in the YAML)"
             )
-        if self._checks >= MAX_CHECKS:
+        # One owner holds at most one check slot (its uploads are checked one at a time) and
+        # may have one more upload waiting: it cannot take the slots other owners need.
+        if self._pending.get(owner, 0) >= MAX_PENDING_PER_OWNER:
             raise ChecksBusy(
-                f"{MAX_CHECKS} uploads are being checked by lm-eval right now; retry shortly"
+                "your earlier uploads are still being checked by lm-eval; retry when they are "
+                "done"
             )
-        self._checks += 1
+        self._pending[owner] = self._pending.get(owner, 0) + 1
         try:
             async with self._lock(owner):
+                slots = settings.task_check_slots
+                if len(self._checking) >= slots:
+                    raise ChecksBusy(
+                        f"{slots} uploads of other owners are being checked by lm-eval right "
+                        "now (TASK_CHECK_SLOTS); retry shortly"
+                    )
                 existing = self.names(owner)
                 replaced = name in existing
                 if not replaced and len(existing) >= settings.max_uploaded_tasks:
@@ -294,9 +309,15 @@ class TaskUploads:
                         f"per owner (MAX_UPLOADED_TASKS={settings.max_uploaded_tasks}); delete "
                         "one with DELETE /tasks/{name}"
                     )
-                task = await self._store(owner, checked, data, allow_code)
+                self._checking.add(owner)
+                try:
+                    task = await self._store(owner, checked, data, allow_code)
+                finally:
+                    self._checking.discard(owner)
         finally:
-            self._checks -= 1
+            self._pending[owner] -= 1
+            if not self._pending[owner]:
+                del self._pending[owner]
         log.info("task %r uploaded by %s (%s)", name, owner, "replaced" if replaced else "new")
         return task, replaced
 
@@ -314,7 +335,7 @@ class TaskUploads:
         check_dir = staging.with_name(staging.name + ".check")
         try:
             await asyncio.to_thread(self._write, staging, checked, data, staging)
-            result = await self._check(staging / f"{name}.yaml", check_dir, allow_code)
+            result = await self._check(owner, staging / f"{name}.yaml", check_dir, allow_code)
             meta = {
                 "name": name,
                 "owner": owner,
@@ -365,16 +386,27 @@ class TaskUploads:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
-    async def _check(self, yaml_path: Path, work_dir: Path, allow_code: bool) -> dict[str, Any]:
-        """lm-eval loads the task in a child process with the job environment."""
+    async def _check(
+        self, owner: str, yaml_path: Path, work_dir: Path, allow_code: bool
+    ) -> dict[str, Any]:
+        """lm-eval loads the task in a child process with the job environment, in the owner's
+        sandbox (the upload is code) and within CPU, memory and file-size limits."""
         settings = self._settings
         await asyncio.to_thread(work_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
         env = job_env.job_environment(settings, work_dir, {})
         # The check reads local files only; it never needs the network.
         env.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
         argv = [sys.executable, "-m", "lm_eval_server.task_check", str(yaml_path)]
+        argv += ["--cpu-s", str(settings.task_check_cpu_s)]
+        argv += ["--memory-mb", str(settings.task_check_memory_mb)]
+        argv += ["--file-mb", str(settings.task_check_file_mb)]
         if allow_code:
             argv.append("--allow-code")
+        if self._sandbox.enabled:
+            view = await asyncio.to_thread(
+                self._views.job, owner, work_dir, read_only=[yaml_path.parent]
+            )
+            argv = self._sandbox.wrap(view, argv)
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=work_dir,
@@ -402,6 +434,11 @@ class TaskUploads:
             await proc.wait()
             raise
         result = _last_json(out[-CHECK_OUTPUT_CHARS:].decode(errors="replace"))
+        if result is None and proc.returncode in CPU_LIMIT_CODES:
+            raise UploadRefused(
+                f"lm-eval used more than {settings.task_check_cpu_s} CPU seconds loading the "
+                "task (TASK_CHECK_CPU_S): a template or data that costs this much is refused"
+            )
         if result is None:
             tail = " ".join(err[-2000:].decode(errors="replace").split())
             raise UploadRefused(

@@ -67,6 +67,8 @@ class ServerState:
     audit: Audit | None = None
     # Masks injected secrets in served text; the same object as the manager's (app.py).
     redactor: Redactor = field(default_factory=Redactor)
+    # The job sandbox in force (sandbox.Sandbox.describe): {"mode": "bwrap"|"off", "reason"}.
+    sandbox_status: dict[str, object] = field(default_factory=lambda: {"mode": "off"})
 
 
 class NotStarted(RuntimeError):

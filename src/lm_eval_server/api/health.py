@@ -34,6 +34,8 @@ async def ready(state: State, manager: Manager) -> JSONResponse:
     # state: building, ready, failed (with the error and when the build is tried again) or
     # disabled; submissions get 503 with the same reason until it is ready.
     body: dict[str, object] = {"ready": ok, "checks": checks, "task_index": catalog.status()}
+    # Informational: which sandbox holds the jobs (docs/security.md).
+    body["sandbox"] = state.sandbox_status
     pool = state.warm_pool
     if pool is not None:
         # Informational: without a ready warm worker, jobs simply start cold.

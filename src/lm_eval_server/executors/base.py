@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from lm_eval_server.sandbox import View
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -22,6 +24,10 @@ class LaunchSpec:
     # launch policy (lm_eval_server.launch.warm_args) says it may; executors without one ignore
     # this.
     warm_args: list[str] | None = None
+    # The job's sandbox (lm_eval_server.sandbox): what its process tree may see, and the bwrap
+    # that makes it so. None: the job runs unconfined (SANDBOX=off).
+    view: View | None = None
+    bwrap: str = "bwrap"
 
 
 class JobHandle(Protocol):

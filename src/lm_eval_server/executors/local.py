@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lm_eval_server import jobdir, supervise
+from lm_eval_server import jobdir, sandbox, supervise
 from lm_eval_server.executors.base import JobHandle, LaunchSpec
 
 if TYPE_CHECKING:
@@ -96,16 +96,15 @@ class LocalExecutor:
             if pid is not None:
                 # The session leader is the warm worker's child: the worker reaps it.
                 return LocalJobHandle(pid, spec.work_dir, own_child=False)
-        command = [
-            sys.executable,
-            "-I",
-            "-S",
-            supervise.__file__,
-            str(spec.work_dir),
-            str(self._max_log_bytes),
-            "--",
-            *spec.argv,
-        ]
+        command = [sys.executable, "-I", "-S", supervise.__file__]
+        command += [str(spec.work_dir), str(self._max_log_bytes)]
+        if spec.view is not None:
+            # The supervisor stays outside: it writes the logs and the exit record, and bwrap,
+            # its child, confines everything the job runs.
+            confined = sandbox.command(spec.view, spec.argv, spec.bwrap)
+            command += [supervise.SANDBOXED, "--", *confined]
+        else:
+            command += ["--", *spec.argv]
         # The job's whole environment (job_env), never the server's: the supervisor starts
         # with `-I` and hands it on unchanged.
         env = dict(spec.env)
