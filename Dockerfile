@@ -9,8 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DATA_DIR=/data
 
 # git: lm-eval records the git hash of its working directory (harmless when absent).
+# bubblewrap: the job sandbox (SANDBOX=auto uses it when the container runtime allows user
+# namespaces; see docs/security.md for the runtime options it needs).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git \
+    && apt-get install -y --no-install-recommends git bubblewrap \
     && rm -rf /var/lib/apt/lists/*
 
 RUN pip install --no-cache-dir uv==0.13.9

@@ -9,10 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 from tests.support.jobs import ROOT
 
@@ -97,4 +100,29 @@ def test_quick_floods_bench_measures_every_flood(tmp_path: Path, index_dir: Path
         if name != "none":
             # Every flood request was answered, and refused (nothing queued: floods.py checks).
             assert row["requests"] >= 1 and row["status"] == [422], (name, row)
+        assert name in proc.stdout
+
+
+SANDBOX_BENCH = ROOT / "bench" / "sandbox.py"
+
+
+def test_quick_sandbox_bench_measures_both_modes(tmp_path: Path, index_dir: Path) -> None:
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (.ci/run installs it)")
+    out = tmp_path / "sandbox.json"
+    argv = [sys.executable, str(SANDBOX_BENCH), "--quick", "--out", str(out)]
+    proc = subprocess.run(
+        [*argv, "--index-dir", str(index_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["mode"] == "quick"
+    assert list(results["figures"]) == ["dispatch_p50", "dispatch_p99", "lm_eval_p50"]
+    for name, row in results["figures"].items():
+        for side in ("bwrap", "off"):
+            assert math.isfinite(row[side]) and row[side] > 0, (name, row)
         assert name in proc.stdout

@@ -91,11 +91,13 @@ def _make_warm_pool(settings: Settings, gpu_devices: list[str] | None) -> WarmPo
     return WarmPool(settings.warm_workers, env, run_dir)
 
 
-def _make_executor(settings: Settings, warm_pool: WarmPool | None = None) -> Executor:
+def _make_executor(
+    settings: Settings, warm_pool: WarmPool | None = None, sandboxed: bool = False
+) -> Executor:
     if settings.executor is ExecutorKind.ray:
         from lm_eval_server.executors.ray import RayExecutor  # optional dependency
 
-        return RayExecutor(settings)  # type: ignore[return-value]
+        return RayExecutor(settings, sandboxed=sandboxed)  # type: ignore[return-value]
     from lm_eval_server.executors.local import LocalExecutor
 
     return LocalExecutor(settings.max_log_bytes, warm_pool)
@@ -145,7 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         # The executor first: an unreachable Ray cluster stops startup before anything is open.
         warm_pool = _make_warm_pool(settings, gpu_devices)
-        executor = _make_executor(settings, warm_pool)
+        executor = _make_executor(settings, warm_pool, job_sandbox.enabled)
         store = _make_store(settings)
         state.audit = _make_audit(settings)
         state.audit.prune()

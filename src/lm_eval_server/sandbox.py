@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -177,6 +178,21 @@ def _inside_any(path: str, roots: Iterable[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
+def program_dirs(commands: Iterable[str]) -> list[str]:
+    """The directories of the files the operator's LM_EVAL_PATHS commands name (a script and
+    the modules beside it): a job must be able to run the command it was allowed."""
+    found = []
+    for line in commands:
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        for word in words:
+            if os.path.isabs(word) and os.path.isfile(word):
+                found.append(os.path.dirname(os.path.realpath(word)))
+    return _unique(found)
+
+
 def reexposable(hidden_dir: str, private: Iterable[str]) -> list[str]:
     """The entries of `hidden_dir` that are none of the server's `private` paths and contain
     none: what ALLOWED_PATHS still gives a job of DATA_DIR (an operator's model or task
@@ -297,6 +313,9 @@ class ViewSettings(Protocol):
     def allowed_roots(self) -> list[Path]: ...
 
     @property
+    def lm_eval_path_allowlist(self) -> list[str]: ...
+
+    @property
     def task_index_dir(self) -> Path: ...
 
     @property
@@ -330,6 +349,7 @@ class Views:
         self._hidden = tuple(_unique(hidden))
         self._private = tuple(private)
         roots = [str(r) for r in settings.allowed_roots]
+        roots += program_dirs(settings.lm_eval_path_allowlist)
         # An allowed root inside a hidden path is given back after the hiding, unless it is,
         # or holds, one of the server's own paths.
         self._roots_before = tuple(r for r in roots if not _inside_any(r, self._hidden))

@@ -11,6 +11,11 @@ Only this module imports ray; the server imports it only when EXECUTOR=ray.
   node's environment, and shows them on its dashboard). WORK_DIR (and lm-eval's `--output_path`
   under it) are the server's absolute paths, so the cluster's nodes must see DATA_DIR at the
   same path: trivially for a head on this machine, else shared storage.
+- Sandbox: with the job sandbox on (lm_eval_server.sandbox), the program exec'd is bwrap (found
+  on the node's PATH) around the job's command, with the view the server built for the job: the
+  same confinement as a local job, on the node. Every node then needs bubblewrap and the server's
+  paths (venv, DATA_DIR); RAY_JOB_PYTHON's installation is bound read-only beside them. bwrap
+  reports a command killed by signal N as 128+N; the handle reports -N, as a local job does.
 - Logs: Ray keeps one combined stdout+stderr log per job. It is copied into `stderr.log`
   (`stdout.log` stays empty), while the job runs from Ray's log websocket and, when the job has
   ended, completed from the full log. Ray's log stream always starts at the beginning, so the
@@ -38,6 +43,7 @@ import secrets
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +51,10 @@ import requests
 from ray.job_submission import JobDetails, JobSubmissionClient
 from ray.job_submission import JobStatus as RayJobStatus
 
-from lm_eval_server import jobdir, joblogs
+from lm_eval_server import jobdir, joblogs, sandbox
 from lm_eval_server.config import Settings
 from lm_eval_server.executors.base import JobHandle, LaunchSpec
-from lm_eval_server.supervise import RotatingLog
+from lm_eval_server.supervise import RotatingLog, sandbox_exit_status
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +275,8 @@ class RayJobHandle:
         code = info.driver_exit_code
         if info.status == RayJobStatus.SUCCEEDED:
             return 0, None
+        if code is not None and self._executor.sandboxed:
+            code = sandbox_exit_status(code)
         if info.status == RayJobStatus.FAILED:
             if code:
                 return code, None  # the entrypoint failed; its own log says why
@@ -366,6 +374,7 @@ class RayExecutor:
         settings: Settings,
         *,
         poll_interval_s: float = 0.5,
+        sandboxed: bool = False,
     ) -> None:
         if not settings.ray_address:
             raise RuntimeError("EXECUTOR=ray needs RAY_ADDRESS (e.g. http://head:8265)")
@@ -375,6 +384,7 @@ class RayExecutor:
         self.lost_after_s = settings.ray_lost_after_s
         self._runtime_env = dict(settings.ray_job_runtime_env or {})
         self._python = settings.ray_job_python
+        self.sandboxed = sandboxed  # jobs run under bwrap on their nodes
         try:
             # Checks the connection and the cluster's Ray version (one short HTTP request).
             self.client = _Client(self.address)
@@ -444,6 +454,12 @@ class RayExecutor:
         argv = list(spec.argv)
         if self._python and argv and argv[0] == sys.executable:
             argv[0] = self._python
+        if spec.view is not None:
+            view = spec.view
+            if self._python:
+                installation = Path(self._python).resolve().parent.parent
+                view = replace(view, read_only=(*view.read_only, str(installation)))
+            argv = sandbox.command(view, argv, "bwrap")
         start = [python, "-I", "-S", "-c", EXEC_WITH_ENV, str(env_file), *argv]
         return f"cd {shlex.quote(str(spec.work_dir))} && exec {shlex.join(start)}"
 
