@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +107,7 @@ def original_build() -> Any:
 
 
 def cached_source(builtin: Path, **kwargs: Any) -> launcher.BuiltinIndexSource:
-    payload = pickle.dumps(original_build()([builtin]))
+    payload = task_index.encode_index(original_build()([builtin]), builtin)
     return launcher.BuiltinIndexSource(builtin, original_build(), payload, **kwargs)
 
 
@@ -172,7 +171,7 @@ def test_hooked_build_passes_through_other_calls(dirs: tuple[Path, Path, Path]) 
         calls.append((list(paths), resolve_includes))
         return {}
 
-    source = launcher.BuiltinIndexSource(builtin, spy, pickle.dumps({}))
+    source = launcher.BuiltinIndexSource(builtin, spy, task_index.encode_index({}, builtin))
     hooked = launcher.make_build(spy, source, logging.getLogger("x"))
     hooked([include1])
     hooked([builtin, include1], resolve_includes=False)  # the cache is resolve_includes=True
@@ -214,7 +213,7 @@ def test_missing_cache_is_built_once_and_saved(dirs: tuple[Path, Path, Path]) ->
     second = hooked([builtin, include1])
     assert second == real([builtin, include1])
     assert calls.count([builtin]) == 1
-    assert len(saved) == 1 and pickle.loads(saved[0][1]) == real([builtin])
+    assert len(saved) == 1 and task_index.decode_index(saved[0][1], builtin) == real([builtin])
 
 
 def test_unreadable_payload_falls_back_to_lm_eval(
@@ -364,10 +363,11 @@ def test_launcher_builds_and_saves_a_missing_cache(tmp_path: Path) -> None:
     code, out, err = runs["missing"]
     assert code == 0, err[-3000:]
     assert "All tasks found and valid" in out
-    assert "builtin_index.pickle: missing; indexing built-in tasks with lm-eval" in err
+    assert "builtin_index.jsonl: missing; indexing built-in tasks with lm-eval" in err
     assert "saved task index cache" in err
     assert launcher.CACHE_HIT_MARKER not in err
 
     payload = task_index.read_index_payload(data, task_index.cache_key())
-    assert pickle.loads(payload)["arc_easy"].name == "arc_easy"
+    index = task_index.decode_index(payload, task_index.builtin_tasks_dir())
+    assert index["arc_easy"].name == "arc_easy"
     assert "arc_easy" in (task_index.load_names(data) or set())

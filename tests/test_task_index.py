@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import threading
@@ -243,7 +242,7 @@ def test_cache_key_depends_on_lm_eval_version(
 
 def test_cache_paths(tmp_path: Path) -> None:
     paths = task_index.cache_paths(tmp_path)
-    assert paths.index == tmp_path / "task_index" / "builtin_index.pickle"
+    assert paths.index == tmp_path / "task_index" / "builtin_index.jsonl"
     assert paths.names == tmp_path / "task_index" / "task_names.json"
 
 
@@ -270,12 +269,15 @@ def test_build_writes_both_files(fake_builtin: Path, tmp_path: Path) -> None:
         },
     }
     assert task_index.load_info(data) is None  # keyed to the real install, not this one
-    payload = task_index.read_index_payload(data, key)
-    assert pickle.loads(payload) == TaskIndex.build([fake_builtin])
+    assert cached(data, key, fake_builtin) == TaskIndex.build([fake_builtin])
     assert sorted(p.name for p in paths.index.parent.iterdir()) == [
-        "builtin_index.pickle",
+        "builtin_index.jsonl",
         "task_names.json",
     ]
+
+
+def cached(data: Path, key: str, builtin: Path) -> dict:
+    return task_index.decode_index(task_index.read_index_payload(data, key), builtin)
 
 
 def test_read_index_payload_reasons(fake_builtin: Path, tmp_path: Path) -> None:
@@ -288,12 +290,14 @@ def test_read_index_payload_reasons(fake_builtin: Path, tmp_path: Path) -> None:
     with pytest.raises(task_index.CacheUnavailable, match="stale"):
         task_index.read_index_payload(data, "0" * 32)
 
-    task_index.cache_paths(data).index.write_bytes(b"not a pickle")
-    with pytest.raises(task_index.CacheUnavailable, match="unreadable"):
-        task_index.read_index_payload(data, key)
-
-    task_index.cache_paths(data).index.write_bytes(pickle.dumps({"format": -1}))
-    with pytest.raises(task_index.CacheUnavailable, match="unknown format"):
+    index_file = task_index.cache_paths(data).index
+    good = index_file.read_bytes()
+    for bad in (b"not json", b'{"format": -1}\n[]\n', b"\x80\x04\x95 a pickle\n"):
+        index_file.write_bytes(bad)
+        with pytest.raises(task_index.CacheUnavailable, match="unknown format"):
+            task_index.read_index_payload(data, key)
+    index_file.write_bytes(good[:-100])
+    with pytest.raises(task_index.CacheUnavailable, match="truncated"):
         task_index.read_index_payload(data, key)
 
 
@@ -350,9 +354,9 @@ def test_concurrent_writers_leave_a_valid_cache(fake_builtin: Path, tmp_path: Pa
         t.start()
     for _ in range(50):  # readers never see a partial file
         if task_index.cache_paths(data).index.exists():
-            assert pickle.loads(task_index.read_index_payload(data, key)) == index
+            assert cached(data, key, fake_builtin) == index
     for t in threads:
         t.join()
     assert errors == []
-    assert pickle.loads(task_index.read_index_payload(data, key)) == index
+    assert cached(data, key, fake_builtin) == index
     assert len(list((data / "task_index").iterdir())) == 2  # no temp files left

@@ -1,8 +1,21 @@
-"""Run lm-eval's CLI with the built-in task index served from a cache.
+"""Run lm-eval's CLI with task templates rendered in Jinja's sandbox and the built-in task
+index served from a cache.
 
 Usage: ``python -m lm_eval_server.launcher [the argv lm_eval takes]``.
 
-Hook point (the only one): ``lm_eval.tasks._index.TaskIndex.build``, a
+Template hook point: ``lm_eval.utils.env``, the module-level ``jinja2.Environment`` that
+``lm_eval.utils.apply_template`` renders every templated task field with (``doc_to_text``,
+``doc_to_target``, ``doc_to_choice``, ``description``, ``gen_prefix``, ...), as does the remote
+tokenizer's chat template. ``sandbox_templates`` replaces it with a
+``jinja2.sandbox.ImmutableSandboxedEnvironment`` of the same settings and lm-eval's extra
+filters (``regex_replace``): a template then cannot read attributes starting with ``_`` (the
+way from a value to Python's globals) or change a list or dict in place. This runs in every
+job, cold or warm (``run_lm_eval``), whatever the index hook does. It fails closed: if the hook
+point changed shape in another lm-eval, the launcher prints one line saying why and exits with
+``EXIT_NO_TEMPLATE_SANDBOX`` before lm-eval runs, rather than render hostile templates
+unsandboxed. There is no switch to turn it off.
+
+Index hook point: ``lm_eval.tasks._index.TaskIndex.build``, a
 staticmethod ``build(paths, *, resolve_includes=True) -> dict[str, Entry]``
 that ``lm_eval.tasks.manager.TaskManager.__init__`` calls with lm-eval's
 built-in tasks dir first and any ``include_path`` dirs after it. The wrapper
@@ -18,8 +31,8 @@ Environment:
 * ``LM_EVAL_SERVER_LAUNCHER_DEBUG=1``: print marker lines, e.g. when the
   built-in index is served from the cache.
 
-Whenever the hook cannot be trusted (hook point changed shape, setup error) the
-launcher runs plain lm-eval and prints one line to stderr saying why. A missing,
+Whenever the index hook cannot be trusted (hook point changed shape, setup error) the
+launcher runs lm-eval with its own indexing and prints one line to stderr saying why. A missing,
 stale or unreadable cache also prints one line; lm-eval's own indexer then
 builds the built-in index, and the launcher saves it for the next run.
 """
@@ -27,11 +40,9 @@ builds the built-in index, and the launcher saves it for the next run.
 from __future__ import annotations
 
 import functools
-import gc
 import inspect
 import logging
 import os
-import pickle
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -44,6 +55,9 @@ ENV_INDEX_DIR = "LM_EVAL_SERVER_INDEX_DIR"
 ENV_DISABLE_HOOK = "LM_EVAL_SERVER_DISABLE_HOOK"
 ENV_DEBUG = "LM_EVAL_SERVER_LAUNCHER_DEBUG"
 HOOK_POINT = "lm_eval.tasks._index.TaskIndex.build"
+JINJA_HOOK_POINT = "lm_eval.utils.env"
+# EX_CONFIG: the job did not run, because templates could not be sandboxed.
+EXIT_NO_TEMPLATE_SANDBOX = 78
 CACHE_HIT_MARKER = "served built-in task index from cache"
 _PREFIX = "lm_eval_server.launcher: "
 
@@ -63,24 +77,12 @@ def _debug(message: str) -> None:
         _say(message)
 
 
-def _unpickle(payload: bytes) -> Index:
-    # The cyclic GC would otherwise run dozens of times over 15k new objects
-    # (~0.6 s vs ~0.15 s); none of them are garbage yet.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return pickle.loads(payload)
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 class BuiltinIndexSource:
     """Hands out private copies of the built-in tasks dir's index.
 
-    From the cached pickle when there is one; otherwise lm-eval's own ``build``
-    makes it once, and it is pickled before lm-eval can mutate it (TaskFactory
-    adds names to the index dict) and saved via ``save`` for the next run.
+    From the cache's JSON (``task_index.decode_index``) when there is one; otherwise
+    lm-eval's own ``build`` makes it once, and it is encoded before lm-eval can mutate
+    it (TaskFactory adds names to the index dict) and saved via ``save`` for the next run.
     """
 
     def __init__(
@@ -115,18 +117,24 @@ class BuiltinIndexSource:
             return index
         if self._payload is not None:
             try:
-                index = _unpickle(self._payload)
+                index = task_index.decode_index(self._payload, self.builtin_dir)
             except Exception as err:
-                _say(f"cached task index unreadable ({type(err).__name__}); re-indexing")
+                _say(f"cached task index unreadable ({err}); re-indexing with lm-eval")
                 self._payload = None
             else:
                 _debug(f"{CACHE_HIT_MARKER} ({len(index)} entries)")
                 return index
         index = self._original([self.builtin_dir])
-        self._payload = pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            payload: bytes | None = task_index.encode_index(index, self.builtin_dir)
+        except task_index.CacheUnavailable as why:
+            # Not cacheable: every later call indexes afresh (a private copy each time).
+            _say(f"task index not cached: {why}")
+            return index
+        self._payload = payload
         if self._save is not None:
             save, self._save = self._save, None
-            save(index, self._payload)
+            save(index, payload)
         return index
 
 
@@ -250,11 +258,103 @@ def prepare(*, preload: bool = False) -> str | None:
         return f"hook setup failed ({type(err).__name__}: {err})"
 
 
+# ----------------------------------------------------------------- templates in the sandbox
+
+# Environment settings that keep their name as an attribute (jinja2.Environment.__init__).
+_ENV_SETTINGS = (
+    "block_start_string",
+    "block_end_string",
+    "variable_start_string",
+    "variable_end_string",
+    "comment_start_string",
+    "comment_end_string",
+    "line_statement_prefix",
+    "line_comment_prefix",
+    "trim_blocks",
+    "lstrip_blocks",
+    "newline_sequence",
+    "keep_trailing_newline",
+    "optimized",
+    "undefined",
+    "finalize",
+    "autoescape",
+    "loader",
+    "auto_reload",
+    "bytecode_cache",
+)
+
+
+def check_jinja_hook_point(utils_mod: ModuleType) -> str | None:
+    """Why ``lm_eval.utils.env`` cannot be swapped for a sandbox, or None."""
+    import jinja2
+
+    env = getattr(utils_mod, "env", None)
+    if type(env) is not jinja2.Environment:
+        return f"{JINJA_HOOK_POINT} is not a jinja2.Environment ({type(env).__name__})"
+    apply = getattr(utils_mod, "apply_template", None)
+    code = getattr(apply, "__code__", None)
+    if (
+        not inspect.isfunction(apply)
+        or apply.__globals__ is not vars(utils_mod)
+        or code is None
+        or "env" not in code.co_names
+    ):
+        return f"lm_eval.utils.apply_template no longer renders with {JINJA_HOOK_POINT}"
+    if env.extensions or env.is_async:
+        return f"{JINJA_HOOK_POINT} has extensions or async rendering this launcher does not copy"
+    return None
+
+
+def sandboxed_copy(env: Any) -> Any:
+    """An ImmutableSandboxedEnvironment with ``env``'s settings and the filters, tests and
+    globals ``env`` adds to Jinja's defaults (the sandbox's own ``range`` stays)."""
+    from jinja2 import defaults
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    sandbox = ImmutableSandboxedEnvironment(**{name: getattr(env, name) for name in _ENV_SETTINGS})
+    for mine, theirs, default in (
+        (sandbox.filters, env.filters, defaults.DEFAULT_FILTERS),
+        (sandbox.tests, env.tests, defaults.DEFAULT_TESTS),
+        (sandbox.globals, env.globals, defaults.DEFAULT_NAMESPACE),
+    ):
+        mine.update({k: v for k, v in theirs.items() if default.get(k) is not v})
+    sandbox.policies.update(env.policies)
+    return sandbox
+
+
+def sandbox_templates() -> str | None:
+    """Make lm-eval render templates in Jinja's sandbox; returns why it could not, or None."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        import lm_eval.utils as utils_mod
+
+        if isinstance(getattr(utils_mod, "env", None), ImmutableSandboxedEnvironment):
+            return None  # already (a warm worker's fork, or a second call)
+        problem = check_jinja_hook_point(utils_mod)
+        if problem is not None:
+            return problem
+        utils_mod.env = sandboxed_copy(utils_mod.env)
+    except Exception as err:  # any surprise: no sandbox, so no job
+        return f"sandbox setup failed ({type(err).__name__}: {err})"
+    _debug(f"task templates render in Jinja's sandbox ({JINJA_HOOK_POINT})")
+    return None
+
+
 def plain_lm_eval_notice(reason: str) -> None:
     _say(f"running plain lm-eval: {reason}")
 
 
 def run_lm_eval(argv: list[str]) -> None:
+    """lm-eval's CLI with ``argv``, its templates in the sandbox; exits with
+    EXIT_NO_TEMPLATE_SANDBOX (SystemExit) if they cannot be."""
+    problem = sandbox_templates()
+    if problem is not None:
+        _say(
+            f"refusing to run: task templates cannot be rendered in Jinja's sandbox: {problem}. "
+            "Use the lm-eval version this server supports, or update lm-eval-server"
+        )
+        raise SystemExit(EXIT_NO_TEMPLATE_SANDBOX)
     import lm_eval.__main__ as lm_eval_main
 
     # What `python -m lm_eval` puts in argv[0]; HarnessCLI inserts its legacy

@@ -7,14 +7,19 @@ that index for the built-in tasks directory only; ``lm_eval_server.launcher``
 serves it back to lm-eval by wrapping ``TaskIndex.build`` (the one hook point).
 
 Two files live in ``<data_dir>/task_index/``, both written atomically
-(temp file + ``os.replace``), so concurrent builders are harmless:
+(temp file + ``os.replace``), so concurrent builders are harmless. Both are data, parsed with
+``json`` and never unpickled or executed: whoever manages to write them can at most make a job
+re-index (every field is type-checked on load, anything unexpected reads as a corrupt cache).
 
-* ``builtin_index.pickle`` -- for the launcher: a small pickled header dict
-  (``format``, ``key``, ``lm_eval_version``, ``builtin_dir``, ``entries``)
-  followed by the raw pickle of ``dict[str, Entry]`` exactly as
-  ``TaskIndex.build([builtin_dir])`` returned it. The header lets a reader check
-  the key without unpickling 15 MB. Pickle runs code on load: the data dir must
-  only be writable by the server.
+* ``builtin_index.jsonl`` -- for the launcher: two lines of JSON. The first is a header
+  ``{"format", "key", "lm_eval_version", "builtin_dir", "entries"}`` (a reader checks the key
+  without parsing 16 MB); the second is the list of ``dict[str, Entry]`` that
+  ``TaskIndex.build([builtin_dir])`` returned, one row ``[name, kind, yaml_rel, cfg, tags]``
+  per entry in index order: ``kind`` is a ``Kind`` member's name, ``yaml_rel`` the YAML's path
+  relative to the built-in dir (``None`` for a tag), ``cfg`` the parsed YAML (``None`` for a
+  tag), ``tags`` a sorted list. ``decode_index`` rebuilds lm-eval's ``Entry`` objects and
+  refuses a row whose path leaves the built-in dir (lm-eval re-reads that YAML with
+  ``!function`` resolved, i.e. imports the ``utils.py`` beside it).
 * ``task_names.json`` -- for the server: ``{"lm_eval_version", "key",
   "tasks", "groups", "tags", "info"}``, where ``info`` maps each name to
   ``[kind, output_type, yaml_path]`` (kind ``task``, ``group`` or ``tag``; the
@@ -28,12 +33,13 @@ them); ``build`` does, so the server runs it in a child process:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
-import pickle
 import stat
 import sys
 import tempfile
@@ -44,10 +50,19 @@ from typing import IO, Any, NamedTuple
 import yaml
 
 # Bump when the layout of either cache file changes, so old files read as stale.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CACHE_SUBDIR = "task_index"
-INDEX_FILENAME = "builtin_index.pickle"
+INDEX_FILENAME = "builtin_index.jsonl"
 NAMES_FILENAME = "task_names.json"
+# Written by earlier versions; never read, removed when a new cache is written.
+LEGACY_INDEX_FILENAMES = ("builtin_index.pickle",)
+# Bounds on reading the cache back (lm-eval 0.4.13: a 16 MB index, 3 MB of names): a file
+# past them is not one this module wrote.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_INDEX_BYTES = 256 * 1024 * 1024
+MAX_NAMES_BYTES = 64 * 1024 * 1024
+# Entry kinds a built index holds (lm_eval.tasks._index.Kind names; UNKNOWN never is).
+ENTRY_KINDS = ("TASK", "PY_TASK", "GROUP", "TAG")
 # lm-eval's TaskIndex skips these directories (lm_eval/tasks/_index.py).
 _IGNORE_DIRS = frozenset({"__pycache__", ".ipynb_checkpoints"})
 
@@ -58,7 +73,7 @@ class CachePaths(NamedTuple):
 
 
 class CacheUnavailable(Exception):
-    """The pickled index cannot be used; the message says why (one line)."""
+    """The cached index cannot be used; the message says why (one line)."""
 
 
 # ----------------------------------------------------------------- cache key
@@ -175,6 +190,114 @@ def entry_info(index: Mapping[str, Any]) -> dict[str, list[str | None]]:
     return info
 
 
+def _rel_yaml_path(rel: Any) -> bool:
+    """A YAML path relative to the built-in dir that stays inside it (no ``..``, no root)."""
+    return (
+        type(rel) is str
+        and rel.endswith(".yaml")
+        and "\0" not in rel
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
+    )
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def encode_index(index: Mapping[str, Any], builtin_dir: Path) -> bytes:
+    """The body line of the index file (see the module doc) for ``index``, the result of
+    ``TaskIndex.build([builtin_dir])``.
+
+    Raises CacheUnavailable if the index holds anything ``decode_index`` would not give back
+    equal (a path outside ``builtin_dir``, a value JSON cannot hold): such an index is not
+    cached rather than cached wrong.
+    """
+    prefix = os.fspath(builtin_dir) + os.sep
+    rows: list[list[Any]] = []
+    for name, entry in index.items():
+        kind = getattr(getattr(entry, "kind", None), "name", None)
+        path = getattr(entry, "yaml_path", None)
+        rel = None
+        if path is not None:
+            text = os.fspath(path)
+            rel = text[len(prefix) :] if text.startswith(prefix) else None
+            if not _rel_yaml_path(rel):
+                raise CacheUnavailable(f"entry {name!r}: {text} is not a YAML in {builtin_dir}")
+        tags = getattr(entry, "tags", None)
+        if not isinstance(tags, set | frozenset) or not all(type(t) is str for t in tags):
+            raise CacheUnavailable(f"entry {name!r}: tags are not a set of names")
+        rows.append([name, kind, rel, entry.cfg, sorted(tags)])
+    try:
+        body = json.dumps(rows, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        payload = body.encode()
+        # JSON turns tuples into lists and int keys into strings without a word: only an
+        # index that reads back equal is cached.
+        same = decode_index(payload, builtin_dir) == dict(index)
+    except (TypeError, ValueError, CacheUnavailable) as err:
+        raise CacheUnavailable(f"index not representable as JSON ({err})") from None
+    if not same:
+        raise CacheUnavailable("index not representable as JSON (it reads back different)")
+    return payload
+
+
+def decode_index(payload: bytes, builtin_dir: Path) -> dict[str, Any]:
+    """Rebuild ``dict[str, Entry]`` from ``encode_index``'s bytes: parsed, never executed.
+
+    Every field is type-checked; a row of any other shape raises CacheUnavailable (the
+    launcher then re-indexes with lm-eval). ``cfg`` is JSON by construction (objects with
+    string keys, lists, strings, numbers, booleans, null), what lm-eval's YAML loader gives.
+    A task's or group's path must name a YAML inside ``builtin_dir``: lm-eval re-reads that
+    file with ``!function`` resolved, which imports the ``utils.py`` beside it.
+    """
+    from lm_eval.tasks._index import Entry, Kind
+
+    kinds = {name: Kind[name] for name in ENTRY_KINDS}
+    tag = kinds["TAG"]
+    join = Path(builtin_dir).joinpath
+    # The cyclic GC would run dozens of times over ~700k new containers (none garbage).
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        try:
+            rows = json.loads(payload, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+            raise CacheUnavailable(f"not JSON ({type(err).__name__})") from None
+        if type(rows) is not list:
+            raise CacheUnavailable("not a list of entries")
+        index: dict[str, Any] = {}
+        for row in rows:
+            if type(row) is not list or len(row) != 5:
+                raise CacheUnavailable("an entry is not [name, kind, path, cfg, tags]")
+            name, kind_name, rel, cfg, tags = row
+            kind = kinds.get(kind_name) if type(kind_name) is str else None
+            if type(name) is not str or kind is None or name in index:
+                raise CacheUnavailable(f"entry {str(name)[:100]!r}: bad name or kind")
+            if type(tags) is not list or not all(type(t) is str for t in tags):
+                raise CacheUnavailable(f"entry {name[:100]!r}: tags are not a list of names")
+            if kind is tag and rel is None and cfg is None:
+                path = None
+            elif kind is not tag and type(cfg) is dict and _rel_yaml_path(rel):
+                path = join(rel)
+            else:
+                raise CacheUnavailable(f"entry {name[:100]!r}: bad path or config")
+            index[name] = Entry(name=name, kind=kind, yaml_path=path, cfg=cfg, tags=set(tags))
+        return index
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _header(key: str, version: str, builtin_dir: Path, entries: int) -> bytes:
+    header = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "lm_eval_version": version,
+        "builtin_dir": os.fspath(builtin_dir),
+        "entries": entries,
+    }
+    return json.dumps(header).encode() + b"\n"
+
+
 def write_cache(
     data_dir: Path,
     key: str,
@@ -183,23 +306,20 @@ def write_cache(
     payload: bytes | None = None,
     builtin_dir: Path | None = None,
 ) -> CachePaths:
-    """Write both cache files. ``payload`` is ``pickle.dumps(index)`` if the
-    caller already has it (the launcher pickles before lm-eval can mutate it)."""
+    """Write both cache files. ``payload`` is ``encode_index(index, builtin_dir)`` if the
+    caller already has it (the launcher encodes before lm-eval can mutate the index).
+    Raises CacheUnavailable if the index cannot be encoded."""
     paths = cache_paths(data_dir)
     version = lm_eval_version()
+    builtin_dir = builtin_dir or builtin_tasks_dir()
     if payload is None:
-        payload = pickle.dumps(dict(index), protocol=pickle.HIGHEST_PROTOCOL)
-    header = {
-        "format": FORMAT_VERSION,
-        "key": key,
-        "lm_eval_version": version,
-        "builtin_dir": os.fspath(builtin_dir or builtin_tasks_dir()),
-        "entries": len(index),
-    }
+        payload = encode_index(index, builtin_dir)
+    header = _header(key, version, builtin_dir, len(index))
 
     def write_index(fh: IO[bytes]) -> None:
-        pickle.dump(header, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        fh.write(header)
         fh.write(payload)
+        fh.write(b"\n")
 
     names = {
         "lm_eval_version": version,
@@ -209,57 +329,109 @@ def write_cache(
     }
     _atomic_write(paths.index, write_index)
     _atomic_write(paths.names, lambda fh: fh.write(json.dumps(names).encode()))
+    for legacy in LEGACY_INDEX_FILENAMES:
+        with contextlib.suppress(OSError):
+            (paths.index.parent / legacy).unlink()
     return paths
 
 
-def read_index_payload(data_dir: Path, key: str) -> bytes:
-    """The raw pickle of the cached index if its key is ``key``.
+def _open_cache_file(path: Path) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file: a symlink, FIFO or device put in
+    its place is refused (OSError), never followed or blocked on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fh = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fh.close()
+        raise OSError(f"{path} is not a regular file")
+    return fh
 
-    Returns bytes rather than entries so every consumer can ``pickle.loads`` a
-    private copy (lm-eval mutates the index dict it is given).
-    Raises CacheUnavailable with a one-line reason otherwise.
+
+def read_index_payload(data_dir: Path, key: str) -> bytes:
+    """The body of the cached index (for ``decode_index``) if its key is ``key``.
+
+    Returns bytes rather than entries so every consumer can decode a private copy (lm-eval
+    mutates the index dict it is given). Only the header is parsed here, so a stale cache is
+    told apart without reading 16 MB. Raises CacheUnavailable with a one-line reason.
     """
     path = cache_paths(data_dir).index
     try:
-        with path.open("rb") as fh:
-            header = pickle.load(fh)
+        with _open_cache_file(path) as fh:
+            line = fh.readline(MAX_HEADER_BYTES + 1)
+            try:
+                header = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:
+                header = None
             if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
                 raise CacheUnavailable(f"{path}: unknown format")
-            if header.get("key") != key:
-                raise CacheUnavailable(f"{path}: stale (key {header.get('key')} != {key})")
-            return fh.read()
+            found = header.get("key")
+            if found != key:
+                raise CacheUnavailable(f"{path}: stale (key {str(found)[:40]} != {key})")
+            body = fh.read(MAX_INDEX_BYTES + 1)
     except FileNotFoundError:
         raise CacheUnavailable(f"{path}: missing") from None
     except CacheUnavailable:
         raise
-    except Exception as err:  # truncated/corrupt pickle, permissions, ...
+    except Exception as err:  # a symlink or FIFO in its place, permissions, ...
         raise CacheUnavailable(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+    if len(body) > MAX_INDEX_BYTES:
+        raise CacheUnavailable(f"{path}: larger than {MAX_INDEX_BYTES} bytes")
+    if not body.endswith(b"\n"):
+        raise CacheUnavailable(f"{path}: truncated")
+    return body
+
+
+def _read_names(data_dir: Path) -> dict[str, Any] | None:
+    """The names file if it is current (a regular file of its key), else None."""
+    path = cache_paths(data_dir).names
+    try:
+        with _open_cache_file(path) as fh:
+            text = fh.read(MAX_NAMES_BYTES + 1)
+        if len(text) > MAX_NAMES_BYTES:
+            return None
+        data = json.loads(text)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != cache_key():
+        return None
+    return data
 
 
 def load_names(data_dir: Path) -> set[str] | None:
-    """All built-in task/group/tag names, or None if the JSON is missing/stale."""
-    path = cache_paths(data_dir).names
-    try:
-        data = json.loads(path.read_text())
-        if data.get("key") != cache_key():
-            return None
-        return {*data["tasks"], *data["groups"], *data["tags"]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    """All built-in task/group/tag names, or None if the JSON is missing/stale/malformed."""
+    data = _read_names(data_dir)
+    if data is None:
         return None
+    lists = [data.get("tasks"), data.get("groups"), data.get("tags")]
+    if not all(type(v) is list and all(type(n) is str for n in v) for v in lists):
+        return None
+    return {name for names in lists for name in names}  # type: ignore[union-attr]
+
+
+def _info_row(row: Any, prefix: str) -> bool:
+    if type(row) is not list or len(row) != 3 or row[0] not in KINDS.values():
+        return False
+    output_type, path = row[1], row[2]
+    if output_type is not None and type(output_type) is not str:
+        return False
+    # GET /tasks/{name} reads the YAML at this path: only one among the built-in tasks.
+    return path is None or (
+        type(path) is str and _rel_yaml_path(path[len(prefix) :]) and path.startswith(prefix)
+    )
 
 
 def load_info(data_dir: Path) -> dict[str, list[str | None]] | None:
     """Name -> [kind, output_type, yaml_path] of every built-in name, or None if the names
-    file is missing or stale."""
-    path = cache_paths(data_dir).names
-    try:
-        data = json.loads(path.read_text())
-        if data.get("key") != cache_key():
-            return None
-        info = data["info"]
-        return info if isinstance(info, dict) else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    file is missing, stale or malformed (a path outside the built-in tasks dir included)."""
+    data = _read_names(data_dir)
+    if data is None:
         return None
+    info = data.get("info")
+    if type(info) is not dict:
+        return None
+    prefix = os.fspath(builtin_tasks_dir()) + os.sep
+    if not all(_info_row(row, prefix) for row in info.values()):
+        return None
+    return info
 
 
 def load_config(yaml_path: Path) -> dict[str, Any]:
