@@ -29,6 +29,20 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # An ALLOWED_ENV_VARS entry: a name, or an fnmatch pattern over name characters.
 ENV_PATTERN = re.compile(r"[A-Za-z0-9_*?\[\]!]+\Z")
 
+# Credentials the caller brings for providers lm-eval calls: the variables whose meaning is a
+# credential, the only default names a secret reference may go into (job_secrets). Where they
+# are sent is decided by the model and its base_url, never by an allowed variable (no
+# *_BASE_URL, *_ENDPOINT).
+CREDENTIAL_ENV_VARS: tuple[str, ...] = (
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "AZURE_OPENAI_API_KEY",
+    "TEXTSYNTH_API_SECRET_KEY",
+    "WATSONX_API_KEY",
+    "PERSPECTIVE_API_KEY",
+    "HF_TOKEN",
+)
+
 # Each name is read by lm-eval or a library it uses, and its value is a flag, a number, a log
 # level or a credential: none of them names a file, a directory, a module, a command or a host.
 # No glob patterns: a family such as OMP_* or NCCL_* also holds loaders (OMP_TOOL_LIBRARIES,
@@ -66,15 +80,7 @@ DEFAULT_ALLOWED_ENV_VARS: tuple[str, ...] = (
     "RAYON_NUM_THREADS",
     # CUDA debugging: synchronous kernel launches.
     "CUDA_LAUNCH_BLOCKING",
-    # Credentials the caller brings for providers lm-eval calls. Where they are sent is decided
-    # by the model and its base_url, never by an allowed variable (no *_BASE_URL, *_ENDPOINT).
-    "OPENAI_API_KEY",
-    "ANTHROPIC_API_KEY",
-    "AZURE_OPENAI_API_KEY",
-    "TEXTSYNTH_API_SECRET_KEY",
-    "WATSONX_API_KEY",
-    "PERSPECTIVE_API_KEY",
-    "HF_TOKEN",
+    *CREDENTIAL_ENV_VARS,
 )
 
 # Copied from the server's environment into every job unless JOB_ENV_PASSTHROUGH says otherwise:

@@ -251,6 +251,7 @@ class RequestValidator:
         except lm_eval_checks.LmEvalCheckError as exc:
             raise InvalidRequest(f"lm-eval would refuse these options: {exc}") from None
         self._check_code(configured)
+        self._check_no_secret_refs(configured)
         self._check_urls(configured)
         include_paths = self._check_paths(configured, user_output)
         all_tasks = task_items(configured.get("tasks"))
@@ -464,6 +465,16 @@ class RequestValidator:
         except (EnvVarsRefused, job_secrets.SecretRefused) as exc:
             raise InvalidRequest(str(exc)) from None
         return checked
+
+    def _check_no_secret_refs(self, configured: dict[str, Any]) -> None:
+        """A secret goes only into env_vars (job_secrets): a reference in lm-eval's options
+        (model_args, from the request or its config file) would reach lm-eval as the literal
+        object, never as the secret."""
+        for dest, value in configured.items():
+            if isinstance(value, dict | list) and (
+                where := job_secrets.find_reference(value, dest, MAX_DEPTH)
+            ):
+                raise InvalidRequest(job_secrets.not_here(where))
 
     def _check_model(self, model: str | None) -> None:
         names = self._catalog.model_names

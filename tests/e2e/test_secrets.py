@@ -211,6 +211,71 @@ def test_secret_names_are_confined_and_checked(
     assert submit(alice, {**fake_job(), "env_vars": {"HF_TOKEN": {"secret": "hf"}}})
 
 
+def test_a_secret_goes_only_where_it_means_a_credential(
+    servers: Callable[..., ServerProcess], secrets_dir: Path, connect: Any
+) -> None:
+    """Issue 20's probe: a secret bound to LMEVAL_HASHMM (a variable lm-eval parses) came back
+    in the job's error and logs lower-cased, past the redaction. Now a secret goes into a
+    credential variable, or a name the operator lists for it (SECRET_ENV_VARS), or nowhere."""
+    hf = put_secret(secrets_dir, "hf")
+    wandb = put_secret(secrets_dir, "wandb")
+    # FAKE_* is allowed by ALLOWED_ENV_VARS (tests/support/server.py), the stand-in for an
+    # operator's own credential variable.
+    server = servers(SECRETS_DIR=str(secrets_dir), SECRET_ENV_VARS="wandb:FAKE_WANDB_KEY", **KEYS)
+    alice = connect(server, ALICE)
+
+    def refused(body: dict[str, Any]) -> str:
+        response = alice.post("/job", json=body)
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"]
+        assert isinstance(detail, str) and not leaks(hf, detail) and not leaks(wandb, detail)
+        return detail
+
+    def with_env(**env_vars: Any) -> dict[str, Any]:
+        return {**fake_job(), "env_vars": env_vars}
+
+    for name in ("LMEVAL_HASHMM", "LMEVAL_LOG_LEVEL", "HF_HUB_OFFLINE", "FAKE_OTHER"):
+        detail = refused(with_env(**{name: {"secret": "hf"}}))
+        assert detail.startswith(f"env_vars: {name} cannot take secret 'hf'. A secret goes only"), (
+            detail
+        )
+        assert "OPENAI_API_KEY, ANTHROPIC_API_KEY" in detail and "HF_TOKEN" in detail
+        assert "SECRET_ENV_VARS=<secret>:<NAME>" in detail
+    # The operator's name is for the secret it was listed with, and the message says so.
+    detail = refused(with_env(FAKE_WANDB_KEY={"secret": "hf"}))
+    assert "FAKE_WANDB_KEY cannot take secret 'hf'" in detail and "also into" not in detail
+    detail = refused(with_env(FAKE_OTHER={"secret": "wandb"}))
+    assert "secret 'wandb' also into FAKE_WANDB_KEY (SECRET_ENV_VARS)" in detail
+    # Nowhere but env_vars: lm-eval's models read their keys from the environment.
+    detail = refused({**fake_job(), "model_args": {"pretrained": "x", "api_key": {"secret": "hf"}}})
+    assert detail.startswith('model_args.api_key: {"secret": ...} is a secret reference'), detail
+    assert '"env_vars": {"OPENAI_API_KEY": {"secret": "<name>"}}' in detail
+    header = {"header": {"Authorization": {"secret": "hf"}}}
+    assert refused({**fake_job(), "model_args": header}).startswith(
+        "model_args.header.Authorization: "
+    )
+    assert alice.get("/jobs").json()["total"] == 0
+
+    # Where the rule allows it, the job receives the value; plain values are unchanged.
+    allowed = with_env(
+        FAKE_WANDB_KEY={"secret": "wandb"},
+        HF_TOKEN={"secret": "hf"},
+        LMEVAL_HASHMM="1",
+        OPENAI_API_KEY="sk-plain-value-0123456789",
+        FAKE_HASH_ENV="FAKE_WANDB_KEY",
+    )
+    job = wait_for(alice, submit(alice, allowed))
+    assert job["status"] == "Completed", job
+    digest = hashlib.sha256(wandb.encode()).hexdigest()
+    assert f"sha256(FAKE_WANDB_KEY)={digest}\n" in job["stdout"]
+
+    # A name a library parses cannot even be listed: the server does not start.
+    with pytest.raises(RuntimeError) as failed:
+        servers(SECRETS_DIR=str(secrets_dir), SECRET_ENV_VARS="hf:LMEVAL_HASHMM")
+    assert "SECRET_ENV_VARS: LMEVAL_HASHMM" in str(failed.value)
+    assert "a secret never goes there" in str(failed.value)
+
+
 def test_a_secret_gone_before_launch_fails_the_job_without_running_it(
     servers: Callable[..., ServerProcess], secrets_dir: Path, connect: Any
 ) -> None:
