@@ -74,7 +74,9 @@ def test_signature_is_hmac_sha256_of_the_exact_body() -> None:
     assert webhooks.signature(body, b"key") == (
         "sha256=f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
     )
-    payload = webhooks.build_payload("d1", 7, "Completed", 0, [], 1_700_000_000)
+    payload = webhooks.build_payload(
+        "d1", 7, "Completed", 0, [], 1_700_000_000, owner="alice", callback_url="http://h:80/ci"
+    )
     body = webhooks.encode(payload)
     headers = webhooks.headers(body, b"secret", "d1", 1_700_000_000, 2)
     expected = hmac.new(b"secret", body, hashlib.sha256).hexdigest()
@@ -87,8 +89,8 @@ def test_signature_is_hmac_sha256_of_the_exact_body() -> None:
         "X-Webhook-Attempt": "2",
     }
     assert body == (
-        b'{"delivery_id":"d1","job_id":7,"status":"Completed","exit_code":0,"metrics":[],'
-        b'"timestamp":1700000000}'
+        b'{"delivery_id":"d1","job_id":7,"owner":"alice","callback_url":"http://h:80/ci",'
+        b'"status":"Completed","exit_code":0,"metrics":[],"timestamp":1700000000}'
     )
 
 
@@ -190,6 +192,7 @@ def _delivery(job_id: int, state: DeliveryState = DeliveryState.pending) -> Webh
         exit_code=0,
         results_file="/tmp/w/results.json",
         created_at=NOW,
+        owner="alice",
         state=state,
         metrics_json="[]",
         attempts=2,
@@ -254,3 +257,29 @@ def test_a_version_3_database_gains_the_deliveries_table(tmp_path: Path) -> None
     store = SqliteJobStore(tmp_path / "jobs.db")
     assert [r.status for r in store.load_all()] == [JobStatus.completed]
     assert store.pending_deliveries() == [] and store.ended_without_delivery() == []
+
+
+def test_a_version_6_database_gives_its_deliveries_the_owner_of_their_job(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    for migration in MIGRATIONS[:6]:
+        db.executescript(migration)
+    db.execute(
+        "INSERT INTO jobs (status, request, argv, argument, env_vars, work_dir, output_path, "
+        "created_at, owner) VALUES ('Completed', '{}', '[]', 'lm_eval', '{}', '/w', '/o', ?, "
+        "'alice')",
+        (NOW.isoformat(),),
+    )
+    for job_id in (1, 2):  # job 2 was deleted while its delivery was pending
+        db.execute(
+            "INSERT INTO webhook_deliveries (job_id, delivery_id, url, status, created_at, "
+            "state) VALUES (?, ?, 'http://h:80/ci/x', 'Completed', ?, 'pending')",
+            (job_id, f"d{job_id}", NOW.isoformat()),
+        )
+    db.execute("PRAGMA user_version=6")
+    db.commit()
+    db.close()
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    assert [(d.job_id, d.owner) for d in store.pending_deliveries()] == [
+        (1, "alice"),
+        (2, "default"),
+    ]

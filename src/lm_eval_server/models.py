@@ -169,6 +169,7 @@ class WebhookDelivery:
     exit_code: int | None
     results_file: str | None
     created_at: datetime
+    owner: str = "default"  # the principal whose job it reports, named in the signed body
     state: DeliveryState = DeliveryState.pending
     # The flattened metrics as JSON text ("null" for none); None until read from results_file.
     metrics_json: str | None = None

@@ -26,7 +26,7 @@ from lm_eval_server.models import (
     WebhookDelivery,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -106,6 +106,14 @@ MIGRATIONS: list[str] = [
         delivered_at TEXT
     );
     CREATE INDEX IF NOT EXISTS webhook_deliveries_state ON webhook_deliveries (state);
+    """,
+    # A webhook's signed body names the owner of its job. Rows from before: their job's owner
+    # while the job is still stored, else `default` (a job's owner before there were owners).
+    """
+    ALTER TABLE webhook_deliveries ADD COLUMN owner TEXT NOT NULL DEFAULT 'default';
+    UPDATE webhook_deliveries SET owner = COALESCE(
+        (SELECT owner FROM jobs WHERE jobs.job_id = webhook_deliveries.job_id), 'default'
+    );
     """,
 ]
 

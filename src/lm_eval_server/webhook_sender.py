@@ -130,6 +130,7 @@ class WebhookSender:
             exit_code=record.exit_code,
             results_file=record.results_file,
             created_at=self._clock(),
+            owner=record.owner,
         )
         try:
             self._store.save_delivery(delivery)
@@ -251,6 +252,8 @@ class WebhookSender:
             delivery.exit_code,
             json.loads(delivery.metrics_json or "null"),
             timestamp,
+            owner=delivery.owner,
+            callback_url=delivery.url,
         )
         body = webhooks.encode(payload)
         headers = webhooks.headers(body, self._secret, delivery.delivery_id, timestamp, attempt)

@@ -90,12 +90,19 @@ def build_payload(
     exit_code: int | None,
     metrics: list[dict[str, Any]] | None,
     timestamp: int,
+    *,
+    owner: str,
+    callback_url: str,
 ) -> dict[str, Any]:
     """Everything a webhook says, in one place (anything that must be redacted is redacted
-    here)."""
+    here). The signed body names whose job it is and the URL it was sent to: every receiver
+    shares one WEBHOOK_SECRET, so without them a body signed for one receiver (or one owner's
+    job) could be replayed to another and pass its signature check."""
     return {
         "delivery_id": delivery_id,
         "job_id": job_id,
+        "owner": owner,
+        "callback_url": callback_url,
         "status": status,
         "exit_code": exit_code,
         "metrics": metrics,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi.testclient import TestClient
 
 from lm_eval_server.app import create_app
@@ -78,6 +79,10 @@ def assert_signed_delivery(
     assert body == {
         "delivery_id": request.headers["x-webhook-id"],
         "job_id": job["job_id"],
+        # Whose job, and the very URL this request went to: signed, so a body cannot be
+        # replayed to another receiver (they share WEBHOOK_SECRET) or pass for another owner's.
+        "owner": job["owner"],
+        "callback_url": f"http://{request.headers['host']}{request.path}",
         "status": job["status"],
         "exit_code": job["exit_code"],
         "metrics": metrics,
@@ -231,6 +236,39 @@ def test_a_stopped_job_reports_stopped(make_client: Callable[..., Any]) -> None:
         [request] = hook.requests
         body = assert_signed_delivery(request, job, None)
         assert body["status"] == "Stopped"
+
+
+def test_the_signed_body_names_each_owner_and_the_url_it_was_sent_to(servers: Any) -> None:
+    """Two owners, two receivers sharing the server's one WEBHOOK_SECRET: each signed body says
+    whose job it reports and which URL it was meant for, so a receiver can refuse a body that
+    was signed for another receiver (or another owner) and replayed to it."""
+    alice_key, bob_key = "alice-key-0123456789", "bob-key-0123456789"
+    with WebhookListener() as hook:
+        server = servers(**hook_env(hook.port, API_KEYS=f"alice:{alice_key},bob:{bob_key}"))
+        jobs = {}
+        for owner, key in (("alice", alice_key), ("bob", bob_key)):
+            with httpx.Client(
+                base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+            ) as http:
+                body = {**fake_job(), "callback_url": callback(hook.port, f"{owner}-run")}
+                job_id = submit(http, body)
+                wait_for(http, job_id)
+                wait_webhook(http, job_id, delivered)
+                jobs[owner] = http.get(f"/job/{job_id}").json()
+        by_path = {r.path: r for r in hook.requests}
+        assert sorted(by_path) == ["/hooks/alice-run", "/hooks/bob-run"]
+        for owner, job in jobs.items():
+            request = by_path[f"/hooks/{owner}-run"]
+            body = assert_signed_delivery(request, job, None)
+            assert body["owner"] == owner
+            assert (
+                body["callback_url"] == job["webhook"]["url"] == callback(hook.port, f"{owner}-run")
+            )
+        # A receiver's check: alice's body replayed to bob's URL still verifies (one shared
+        # secret) but names alice's URL, so bob's receiver refuses it.
+        replayed = by_path["/hooks/alice-run"]
+        assert replayed.signed_with(SECRET)
+        assert replayed.json()["callback_url"] != callback(hook.port, "bob-run")
 
 
 def test_memory_store_delivers_too(make_client: Callable[..., Any]) -> None:
