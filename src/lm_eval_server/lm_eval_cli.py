@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from lm_eval_server import lm_eval_checks
 
@@ -239,18 +239,33 @@ def _field_annotation(spec: OptionSpec) -> Any:
 
 
 class Resources(BaseModel):
-    """Per-job resources: num_gpus for both executors, the rest for Ray only."""
+    """Per-job resources: num_gpus for both executors, the rest for Ray only. Exact JSON types
+    (strict): `true` or `"1"` is not a number of GPUs, and `memory` is a whole number of bytes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     num_gpus: float | None = Field(
         None,
         ge=0,
+        allow_inf_nan=False,
         description="GPUs for the job. Local executor: whole devices from the server's GPUS; "
         "the job waits until they are free. EXECUTOR=ray: entrypoint_num_gpus (fractions "
         "allowed).",
     )
-    num_cpus: float | None = Field(None, ge=0, description="Ray entrypoint_num_cpus.")
+    num_cpus: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Ray entrypoint_num_cpus."
+    )
     memory: int | None = Field(None, ge=0, le=2**49, description="Ray entrypoint_memory, in bytes.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        # extra="forbid" alone says "Extra inputs are not permitted", not what is permitted.
+        if isinstance(data, dict) and (unknown := [k for k in data if k not in cls.model_fields]):
+            named = ", ".join(repr(str(k)[:60]) for k in unknown[:5])
+            raise ValueError(
+                f"unknown key(s) {named}; resources takes only {', '.join(cls.model_fields)}"
+            )
+        return data
 
 
 class SecretRef(BaseModel):
