@@ -61,5 +61,5 @@ def test_find_results_ignores_files_older_than_the_job(tmp_path: Path) -> None:
     new.write_text("{}")
     (tmp_path / "model" / "samples_demo_2026-11-21T10-00-00.1.jsonl").write_text("{}\n")
     assert find_results_file(tmp_path, started) == new
-    assert find_samples_file(new, "demo") is not None
-    assert find_samples_file(new, "other") is None
+    assert find_samples_file(new, tmp_path, "demo") is not None
+    assert find_samples_file(new, tmp_path, "other") is None

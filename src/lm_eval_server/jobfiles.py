@@ -1,13 +1,15 @@
 """What a finished job left behind, for the routes: its results, samples and logs.
 
 Reading a results file (megabytes of JSON) or scanning a results directory happens in a worker
-thread, never on the event loop.
+thread, never on the event loop. The job wrote these files itself: each is reached from the
+job's results root (its output directory, recorded at submission) without following a symlink,
+only regular files are read, and a results file past `results.MAX_RESULTS_BYTES` is refused
+(see results.py and joblogs.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -39,16 +41,23 @@ class JobFiles:
         (lm-eval copies model_args, api_key=... included, into its `config`)."""
         record = self._manager.get(job_id, viewer)
         path = self._results_file(record)
+        root = _results_root(record)
         redactor = self._manager.redactor
         try:
-            data = await asyncio.to_thread(lambda: redactor.json(_read_json(path)))
-        except FileNotFoundError:
+            data = await asyncio.to_thread(lambda: redactor.json(results.read_results(path, root)))
+        except jobdir.FileTooLarge:
+            raise FileNotAvailable(
+                f"Job {job_id}'s results file is larger than {results.MAX_RESULTS_BYTES} bytes; "
+                "the server does not serve it"
+            ) from None
+        except (OSError, ValueError):  # gone, a symlink or FIFO in its place, not JSON
             raise self._no_results(record) from None
         return data, path
 
     async def samples_path(self, job_id: int, task: str, viewer: Principal | None) -> Path:
-        path = self._results_file(self._manager.get(job_id, viewer))
-        files = await asyncio.to_thread(results.samples_files, path)
+        record = self._manager.get(job_id, viewer)
+        path = self._results_file(record)
+        files = await asyncio.to_thread(results.samples_files, path, _results_root(record))
         found = files.get(task)
         if found is None:
             have = ", ".join(files) if files else "none (run the job with log_samples=true)"
@@ -58,8 +67,9 @@ class JobFiles:
         return found
 
     async def samples_tasks(self, job_id: int, viewer: Principal | None) -> list[str]:
-        path = self._results_file(self._manager.get(job_id, viewer))
-        return list(await asyncio.to_thread(results.samples_files, path))
+        record = self._manager.get(job_id, viewer)
+        path = self._results_file(record)
+        return list(await asyncio.to_thread(results.samples_files, path, _results_root(record)))
 
     async def samples_page(
         self,
@@ -74,14 +84,21 @@ class JobFiles:
     ) -> dict[str, Any]:
         """One page of a task's samples as the API shows them (see samples.py)."""
         path = await self.samples_path(job_id, task, viewer)
-        index = await self._index(path)
-        total, lines = index.page(filter_name, incorrect, offset, limit)
         # Known secret values masked, as in the raw file (rule 1 alone: a dataset's own fields
         # named like credentials, such as ARC's answerKey, stay readable).
         redact = self._manager.redactor.json_values_only
-        page = await asyncio.to_thread(
-            samples.read_page, path, index, lines, samples.MAX_PAGE_BYTES, redact
-        )
+        try:
+            index = await self._index(path)
+            total, lines = index.page(filter_name, incorrect, offset, limit)
+            page = await asyncio.to_thread(
+                samples.read_page, path, index, lines, samples.MAX_PAGE_BYTES, redact
+            )
+        except jobdir.FileTooLarge as exc:
+            raise FileNotAvailable(f"Job {job_id}'s samples for {task!r}: {exc}") from None
+        except OSError:  # gone, or a symlink or FIFO in its place
+            raise FileNotAvailable(
+                f"Job {job_id} has no readable samples file for task {task[:200]!r}"
+            ) from None
         end = offset + len(page)
         return {
             "job_id": job_id,
@@ -95,7 +112,7 @@ class JobFiles:
         }
 
     async def _index(self, path: Path) -> samples.SampleIndex:
-        stat = await asyncio.to_thread(os.stat, path)
+        stat = await asyncio.to_thread(os.lstat, path)
         key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if (found := self._indexes.get(key)) is not None:
             self._indexes.move_to_end(key)
@@ -137,9 +154,5 @@ class JobFiles:
         )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    with path.open("rb") as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise FileNotFoundError(path)
-    return data
+def _results_root(record: JobRecord) -> Path:
+    return results.results_root(Path(record.output_path))

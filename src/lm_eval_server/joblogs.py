@@ -1,11 +1,18 @@
-"""Bounded reads of a job's log files (stdout.log / stderr.log and their rotated `.1`)."""
+"""Bounded reads of a job's log files (stdout.log / stderr.log and their rotated `.1`).
+
+The job can write its own directory: a log may have been replaced by a symlink (to `jobs.db`,
+another job's log), a FIFO or a device. Every open goes through `jobdir.open_file`, so such a
+file reads as missing (an empty log), never as the file it points to, and never blocks.
+"""
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from lm_eval_server import jobdir
 from lm_eval_server.progress import terminal_lines
@@ -13,17 +20,36 @@ from lm_eval_server.progress import terminal_lines
 # GET /job/{id} reads at most this much from the end of a log to find its last lines.
 TAIL_READ_BYTES = 4 * 1024 * 1024
 CHUNK = 1 << 16
+# A follower finishing a rotated segment reads at most this much of it.
+ROTATED_READ_BYTES = 64 * 1024 * 1024
+
+
+def _open(path: Path | str) -> BinaryIO | None:
+    """The log file opened for reading, or None if it is missing or not a regular file."""
+    try:
+        return os.fdopen(jobdir.open_file(path), "rb")
+    except OSError:
+        return None
+
+
+def _regular_stat(path: Path | str) -> os.stat_result | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
 def segments(path: Path) -> list[Path]:
-    """The log's files, oldest first."""
+    """The log's files, oldest first (regular files only: a symlink is no log)."""
     rotated = Path(jobdir.rotated_segment(path))
-    return [p for p in (rotated, path) if p.exists()]
+    return [p for p in (rotated, path) if _regular_stat(p) is not None]
 
 
 def bytes_cut(path: Path) -> int:
     try:
-        return int(Path(jobdir.cut_record(path)).read_text() or 0)
+        data = jobdir.read_file(jobdir.cut_record(path), jobdir.SMALL_RECORD_BYTES)
+        return max(0, int(data or 0))
     except (OSError, ValueError):
         return 0
 
@@ -36,7 +62,10 @@ def read_tail_bytes(path: Path, max_bytes: int, end: int | None = None) -> tuple
     earlier = bytes_cut(path) > 0
     segs = segments(path)
     for index, segment in enumerate(reversed(segs)):
-        with open(segment, "rb") as f:
+        f = _open(segment)
+        if f is None:
+            continue
+        with f:
             size = f.seek(0, os.SEEK_END)
             if end is not None and segment == path:
                 size = min(size, end)
@@ -85,12 +114,17 @@ def tail_text(path: Path, max_lines: int | None, end: int | None = None) -> Iter
                 "it under MAX_LOG_BYTES]\n"
             ).encode()
         for segment in segments(path):
-            with open(segment, "rb") as f:
-                left = end if (end is not None and segment == path) else None
-                while chunk := f.read(CHUNK if left is None else min(CHUNK, left)):
+            f = _open(segment)
+            if f is None:
+                continue
+            with f:
+                # Up to the size when the request came (a job growing its log sparsely
+                # while it is read cannot make the stream endless).
+                size = os.fstat(f.fileno()).st_size
+                left = min(end, size) if (end is not None and segment == path) else size
+                while chunk := f.read(min(CHUNK, left)):
                     yield chunk
-                    if left is not None:
-                        left -= len(chunk)
+                    left -= len(chunk)
         return
     data, _ = read_tail_bytes(path, TAIL_READ_BYTES, end)
     lines = data.splitlines(keepends=True)
@@ -98,9 +132,8 @@ def tail_text(path: Path, max_lines: int | None, end: int | None = None) -> Iter
 
 
 def current_size(path: Path) -> tuple[int | None, int]:
-    try:
-        st = path.stat()
-    except OSError:
+    st = _regular_stat(path)
+    if st is None:
         return None, 0
     return st.st_ino, st.st_size
 
@@ -114,9 +147,8 @@ class LogFollower:
         self._offset = offset
 
     def read_new(self, max_bytes: int = 8 * 1024 * 1024) -> bytes:
-        try:
-            f = open(self._path, "rb")  # noqa: SIM115 - closed below
-        except OSError:
+        f = _open(self._path)
+        if f is None:
             return b""
         with f:
             st = os.fstat(f.fileno())
@@ -132,9 +164,8 @@ class LogFollower:
 
     def backlog(self) -> int:
         """Bytes written to the current file and not read yet."""
-        try:
-            st = self._path.stat()
-        except OSError:
+        st = _regular_stat(self._path)
+        if st is None:
             return 0
         if self._inode is not None and st.st_ino != self._inode:
             return st.st_size
@@ -142,23 +173,21 @@ class LogFollower:
 
     def skip_to_end(self, keep: int) -> None:
         """Jump ahead so that only the last `keep` bytes of the current file remain unread."""
-        try:
-            st = self._path.stat()
-        except OSError:
+        st = _regular_stat(self._path)
+        if st is None:
             return
         self._inode = st.st_ino
         self._offset = max(self._offset if st.st_ino == self._inode else 0, st.st_size - keep)
 
     def _read_rotated(self) -> bytes:
-        rotated = jobdir.rotated_segment(self._path)
-        try:
-            with open(rotated, "rb") as f:
-                if os.fstat(f.fileno()).st_ino != self._inode:
-                    return b""
-                f.seek(self._offset)
-                return f.read()
-        except OSError:
+        f = _open(jobdir.rotated_segment(self._path))
+        if f is None:
             return b""
+        with f:
+            if os.fstat(f.fileno()).st_ino != self._inode:
+                return b""
+            f.seek(self._offset)
+            return f.read(ROTATED_READ_BYTES)
 
     def _read_from(self, f, max_bytes: int) -> bytes:  # type: ignore[no-untyped-def]
         f.seek(self._offset)

@@ -8,6 +8,8 @@ its own name.
 A file can be large (gigabytes for a big task with long documents), so it is never read whole:
 `build_index` streams it once, keeping each line's byte offset, filter and verdict, and
 `read_page` seeks to the lines one page needs. Both do file I/O and belong in a worker thread.
+The job wrote the file: both open it with `jobdir.open_file` (a symlink or FIFO in its place is
+refused), and an index holds at most MAX_INDEX_LINES lines (jobdir.FileTooLarge beyond).
 
 The verdict rule (`verdict`): a sample's primary metric is the first of its `metrics` that is in
 `CORRECTNESS_METRICS`; the sample is correct when that value is true or exactly 1, wrong when
@@ -19,11 +21,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lm_eval_server import jobdir
 
 # Per-sample metrics that score one answer as right (1) or wrong (0), in lm-eval's names. An
 # allowlist: a metric not listed here (f1, bleu, perplexity, a task's own score) says nothing
@@ -50,6 +55,8 @@ PAGE_LIMIT_MAX = 500
 MAX_LINE_BYTES = 16 * 1024 * 1024
 # A page stops early (after at least one sample) once its lines hold this many bytes.
 MAX_PAGE_BYTES = 32 * 1024 * 1024
+# Lines one index holds (~21 bytes each): far more than any task's documents times filters.
+MAX_INDEX_LINES = 20_000_000
 
 _RIGHT, _WRONG, _UNDECIDED = 1, 0, 2
 _OVERSIZE_FILTER = -1
@@ -180,11 +187,17 @@ def _lines(f: Any) -> Iterable[tuple[int, int, bytes | None]]:
         offset += length
 
 
-def build_index(path: Path) -> SampleIndex:
+def _open(path: Path) -> Any:
+    return os.fdopen(jobdir.open_file(path), "rb")
+
+
+def build_index(path: Path, max_lines: int = MAX_INDEX_LINES) -> SampleIndex:
     index = SampleIndex()
     filter_ids: dict[str, int] = {}
-    with path.open("rb") as f:
+    with _open(path) as f:
         for offset, length, line in _lines(f):
+            if len(index.offsets) >= max_lines:
+                raise jobdir.FileTooLarge(f"{path}: more than {max_lines} samples")
             filter_id, judged = _OVERSIZE_FILTER, _UNDECIDED
             sample = _tail(line) if line is not None else None
             if sample is not None:
@@ -214,7 +227,7 @@ def read_page(
     each view passes through `redact` (the server's redactor) before it leaves."""
     out: list[dict[str, Any]] = []
     spent = 0
-    with path.open("rb") as f:
+    with _open(path) as f:
         for i in lines:
             length = index.lengths[i]
             if out and spent + length > max_bytes:

@@ -19,6 +19,7 @@ import contextlib
 import heapq
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
@@ -26,7 +27,7 @@ from typing import IO, Any
 
 import httpx
 
-from lm_eval_server import webhooks
+from lm_eval_server import jobdir, webhooks
 from lm_eval_server.config import Settings
 from lm_eval_server.models import (
     DeliveryState,
@@ -171,7 +172,9 @@ class WebhookSender:
         results = None
         if delivery.status == JobStatus.completed.value and delivery.results_file:
             try:
-                results = open(delivery.results_file, "rb")  # noqa: SIM115 - closed by the reader
+                # The job wrote it: a symlink or FIFO in its place is not followed or waited
+                # on (this runs on the event loop).
+                results = os.fdopen(jobdir.open_file(delivery.results_file), "rb")
             except OSError:
                 results = None
         self._spawn(self._read_then_schedule(delivery, results), f"webhook-{delivery.job_id}")
