@@ -12,11 +12,21 @@ data only, so the YAML is held to allowlists:
 - Loader: `dataset_path` is `json` or `csv`, and `dataset_kwargs.data_files` names uploaded
   files by plain name (no directories, no globs). The server stores them with absolute paths
   inside the task's own directory, so the job reads exactly these files.
-- Templates: lm-eval renders every prompt field with an unsandboxed Jinja environment, where a
-  template can reach any Python object. Every string of the YAML is parsed as a template and
-  its syntax tree held to a subset (`check_template`): names, constants, item and attribute
-  access without leading underscores, a fixed set of filters, tests and string/list/dict
-  methods, conditions and loops.
+- Templates: the first of two filters. The job's launcher renders every prompt field in Jinja's
+  ImmutableSandboxedEnvironment (`lm_eval_server.launcher`), which refuses attributes starting
+  with `_` and changes to lists and dicts; the rule refuses, before any job runs, templates
+  that could get that far. Every string of the YAML is parsed as a template and its syntax
+  tree held to a subset (`check_template`): names, constants, item and attribute access
+  without leading underscores, a fixed set of filters, tests and string/list/dict methods,
+  conditions and loops. Jinja's item access falls back to attribute access, so `x[k]` with a
+  key from the data (`"__init__"`) reaches an attribute: a computed key is allowed only on
+  plain data (a document field, a literal, or what constant-key and attribute access, a
+  string/list/dict method or a filter make of one), and nothing may take its result further
+  (no item or attribute access, no method call), through a `{% set %}` or `{% for %}` name
+  included (`_Flow`). `loop` (beyond `loop.index` and its kin), `self`, Jinja's globals, and
+  what `escape`/`tojson` (Markup) or `batch`/`slice`/`unique`/`items`/`reverse` (Python
+  generators) return are never subscripted either. The issue-20 chain (`loop[k]`, then
+  `[k2]`, each step named by `{% set %}`) is refused here and fails in the sandbox.
 - Metrics: lm-eval loads an unregistered metric name through HF `evaluate`, which runs a
   script; the check in the child process (`task_check`) refuses names lm-eval has not
   registered, and `hf_evaluate` is refused here.
@@ -556,6 +566,7 @@ def check_template(source: str) -> None:
         raise TaskRefused(f"not a valid Jinja template ({exc.message})") from None
     for node in tree.find_all(jn.Node):
         _check_node(node)
+    _Flow(tree).check()
 
 
 def _refuse(what: str) -> TaskRefused:
@@ -579,13 +590,10 @@ def _check_node(node: jn.Node) -> None:
         if not _IDENT.fullmatch(node.attr):
             raise _refuse(f"the attribute {node.attr!r}")
     elif isinstance(node, jn.Getitem):
-        if isinstance(node.arg, jn.Const):
-            if isinstance(node.arg.value, str) and node.arg.value.startswith("_"):
-                raise _refuse(f"the item {node.arg.value!r}")
-        elif _has_dynamic_item(node.node):
-            # A key taken from the data may name an attribute (Jinja falls back to getattr);
-            # one such step from a data value leads nowhere, a chain of them could.
-            raise _refuse("item access with a computed key on the result of another")
+        # A computed key is _Flow's: it may be a key from the data naming an attribute.
+        value = node.arg.value if isinstance(node.arg, jn.Const) else None
+        if isinstance(value, str) and value.startswith("_"):
+            raise _refuse(f"the item {value!r}")
     elif isinstance(node, jn.Filter | jn.Test):
         allowed = SAFE_FILTERS if isinstance(node, jn.Filter) else SAFE_TESTS
         if node.name not in allowed:
@@ -607,12 +615,232 @@ def _check_call_args(node: jn.Call | jn.Filter | jn.Test) -> None:
         raise _refuse("*args or **kwargs")
 
 
-def _has_dynamic_item(node: jn.Node) -> bool:
-    while isinstance(node, jn.Getattr | jn.Getitem):
-        if isinstance(node, jn.Getitem) and not isinstance(node.arg, jn.Const | jn.Slice):
-            return True
-        node = node.node
-    return False
+# What a template value may be, for the rule on computed keys (_Flow). DATA: plain data (the
+# document's fields are JSON values, literals). STEP: what a computed key made of data, which
+# may be an attribute (a method, a type) and is taken no further. ITER_DATA/ITER_STEP: a Python
+# generator (`|batch`, ...) over DATA/STEP items: iterating it is fine, touching it is not.
+# OPAQUE: a Python object (loop, self, a global, Markup): never touched.
+_BOTTOM, _DATA, _STEP, _ITER_DATA, _ITER_STEP, _OPAQUE = range(6)
+_SPECIAL_NAMES = frozenset({"loop", "self", "caller", "varargs", "kwargs"})
+LOOP_ATTRS = frozenset(
+    {"index", "index0", "revindex", "revindex0", "first", "last", "length", "depth", "depth0"}
+)
+# Filters by what they return (all others in SAFE_FILTERS return a string or a number).
+_ITER_FILTERS = frozenset({"batch", "slice", "unique", "items", "reverse"})
+_MARKUP_FILTERS = frozenset({"escape", "e", "tojson"})
+_ELEMENT_FILTERS = frozenset({"first", "last", "min", "max", "sort", "list", "sum"})
+_PASS_FILTERS = frozenset({"default", "d"})
+_NUMBER_FILTERS = frozenset({"abs", "float", "int", "length", "count", "wordcount", "round"})
+# Expression visits one check may make (a 256 KB template has far fewer nodes).
+MAX_FLOW_STEPS = 2_000_000
+
+
+def _join(a: int, b: int) -> int:
+    if a == b or b == _BOTTOM:
+        return a
+    if a == _BOTTOM:
+        return b
+    if {a, b} <= {_DATA, _STEP}:
+        return _STEP
+    return _OPAQUE
+
+
+def _items(state: int) -> int:
+    """The state of what iterating a value of `state` yields."""
+    return {_ITER_DATA: _DATA, _ITER_STEP: _STEP}.get(state, state)
+
+
+def _iter_of(state: int) -> int:
+    return {_DATA: _ITER_DATA, _STEP: _ITER_STEP, _BOTTOM: _BOTTOM}.get(state, _OPAQUE)
+
+
+class _Flow:
+    """Follows what each expression of a template may hold (see the module doc, Templates).
+
+    Names bound by `{% set %}` and `{% for %}` get the join of every value bound to them,
+    iterated to a fixed point; then every item access, attribute access and method call is
+    checked against the state of what it is applied to.
+    """
+
+    def __init__(self, tree: jn.Template) -> None:
+        self.tree = tree
+        self.names: dict[str, int] = {}
+        self.problem: str | None = None
+        self.strict = False
+        self.steps_left = MAX_FLOW_STEPS
+        self.bindings: list[tuple[jn.Node, jn.Node, bool]] = []  # target, value, iterated
+        for node in tree.find_all((jn.Assign, jn.For)):
+            if isinstance(node, jn.Assign):
+                self.bindings.append((node.target, node.node, False))
+            else:
+                self.bindings.append((node.target, node.iter, True))
+        for target, _, _ in self.bindings:
+            for name in target.find_all(jn.Name) if not isinstance(target, jn.Name) else [target]:
+                self.names[name.name] = _BOTTOM
+
+    def check(self) -> None:
+        try:
+            self._settle()
+            self.strict = True
+            # Each expression once: from the statements (and the template) that hold it.
+            for holder in [self.tree, *self.tree.find_all(jn.Stmt)]:
+                for child in holder.iter_child_nodes():
+                    if isinstance(child, jn.Expr):
+                        self.state(child)
+                        if self.problem is not None:
+                            raise _refuse(self.problem)
+        except RecursionError:
+            raise TaskRefused("the template nests too deeply to be read") from None
+
+    def _settle(self) -> None:
+        """The names' states at a fixed point: a binding is evaluated again only when a name
+        it reads changed (each name changes a few times at most)."""
+        readers: dict[str, list[int]] = {}
+        for index, (_, value, _) in enumerate(self.bindings):
+            read = [value] if isinstance(value, jn.Name) else value.find_all(jn.Name)
+            for name in {n.name for n in read}:
+                readers.setdefault(name, []).append(index)
+        pending = list(range(len(self.bindings)))
+        queued = set(pending)
+        while pending:
+            index = pending.pop()
+            queued.discard(index)
+            target, value, iterated = self.bindings[index]
+            before = dict(self.names)
+            state = self.state(value)
+            self.bind(target, _items(state) if iterated else state)
+            for name, now in self.names.items():
+                if before.get(name) != now:
+                    for reader in readers.get(name, ()):
+                        if reader not in queued:
+                            queued.add(reader)
+                            pending.append(reader)
+
+    def bind(self, target: jn.Node, state: int) -> None:
+        if isinstance(target, jn.Name):
+            self.names[target.name] = _join(self.names.get(target.name, _BOTTOM), state)
+        elif isinstance(target, jn.Tuple):
+            for item in target.items:
+                self.bind(item, _items(state))
+
+    def touch(self, state: int, what: str) -> None:
+        if self.strict and self.problem is None and state not in (_DATA, _STEP, _BOTTOM):
+            self.problem = what
+
+    def state(self, node: jn.Node) -> int:
+        self.steps_left -= 1
+        if self.steps_left < 0:
+            raise TaskRefused("the template is too large to check (simplify it)")
+        s = self.state
+        if isinstance(node, jn.Const | jn.TemplateData):
+            return _DATA
+        if isinstance(node, jn.Name):
+            if node.name in _SPECIAL_NAMES or node.name in jinja2.defaults.DEFAULT_NAMESPACE:
+                return _OPAQUE
+            return self.names.get(node.name, _DATA)
+        if isinstance(node, jn.List | jn.Tuple):
+            out = _DATA
+            for item in node.items:
+                out = _join(out, s(item))
+            return out
+        if isinstance(node, jn.Dict):
+            out = _DATA
+            for pair in node.items:
+                out = _join(out, _join(s(pair.key), s(pair.value)))
+            return out
+        if isinstance(node, jn.Getattr):
+            if isinstance(node.node, jn.Name) and node.node.name == "loop":
+                if node.attr in LOOP_ATTRS:
+                    return _DATA
+                self.touch(_OPAQUE, f"loop.{node.attr} (only {', '.join(sorted(LOOP_ATTRS))})")
+                return _OPAQUE
+            inner = s(node.node)
+            self.touch(inner, f"the attribute {node.attr!r} of a value that is not plain data")
+            return inner
+        if isinstance(node, jn.Getitem):
+            inner = s(node.node)
+            computed = not isinstance(node.arg, jn.Const | jn.Slice)
+            if not isinstance(node.arg, jn.Const):
+                s(node.arg)
+            self.touch(inner, "item access on a value that is not plain data")
+            if computed:
+                if self.strict and self.problem is None and inner == _STEP:
+                    self.problem = (
+                        "item access with a computed key on what another computed key gave "
+                        "(a key from the data may name an attribute)"
+                    )
+                return _STEP if inner in (_DATA, _BOTTOM) else _OPAQUE
+            return inner
+        if isinstance(node, jn.Slice):
+            for part in (node.start, node.stop, node.step):
+                if part is not None:
+                    s(part)
+            return _DATA
+        if isinstance(node, jn.Call):
+            args = [s(a) for a in node.args] + [s(k.value) for k in node.kwargs]
+            target = node.node
+            if isinstance(target, jn.Name) and target.name == "range":
+                return _DATA
+            inner = s(target.node) if isinstance(target, jn.Getattr) else _OPAQUE
+            if isinstance(target, jn.Getattr):
+                self.touch(inner, f"the method {target.attr!r} of a value that is not plain data")
+            out = inner
+            for arg in args:
+                out = _join(out, _items(arg))
+            return out
+        if isinstance(node, jn.Filter):
+            inner = s(node.node) if node.node is not None else _DATA
+            args = [s(a) for a in node.args] + [s(k.value) for k in node.kwargs]
+            if node.name in _ITER_FILTERS:
+                out = _iter_of(inner)
+                for arg in args:
+                    out = _OPAQUE if arg not in (_DATA, _BOTTOM) else out
+                return out
+            if node.name in _MARKUP_FILTERS:
+                return _OPAQUE
+            if node.name in _NUMBER_FILTERS:
+                return _DATA
+            if node.name in _ELEMENT_FILTERS:
+                out = _items(inner)
+                for arg in args:
+                    out = _join(out, _items(arg))
+                return out
+            if node.name in _PASS_FILTERS:
+                out = inner
+                for arg in args:
+                    out = _join(out, arg)
+                return out
+            # A string: Markup stays Markup through string filters.
+            if _OPAQUE in (_items(inner), *args):
+                return _OPAQUE
+            return _DATA
+        if isinstance(node, jn.Test):
+            s(node.node)
+            for a in [*node.args, *(k.value for k in node.kwargs)]:
+                s(a)
+            return _DATA
+        if isinstance(node, jn.CondExpr):
+            s(node.test)
+            out = s(node.expr1)
+            return _join(out, s(node.expr2)) if node.expr2 is not None else out
+        if isinstance(node, jn.Compare):
+            s(node.expr)
+            for op in node.ops:
+                s(op.expr)
+            return _DATA
+        if isinstance(node, jn.Not):
+            s(node.node)
+            return _DATA
+        if isinstance(node, jn.Neg | jn.Pos):
+            return s(node.node)
+        if isinstance(node, jn.Concat):
+            out = _DATA
+            for item in node.nodes:
+                out = _OPAQUE if s(item) == _OPAQUE else out
+            return out
+        if isinstance(node, jn.BinExpr):  # And, Or, arithmetic
+            return _join(s(node.left), s(node.right))
+        return _OPAQUE  # any other node: _check_node has refused it already
 
 
 # ------------------------------------------------------------------ summaries
