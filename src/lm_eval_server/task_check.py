@@ -7,7 +7,7 @@ it (uploads.py) with the job environment and a timeout; it never imports this mo
 
 Before lm-eval sees the task, metric and aggregation names must be ones lm-eval registers:
 for any other name lm-eval asks HF `evaluate`, which loads a script (ALLOW_REMOTE_CODE lifts
-this).
+this). Templates render in Jinja's sandbox, as in a job (`launcher.sandbox_templates`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ def _registered_metrics(config: dict[str, Any]) -> str | None:
 def check(yaml_path: Path, allow_code: bool) -> dict[str, Any]:
     from lm_eval.tasks import TaskManager, get_task_dict
     from lm_eval.tasks._yaml_loader import load_yaml
+
+    from lm_eval_server import launcher
+
+    # lm-eval renders the first document's prompt fields while it builds the task: in Jinja's
+    # sandbox, as in a job, or not at all.
+    if (problem := launcher.sandbox_templates()) is not None:
+        return {"ok": False, "error": f"task templates cannot be sandboxed here: {problem}"}
 
     # As lm-eval reads a task given by path in --tasks (EvaluatorConfig.process_tasks).
     config = load_yaml(str(yaml_path), resolve_func=True)
