@@ -2,12 +2,16 @@
 
     uv run python bench/warm_start.py [--runs N]
 
-Starts three servers the way users do (`python -m uvicorn src.main:app` from the repo root,
-configured by environment variables): USE_LAUNCHER=false (cold), the default (launcher), and
-WARM_WORKERS=1 (warm). All share one pre-built task index cache. Each waits until /ready (and,
-for warm, until its worker is ready). Then, round after round, each server runs the same
-1-sample job (dummy model, demo_mc, limit 1), one job at a time machine-wide, so the modes see
-the same background load; the first round is discarded (cold disk caches).
+Starts four servers the way users do (`python -m uvicorn src.main:app` from the repo root,
+configured by environment variables): USE_LAUNCHER=false (cold), the default (launcher),
+WARM_WORKERS=1 (warm: with the job sandbox on, as SANDBOX=auto has it where bubblewrap works,
+a single-use worker in the owner's sandbox) and WARM_WORKERS=1 SANDBOX=off (warm-off: one
+shared, unconfined worker). Cold and launcher jobs are sandboxed as SANDBOX=auto decides. All
+share one pre-built task index cache. Each waits until /ready (and, for warm, until its worker
+is ready: before every job, since a sandboxed worker serves one). Then, round after round, each
+server runs the same 1-sample job (dummy model, demo_mc, limit 1), one job at a time
+machine-wide, so the modes see the same background load; the first round is discarded (cold
+disk caches).
 
 Per job:
 * POST -> first inference: from just before the POST until lm-eval's "Running loglikelihood
@@ -19,9 +23,15 @@ Per job:
   parent's cutime/cstime when the parent reaps it. A cold/launcher job's supervisor is reaped
   by the server; it reaped the lm-eval process, which reaped its own children (git, ...). So
   the job's whole tree is the rise of the server's cutime+cstime (/proc/PID/stat) across the
-  job. A warm job's session leader is reaped by the warm worker: its CPU is the rise of the
-  worker's cutime+cstime, plus the worker's own utime+stime (the fork and the request). The
-  worker's one-time warm-up is reported apart. Resolution: one clock tick (10 ms).
+  job. A warm job's session leader is reaped by the warm worker: without the sandbox its CPU
+  is the rise of the worker's cutime+cstime, plus the worker's own utime+stime (the fork and
+  the request). A sandboxed worker exits after its one job and bwrap, the server's child, is
+  reaped by the server: the job's CPU is the rise of the server's cutime+cstime once that
+  bwrap is gone, less the worker's warm-up (its own CPU when the job was posted). The
+  warm-up is reported apart: one per worker, so a sandboxed server spends one per job, in the
+  background, before the job arrives. A sandboxed cold or launcher job's CPU cannot be told
+  this way (bwrap's init in its sandbox is not reaped by the job's supervisor): "n/a".
+  Resolution: one clock tick (10 ms).
 
 Medians over the kept rounds, and each mode's ratio to cold from this same invocation.
 """
@@ -31,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import math
 import os
 import signal
 import socket
@@ -58,7 +69,9 @@ MODES = {
     "cold": {"USE_LAUNCHER": "false"},
     "launcher": {},
     "warm": {"WARM_WORKERS": "1"},
+    "warm-off": {"WARM_WORKERS": "1", "SANDBOX": "off"},
 }
+WORKER_MODULE = b"lm_eval_server.executors.warm_worker"
 UVICORN = [sys.executable, "-m", "uvicorn", "src.main:app", "--host", "127.0.0.1"]
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 600.0
@@ -85,6 +98,13 @@ def cpu_s(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
     return (utime + stime) * TICK_S, (cutime + cstime) * TICK_S
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def children(pid: int) -> list[int]:
@@ -114,13 +134,22 @@ class Server:
     proc: subprocess.Popen[bytes]
     client: httpx.Client
     log_path: Path
-    worker: int | None = None
+    worker: int | None = None  # the ready worker's Python
+    sandboxed: bool = False  # its workers run in bwrap, one job each
+    sandbox_mode: str = "off"  # what /ready says of the job sandbox
     samples: list[dict[str, float]] = field(default_factory=list)
+    warm_ups: list[float] = field(default_factory=list)  # CPU of each worker's warm-up
 
     @property
     def reaper(self) -> int:
-        """The process that reaps each job's session leader."""
-        return self.worker if self.worker is not None else self.proc.pid
+        """The process that reaps each job's session leader, or (sandboxed) its worker."""
+        if self.worker is not None and not self.sandboxed:
+            return self.worker
+        return self.proc.pid
+
+    @property
+    def warm(self) -> bool:
+        return self.mode.startswith("warm")
 
 
 def start_server(mode: str, env: dict[str, str], root: Path, index_dir: Path) -> Server:
@@ -156,19 +185,54 @@ def wait_ready(server: Server) -> None:
             body = server.client.get("/ready").json()
             warm = body.get("warm_workers")
             if body.get("ready") and (warm is None or warm["ready"] == warm["configured"]):
+                server.sandbox_mode = str((body.get("sandbox") or {}).get("mode", "off"))
                 break
         if time.monotonic() > deadline:
             raise SystemExit(f"{server.mode} server not ready; see {server.log_path}")
         time.sleep(0.2)
-    if server.mode == "warm":
-        [server.worker] = [
-            pid
-            for pid in children(server.proc.pid)
-            if b"lm_eval_server.executors.warm_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        ]
+    if server.warm:
+        find_worker(server)
+
+
+def find_worker(server: Server) -> None:
+    """The ready worker: the server's child, or (sandboxed) the child of its bwrap."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        found = []
+        for pid in children(server.proc.pid):
+            line = cmdline(pid)
+            if WORKER_MODULE not in line:
+                continue
+            if line.split(b"\0", 1)[0].endswith(b"bwrap"):
+                server.sandboxed = True
+                found += [c for c in children(pid) if WORKER_MODULE in cmdline(c)]
+            else:
+                found.append(pid)
+        if len(found) == 1:  # a sandboxed worker that took the last job has gone
+            [server.worker] = found
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{server.mode}: no single ready worker ({found})")
+        time.sleep(0.05)
+
+
+def wait_worker_ready(server: Server) -> None:
+    """A sandboxed worker serves one job: wait for its replacement, as a client would."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while server.client.get("/ready").json()["warm_workers"]["ready"] < 1:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{server.mode}: no warm worker ready; see {server.log_path}")
+        time.sleep(0.05)
+    find_worker(server)
 
 
 def run_job(server: Server) -> dict[str, float]:
+    if server.sandboxed:
+        wait_worker_ready(server)
+    warm_up = sum(cpu_s(server.worker)) if server.sandboxed and server.worker else 0.0
+    outer = parent_of(server.worker) if server.sandboxed and server.worker else None
+    if server.sandboxed:
+        server.warm_ups.append(warm_up)
     own_before, reaped_before = cpu_s(server.reaper)
     posted = time.time()
     response = server.client.post("/job", json=JOB)
@@ -200,20 +264,33 @@ def run_job(server: Server) -> dict[str, float]:
     if job["status"] != "Completed":
         raise SystemExit(f"{server.mode} job {job_id} {job['status']}: {job['error']}")
     finished = datetime.fromisoformat(job["finished_at"]).timestamp()
-    if server.worker is not None:
+    if outer is not None:
+        # The worker exits after its job; the server reaps its bwrap a moment later.
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{outer}").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    elif server.worker is not None:
         # The worker reaps the leader on SIGCHLD, maybe a moment after the server saw it end.
         deadline = time.monotonic() + 5
         while children(server.worker) and time.monotonic() < deadline:
             time.sleep(0.01)
     own_after, reaped_after = cpu_s(server.reaper)
     cpu = reaped_after - reaped_before
-    if server.worker is not None:
+    if server.sandboxed:
+        cpu -= warm_up
+    elif server.worker is not None:
         cpu += own_after - own_before
+    elif server.sandbox_mode != "off":
+        cpu = float("nan")  # see the module docstring
     return {
         "first_s": first if first is not None else float("nan"),
         "done_s": finished - posted,
         "cpu_s": cpu,
     }
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def stop_server(server: Server) -> None:
@@ -247,7 +324,7 @@ def main() -> None:
         try:
             for server in servers:
                 wait_ready(server)
-            warm = next(s for s in servers if s.worker is not None)
+            warm = next(s for s in servers if s.warm and not s.sandboxed)
             assert warm.worker is not None
             warm_up_cpu = sum(cpu_s(warm.worker))
             worker_mem = memory_kb(warm.worker)
@@ -286,12 +363,20 @@ def report(
     print(header)
     print("-" * len(header))
     for mode, m in medians.items():
-        ratios = " / ".join(f"{m[k] / cold[k]:.2f}" for k in ("first_s", "done_s", "cpu_s"))
-        print(
-            f"{mode:<9} {m['first_s']:>19.2f}s {m['done_s']:>15.2f}s {m['cpu_s']:>8.2f}s"
-            f" {ratios:>31}"
+        ratios = " / ".join(
+            "n/a" if math.isnan(m[k] / cold[k]) else f"{m[k] / cold[k]:.2f}"
+            for k in ("first_s", "done_s", "cpu_s")
         )
+        cpu = "n/a" if math.isnan(m["cpu_s"]) else f"{m['cpu_s']:.2f}s"
+        print(f"{mode:<9} {m['first_s']:>19.2f}s {m['done_s']:>15.2f}s {cpu:>9} {ratios:>31}")
     print()
+    print(f"job sandbox: {', '.join(f'{s.mode} {s.sandbox_mode}' for s in servers)}")
+    for server in servers:
+        if server.sandboxed and server.warm_ups:
+            print(
+                f"{server.mode}: sandboxed, one worker per job; each worker's warm-up "
+                f"(median) {statistics.median(server.warm_ups):.2f}s of CPU, spent before its job"
+            )
     mb = {k: v / 1024 for k, v in worker_mem.items()}
     private = mb.get("Private_Dirty", 0) + mb.get("Private_Clean", 0)
     print(

@@ -1,5 +1,7 @@
 """Warm workers end to end, through the HTTP API with the real lm-eval: same results as cold
-and launcher jobs, stop/logs/progress, cold fallback, worker replacement, hook fallback."""
+and launcher jobs, stop/logs/progress, cold fallback, worker replacement, hook fallback; with the
+job sandbox (single-use workers per owner, executors.warm_pool.SandboxedWarmPool) and without
+(one shared worker, SANDBOX=off). What a sandboxed warm job cannot reach: test_warm_sandbox.py."""
 
 from __future__ import annotations
 
@@ -51,6 +53,12 @@ def wait_warm(client: TestClient, exclude: frozenset[int] = frozenset()) -> int:
         time.sleep(0.1)
 
 
+def sandboxed(client: TestClient) -> bool:
+    """Whether the server's warm workers run in their owners' sandboxes (one job each)."""
+    pool = client.app.state.server.warm_pool  # type: ignore[attr-defined]
+    return isinstance(pool, warm_pool.SandboxedWarmPool)
+
+
 def stderr_text(client: TestClient, job_id: int) -> str:
     return client.get(f"/job/{job_id}/logs", params={"stream": "stderr"}).text
 
@@ -66,6 +74,10 @@ def children_of(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 found.append(int(entry.name))
     return found
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def eventually(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -98,9 +110,16 @@ def test_cold_launcher_and_warm_write_identical_results(
     servers = {
         "cold": make_client(data_dir=tmp_path / "cold", use_launcher=False),
         "launcher": make_client(data_dir=tmp_path / "launcher"),
-        "warm": make_client(data_dir=tmp_path / "warm", warm_workers=1),
+        # Sandboxed workers serve one job each: one ready per job submitted at once.
+        "warm": make_client(data_dir=tmp_path / "warm", warm_workers=2),
+        # One shared worker forks both.
+        "warm-unsandboxed": make_client(
+            data_dir=tmp_path / "warm-unsandboxed", warm_workers=1, sandbox="off"
+        ),
     }
+    assert sandboxed(servers["warm"]) and not sandboxed(servers["warm-unsandboxed"])
     wait_warm(servers["warm"])
+    wait_warm(servers["warm-unsandboxed"])
     with running_stub_server() as stub:
         jobs = {
             "demo_mc": {**ALL_DOCS_DUMMY_JOB, "log_samples": True},
@@ -116,21 +135,24 @@ def test_cold_launcher_and_warm_write_identical_results(
     for (mode, _), job_id in ids.items():
         argv = servers[mode].app.state.server.manager.get(job_id).argv  # type: ignore[attr-defined]
         assert (argv[1:3] == ["-m", "lm_eval_server.launcher"]) == (mode != "cold")
-        assert (WARM_MARKER in stderr_text(servers[mode], job_id)) == (mode == "warm")
+        assert (WARM_MARKER in stderr_text(servers[mode], job_id)) == mode.startswith("warm")
     for task in jobs:
         cold = got["cold", task]
         assert got["launcher", task] == cold
         assert got["warm", task] == cold
+        assert got["warm-unsandboxed", task] == cold
     assert got["cold", "demo_mc"]["results"]["results"]["demo_mc"]["sample_len"] == 20
     arith = got["cold", "arith_gen_tiny"]["results"]["results"]["arith_gen_tiny"]
     assert arith["exact_match,none"] == 13 / 20  # the stub's known answers
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("sandbox", ["bwrap", "off"])
 def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
-    make_client: Callable[..., TestClient],
+    make_client: Callable[..., TestClient], sandbox: str
 ) -> None:
-    client = make_client(warm_workers=1)
+    client = make_client(warm_workers=1, sandbox=sandbox)
+    assert sandboxed(client) == (sandbox == "bwrap")
     worker = wait_warm(client)
     db = str(client.app.state.server.settings.db_path.resolve())  # type: ignore[attr-defined]
     fds = [os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")]
@@ -159,9 +181,17 @@ def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
 
         # A worker that dies is replaced; the jobs it forked run on in their own sessions.
         leader = client.app.state.server.manager.get(slow).pid  # type: ignore[attr-defined]
-        assert leader in children_of(worker)
-        os.kill(worker, signal.SIGKILL)
-        replacement = wait_warm(client, exclude=frozenset({worker}))
+        assert leader in children_of(worker)  # the host pid, also of a sandboxed leader
+        if sandbox == "bwrap":
+            # The worker that took `slow` is its sandbox's PID 1: it stays with its job. Its
+            # slot has started another worker; that one dies and is replaced.
+            spare = wait_warm(client, exclude=frozenset({worker}))
+            os.kill(spare, signal.SIGKILL)
+            replacement = wait_warm(client, exclude=frozenset({worker, spare}))
+            assert process_alive(worker)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            replacement = wait_warm(client, exclude=frozenset({worker}))
         assert process_alive(leader)
         assert client.get(f"/job/{slow}").json()["status"] == "Running"
 
@@ -172,6 +202,8 @@ def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
         assert job["exit_code"] == -signal.SIGTERM  # as exit.json recorded it
         assert group_members(leader) == []
         assert not process_alive(leader)
+        if sandbox == "bwrap":
+            eventually(lambda: not process_alive(worker))  # its sandbox ended with the job
 
     after = submit(client, {**DUMMY_JOB, "limit": 2})
     job = wait_for(client, after)
@@ -179,8 +211,11 @@ def test_warm_jobs_stop_logs_progress_fallback_and_replacement(
     assert f"{WARM_MARKER} {replacement}\n" in stderr_text(client, after)
     assert job["progress"]["done"] == job["progress"]["total"] == 8
     assert any("|demo_mc|" in line for line in job["stdout"])
-    # The worker reaps the session leaders it forked: no zombies left behind.
-    eventually(lambda: children_of(replacement) == [])
+    if sandbox == "bwrap":
+        eventually(lambda: not process_alive(replacement))  # one job each
+    else:
+        # The worker reaps the session leaders it forked: no zombies left behind.
+        eventually(lambda: children_of(replacement) == [])
 
 
 @pytest.mark.e2e
@@ -206,11 +241,14 @@ def test_warm_worker_honours_disabled_hook_and_its_jobs_outlive_the_server(
             assert f"{WARM_MARKER} {worker}\n" in log
             assert "running plain lm-eval: LM_EVAL_SERVER_DISABLE_HOOK=1" in log
 
+            if sandboxed(first):
+                wait_warm(first, exclude=frozenset({worker}))  # one job per worker
             slow = submit(first, stub_job(stub.base_url, "arith_gen"))
             # Plain lm-eval indexes every task itself first: 15-50 s on a busy machine.
             eventually(lambda: "Requesting API" in stderr_text(first, slow), timeout_s=180)
             assert WARM_MARKER in stderr_text(first, slow)
             leader = first.app.state.server.manager.get(slow).pid  # type: ignore[attr-defined]
+            holder = parent_of(leader)  # the worker that forked it
             # Leaving the block shuts the server and its worker down; the job runs on...
         assert process_alive(leader)
         assert not process_alive(worker)
@@ -221,6 +259,8 @@ def test_warm_worker_honours_disabled_hook_and_its_jobs_outlive_the_server(
         assert second.post(f"/job/{slow}/stop").status_code == 200
         assert second.get(f"/job/{slow}").json()["status"] == "Stopped"
         assert group_members(leader) == []
+        # A sandboxed worker stays with its job (its sandbox's PID 1), then ends with it.
+        eventually(lambda: not process_alive(holder))
 
 
 # ----------------------------------------------------------------- cheap pieces, no lm-eval run

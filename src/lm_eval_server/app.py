@@ -31,6 +31,7 @@ from lm_eval_server.executors.base import Executor
 from lm_eval_server.jobfiles import JobFiles
 from lm_eval_server.manager import JobManager
 from lm_eval_server.metrics import AppMetrics
+from lm_eval_server.principals import DEFAULT_PRINCIPAL
 from lm_eval_server.redact import MIN_LEARNED_CHARS, Redactor
 from lm_eval_server.security import (
     BodyLimitMiddleware,
@@ -45,7 +46,7 @@ from lm_eval_server.validation import RequestValidator, json_safe
 from lm_eval_server.webhook_sender import WebhookSender
 
 if TYPE_CHECKING:
-    from lm_eval_server.executors.warm_pool import WarmPool
+    from lm_eval_server.executors.warm_pool import AnyWarmPool
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +81,32 @@ def _gpu_devices(settings: Settings) -> list[str] | None:
     return found.ids
 
 
-def _make_warm_pool(settings: Settings, gpu_devices: list[str] | None) -> WarmPool | None:
+def _make_warm_pool(
+    settings: Settings, gpu_devices: list[str] | None, job_sandbox: sandbox.Sandbox = sandbox.OFF
+) -> AnyWarmPool | None:
     if settings.executor is not ExecutorKind.local or settings.warm_workers == 0:
         return None
-    from lm_eval_server.executors.warm_pool import WarmPool
+    from lm_eval_server.executors import warm_pool
 
     run_dir = settings.warm_dir
     # With GPU slots the workers see no device, like the jobs they may run (given none).
     env = job_env.worker_environment(settings, run_dir, gpus=[] if gpu_devices else None)
-    return WarmPool(settings.warm_workers, env, run_dir)
+    if job_sandbox.enabled:
+        # Each worker in its owner's job sandbox, one job each (warm_pool's docstring).
+        views = sandbox.Views(settings, network=settings.job_network.value == "host")
+        names = {p.name for p in settings.key_table().values()} or {DEFAULT_PRINCIPAL}
+        first = DEFAULT_PRINCIPAL if DEFAULT_PRINCIPAL in names else None
+        if first is None and len(names) == 1:
+            [first] = names
+        sandboxing = warm_pool.WorkerSandbox(
+            views, job_sandbox.bwrap or "bwrap", settings.jobs_dir.resolve(), first
+        )
+        return warm_pool.SandboxedWarmPool(settings.warm_workers, env, run_dir, sandboxing)
+    return warm_pool.WarmPool(settings.warm_workers, env, run_dir)
 
 
 def _make_executor(
-    settings: Settings, warm_pool: WarmPool | None = None, sandboxed: bool = False
+    settings: Settings, warm_pool: AnyWarmPool | None = None, sandboxed: bool = False
 ) -> Executor:
     if settings.executor is ExecutorKind.ray:
         from lm_eval_server.executors.ray import RayExecutor  # optional dependency
@@ -146,7 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 host,
             )
         # The executor first: an unreachable Ray cluster stops startup before anything is open.
-        warm_pool = _make_warm_pool(settings, gpu_devices)
+        warm_pool = _make_warm_pool(settings, gpu_devices, job_sandbox)
         executor = _make_executor(settings, warm_pool, job_sandbox.enabled)
         store = _make_store(settings)
         state.audit = _make_audit(settings)

@@ -3,6 +3,7 @@ warm worker may run it. The manager asks this module; executors receive its `Lau
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shlex
 import sys
@@ -119,7 +120,16 @@ class LaunchPolicy:
             warm_args=None if record.gpus else warm_args(record.argv, record.env_vars),
             view=self.view(record),
             bwrap=self.sandbox.bwrap or "bwrap",
+            owner=record.owner,
+            owner_view=self.owner_view(record),
         )
+
+    def owner_view(self, record: JobRecord) -> sandbox.View | None:
+        """The view of a job of this owner whose request names no path of its own (no
+        output_path outside its directory, nothing to show it read-only): what a warm worker
+        for the owner is given (executors.warm_pool), with its own directory in place of
+        this job's."""
+        return self.view(dataclasses.replace(record, argv=[], output_path=record.work_dir))
 
     def view(self, record: JobRecord) -> sandbox.View | None:
         """The job's sandbox view; None when jobs run unconfined."""

@@ -91,6 +91,10 @@ class View:
     # (source, target), writable: the owner's cache in place of the shared cache directory.
     remaps: tuple[tuple[str, str], ...] = ()
     network: bool = True
+    # Empty writable tmpfs mounts, private to this sandbox, made right after the hidden paths
+    # are emptied: a warm worker's DATA_DIR/jobs, where its one job links its directory in
+    # (executors.warm_pool).
+    scratch: tuple[str, ...] = ()
 
 
 def python_paths() -> list[str]:
@@ -127,11 +131,20 @@ def _system_args() -> list[str]:
     return args
 
 
-def command(view: View, argv: Sequence[str], bwrap: str = "bwrap") -> list[str]:
+def command(
+    view: View, argv: Sequence[str], bwrap: str = "bwrap", as_pid_1: bool = False
+) -> list[str]:
     """`bwrap [options] -- argv`: argv run inside the view. Later mounts go over earlier ones,
-    so the order is: system, Python, read-only paths, hidden paths emptied, then what the view
-    gives back inside them (re-exposed and read-only again, the owner's cache, the job's own
-    directories), and last the hidden paths and the root made read-only."""
+    so the order is: system, Python, read-only paths, hidden paths emptied (and the scratch
+    tmpfs mounts made), then what the view gives back inside them (re-exposed and read-only
+    again, the owner's cache, the job's own directories), and last the hidden paths and the
+    root made read-only.
+
+    `as_pid_1`: argv itself is the PID namespace's init (`--as-pid-1`, in place of bwrap's
+    own), so the kernel ends everything in the sandbox exactly when argv ends, whatever its
+    parent does; `--die-with-parent` is left out. For a warm worker, whose parent is the server
+    while the job it runs must outlive a server restart, as a cold job does (with bwrap's init,
+    what a job left behind would outlive the worker unless bwrap died with its parent)."""
     args = [
         bwrap,
         "--unshare-user",
@@ -145,7 +158,7 @@ def command(view: View, argv: Sequence[str], bwrap: str = "bwrap") -> list[str]:
         "--unshare-cgroup-try",
         "--hostname",
         "lm-eval-job",
-        "--die-with-parent",
+        *(["--as-pid-1"] if as_pid_1 else ["--die-with-parent"]),
         "--cap-drop",
         "ALL",
     ]
@@ -161,6 +174,8 @@ def command(view: View, argv: Sequence[str], bwrap: str = "bwrap") -> list[str]:
             args += ["--perms", "0555", "--tmpfs", path]
         elif os.path.lexists(path):
             args += ["--ro-bind", os.devnull, path]
+    for path in view.scratch:
+        args += ["--perms", "0700", "--tmpfs", path]
     for path in view.given_back:
         args += ["--ro-bind-try", path, path]
     for source, target in view.remaps:

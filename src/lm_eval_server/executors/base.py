@@ -28,6 +28,11 @@ class LaunchSpec:
     # that makes it so. None: the job runs unconfined (SANDBOX=off).
     view: View | None = None
     bwrap: str = "bwrap"
+    # Who submitted the job, and the view of a job of that owner whose request names no path
+    # of its own (launch.LaunchPolicy.owner_view): with the sandbox, warm workers are per owner
+    # and are given that view.
+    owner: str | None = None
+    owner_view: View | None = None
 
 
 class JobHandle(Protocol):

@@ -21,7 +21,7 @@ from lm_eval_server import jobdir, sandbox, supervise
 from lm_eval_server.executors.base import JobHandle, LaunchSpec
 
 if TYPE_CHECKING:
-    from lm_eval_server.executors.warm_pool import WarmPool
+    from lm_eval_server.executors.warm_pool import AnyWarmPool
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class LocalJobHandle:
 
 
 class LocalExecutor:
-    def __init__(self, max_log_bytes: int, warm_pool: WarmPool | None = None) -> None:
+    def __init__(self, max_log_bytes: int, warm_pool: AnyWarmPool | None = None) -> None:
         self._max_log_bytes = max_log_bytes
         self._warm_pool = warm_pool  # owned (started, closed) by whoever created it
 

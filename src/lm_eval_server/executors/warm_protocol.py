@@ -1,12 +1,18 @@
 """What a warm worker and the server's WarmPool say to each other, and what a warm job prints.
 
-A worker is ``python -m lm_eval_server.executors.warm_worker --control-fd FD``; FD is one end of
-a socket pair whose other end the pool holds. One JSON object per line:
+A worker is ``python -m lm_eval_server.executors.warm_worker --control-fd FD [--slot DIR]``;
+FD is one end of a socket pair whose other end the pool holds. One JSON object per line:
 
     worker -> server   {"ready": true, "pid": ..., "rss_kb": ..., "warmup_s": ..., ...}
     server -> worker   a Request: {"job_id": 7, "args": [lm-eval argv], "env": {...},
                                    "work_dir": "...", "max_log_bytes": N}
     worker -> server   {"pid": LEADER}  or  {"error": "..."}   (the server then starts it cold)
+
+A sandboxed worker (``--slot DIR``: it runs in its owner's sandbox with DIR as its writable
+directory, and serves one job) reports pids of its own PID namespace; its Request also names
+the worker's host pid (``"worker_pid"``, for the job's marker line), and after its answer the
+server says ``{"go": true}`` once it has found the session leader's host pid. The job starts
+only then; with anything else, or the socket closed, it never starts. Nothing more is said.
 
 Stdlib only: both sides import it, and the worker's imports are paid by its warm-up.
 """
@@ -27,8 +33,12 @@ FORKED_MARKER = "forked from warm worker"
 LINE_LIMIT = 1 << 20
 
 
-def worker_command(control_fd: int) -> list[str]:
-    return [sys.executable, "-m", WORKER_MODULE, "--control-fd", str(control_fd)]
+GO = {"go": True}
+
+
+def worker_command(control_fd: int, slot: str | None = None) -> list[str]:
+    command = [sys.executable, "-m", WORKER_MODULE, "--control-fd", str(control_fd)]
+    return command if slot is None else [*command, "--slot", slot]
 
 
 @dataclass(frozen=True)
@@ -40,17 +50,19 @@ class Request:
     env: dict[str, str]
     work_dir: Path
     max_log_bytes: int
+    worker_pid: int | None = None  # the worker's pid as the server sees it (sandboxed workers)
 
     def encode(self) -> bytes:
-        return encode(
-            {
-                "job_id": self.job_id,
-                "args": self.args,
-                "env": self.env,
-                "work_dir": str(self.work_dir),
-                "max_log_bytes": self.max_log_bytes,
-            }
-        )
+        message: dict[str, Any] = {
+            "job_id": self.job_id,
+            "args": self.args,
+            "env": self.env,
+            "work_dir": str(self.work_dir),
+            "max_log_bytes": self.max_log_bytes,
+        }
+        if self.worker_pid is not None:
+            message["worker_pid"] = self.worker_pid
+        return encode(message)
 
     @classmethod
     def decode(cls, line: bytes) -> Request:
@@ -61,6 +73,7 @@ class Request:
             env={str(k): str(v) for k, v in data["env"].items()},
             work_dir=Path(data["work_dir"]),
             max_log_bytes=int(data["max_log_bytes"]),
+            worker_pid=None if data.get("worker_pid") is None else int(data["worker_pid"]),
         )
 
 

@@ -1,11 +1,19 @@
 """Warm workers, the worker's side: the program that imports lm-eval once and forks a ready
 process per job. The server's side is `warm_pool`; what they say to each other, `warm_protocol`.
 
-    python -m lm_eval_server.executors.warm_worker --control-fd FD
+    python -m lm_eval_server.executors.warm_worker --control-fd FD [--slot DIR]
 
 It imports what a job imports (``PRELOAD_MODULES``), installs the launcher's cached-index hook,
 loads the built-in task index, freezes its heap (``gc.freeze``), tells the server it is ready
 and then waits for requests on FD.
+
+With ``--slot DIR`` it runs inside its owner's job sandbox (started there by the pool, DIR its
+one writable directory, ``DATA_DIR/jobs`` an empty tmpfs of its own) and serves exactly one
+job: by then the server has renamed DIR to be that job's directory (the bind mount follows it),
+and the job's session leader links ``<job dir> -> DIR`` inside the sandbox before anything uses
+the job's paths, so argv and environment are exactly a cold job's. The worker is the PID 1 of
+its sandbox (``bwrap --as-pid-1``) and stays, reaping, until the session leader has ended: when
+it exits, the kernel ends every process left in the sandbox's PID namespace.
 
 For each request it forks the job's session leader (``os.setsid``), which forks the job process
 and then execs ``supervise.py --attach``: the very supervisor a cold job has, which pumps the
@@ -22,6 +30,7 @@ import contextlib
 import gc
 import importlib
 import io
+import json
 import os
 import signal
 import sys
@@ -146,6 +155,8 @@ class _Warm:
     # What the warm-up's imports did to os.environ (lm_eval sets HF_XET_HIGH_PERFORMANCE, ...):
     # a cold job's imports do the same to its environment. None: the import removed it.
     import_changes: dict[str, str | None] = field(default_factory=dict)
+    # A sandboxed worker's writable directory, which becomes its one job's directory.
+    slot: str | None = None
 
 
 def environ_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, str | None]:
@@ -196,6 +207,73 @@ def serve(control_fd: int) -> int:
     return 0
 
 
+def serve_once(control_fd: int, slot: str) -> int:
+    """A sandboxed worker: warm up, run one job, stay until its session leader has ended."""
+    os.set_inheritable(control_fd, False)
+    start_dir = os.getcwd()
+    environ_before = dict(os.environ)
+    info = warm_up()
+    changes = environ_changes(environ_before, dict(os.environ))
+    warm = _Warm(os.getpid(), start_dir, info["hook"], changes, os.path.realpath(slot))
+    leader = None
+    try:
+        _send(control_fd, info)
+        lines = _lines(control_fd)
+        line = next(lines, None)
+        if line is None:
+            return 0  # retired before it got a job
+        try:
+            leader, gate = _fork_job(Request.decode(line), control_fd, warm)
+        except Exception as err:
+            _send(control_fd, {"error": f"{type(err).__name__}: {err}"})
+            return 1
+        try:
+            _send(control_fd, {"pid": leader})
+            answer = next(lines, None)
+            go = answer is not None and _is_go(answer)
+            # From here on the job's code runs in this sandbox: nothing it can reach through
+            # this process (ptrace, /proc/<pid>/fd) may lead to the server. The server closes
+            # its ends of this socket and of the worker's output pipe too.
+            os.close(control_fd)
+            _silence_stdio()
+            if go:
+                os.write(gate, b"go")
+        finally:
+            os.close(gate)
+    except ConnectionError:
+        pass  # the server is gone: a job not told to go never starts
+    finally:
+        if leader is not None:
+            _wait_for(leader)
+    return 0
+
+
+def _wait_for(leader: int) -> None:
+    """As the sandbox's PID 1, this process inherits what the job orphans: reap everything
+    until the session leader has ended; the kernel ends the rest when this process exits."""
+    while True:
+        try:
+            pid, _ = os.wait()
+        except ChildProcessError:
+            return
+        if pid == leader:
+            return
+
+
+def _is_go(line: bytes) -> bool:
+    try:
+        return json.loads(line) == warm_protocol.GO
+    except ValueError:
+        return False
+
+
+def _silence_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def _fork_job(job: Request, control_fd: int, warm: _Warm) -> tuple[int, int]:
     """Forks the job's session leader; returns its pid and the pipe that lets it start."""
     gate_r, gate_w = os.pipe()
@@ -223,6 +301,9 @@ def _session_leader(job: Request, control_fd: int, gate_r: int, warm: _Warm) -> 
         _say(f"job {job.job_id}: the worker went away before the job started; not started")
         return
     os.close(gate_r)
+    if warm.slot is not None:
+        # DATA_DIR/jobs is this sandbox's own tmpfs; the slot is the job's directory now.
+        os.symlink(warm.slot, job.work_dir)
     os.chdir(job.work_dir)
     # As for a cold job: the supervisor's own output goes to its log in the job directory.
     errors = os.open(jobdir.SUPERVISOR_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
@@ -294,11 +375,13 @@ def _job_process(job: Request, out_w: int, err_w: int, warm: _Warm) -> int:
     # `python -m` puts its cwd first on sys.path; a cold job's cwd is its work dir.
     if sys.path and sys.path[0] == warm.start_dir:
         sys.path[0] = str(job.work_dir)
+    if warm.slot is not None:
+        _cwd_as_job_dir(warm.slot, str(job.work_dir))
     # `random` reseeds itself after fork; numpy's global generator does not.
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed()
-    _say(f"{warm_protocol.FORKED_MARKER} {warm.pid}")
+    _say(f"{warm_protocol.FORKED_MARKER} {job.worker_pid or warm.pid}")
     if warm.plain_reason is not None:
         launcher.plain_lm_eval_notice(warm.plain_reason)
     try:
@@ -318,6 +401,30 @@ def _job_process(job: Request, out_w: int, err_w: int, warm: _Warm) -> int:
         code = 1
     _interpreter_exit()
     return code
+
+
+def _cwd_as_job_dir(slot: str, work_dir: str) -> None:
+    """In a sandboxed worker the job's directory is `work_dir`, a link to `slot` (where the
+    directory is mounted): the kernel names the working directory by the slot. A cold job's
+    is mounted at `work_dir` itself, so os.getcwd() names any directory inside the slot by
+    `work_dir` instead, and Python code sees the paths a cold job sees."""
+    real_getcwd, real_getcwdb = os.getcwd, os.getcwdb
+    slot_b, work_dir_b = os.fsencode(slot), os.fsencode(work_dir)
+
+    def getcwd() -> str:
+        cwd = real_getcwd()
+        if cwd == slot or cwd.startswith(slot + "/"):
+            return work_dir + cwd[len(slot) :]
+        return cwd
+
+    def getcwdb() -> bytes:
+        cwd = real_getcwdb()
+        if cwd == slot_b or cwd.startswith(slot_b + b"/"):
+            return work_dir_b + cwd[len(slot_b) :]
+        return cwd
+
+    os.getcwd = getcwd
+    os.getcwdb = getcwdb
 
 
 def _system_exit_code(exc: SystemExit) -> int:
@@ -347,7 +454,10 @@ def _interpreter_exit() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {warm_protocol.WORKER_MODULE}")
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--slot", help="sandboxed: this writable directory, one job")
     args = parser.parse_args(argv)
+    if args.slot is not None:
+        return serve_once(args.control_fd, args.slot)
     return serve(args.control_fd)
 
 
