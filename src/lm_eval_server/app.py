@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -250,12 +250,8 @@ def _resolve_sandbox(settings: Settings) -> sandbox.Sandbox:
     """The job sandbox in force: probed once, here, so that a server that needs it and cannot
     have it never starts (sandbox.SandboxUnavailable names the reason)."""
     principals = {p.name for p in settings.key_table().values()}
-    probe_dir = settings.data_dir.resolve() / "sandbox-probe"
-    probe_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        found = sandbox.resolve(settings.sandbox, len(principals), str(probe_dir))
-    finally:
-        shutil.rmtree(probe_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="lm-eval-server-probe-") as probe_dir:
+        found = sandbox.resolve(settings.sandbox, len(principals), probe_dir)
     if found.enabled:
         log.info("job sandbox: bubblewrap (%s); job network: %s", found.bwrap, settings.job_network)
     else:

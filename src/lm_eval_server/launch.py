@@ -4,7 +4,10 @@ warm worker may run it. The manager asks this module; executors receive its `Lau
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
+import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -13,6 +16,7 @@ from typing import Any
 
 from lm_eval_server import job_env, jobdir, redact, sandbox
 from lm_eval_server.config import Settings
+from lm_eval_server.errors import InvalidRequest
 from lm_eval_server.executors.base import LaunchSpec
 from lm_eval_server.job_secrets import reference_name
 from lm_eval_server.models import JobRecord
@@ -67,6 +71,7 @@ class LaunchPolicy:
         self._settings = settings
         self.sandbox = job_sandbox
         self._views = sandbox.Views(settings, network=settings.job_network.value == "host")
+        self.write_owners = WriteOwners()
         self._secrets = settings.secret_policy()
         self.redactor = redactor if redactor is not None else Redactor()
         self._default_program = shlex.split(settings.default_lm_eval_path)
@@ -136,18 +141,86 @@ class LaunchPolicy:
         if not self.sandbox.enabled:
             return None
         work_dir = Path(record.work_dir)
-        writable = write_targets(record, work_dir, self._settings.allowed_roots)
+        writable = self.write_targets(record)
         for target in writable:
             target.mkdir(parents=True, exist_ok=True)
-        return self._views.job(record.owner, work_dir, writable=writable)
+        return self._views.job(
+            record.owner,
+            work_dir,
+            writable=writable,
+            named=named_paths(record.argv),
+            others=self.write_owners.others(record.owner),
+        )
+
+    def write_targets(self, record: JobRecord) -> list[Path]:
+        return write_targets(
+            record.argv, record.output_path, Path(record.work_dir), self._settings.allowed_roots
+        )
+
+    def claim_write_targets(self, record: JobRecord) -> None:
+        """Records where this job writes outside its directory; InvalidRequest when another
+        owner's jobs write there (or inside, or around it): owners never share a directory that
+        their jobs write, so no job sees or changes another owner's output."""
+        targets = self.write_targets(record)
+        taken = self.write_owners.conflict(record.owner, targets)
+        if taken is not None:
+            raise InvalidRequest(
+                f"{taken} is where another owner's jobs write (output_path or use_cache); "
+                "choose a directory of your own, or leave output_path out (GET "
+                "/job/{id}/results serves the results)"
+            )
+        self.write_owners.add(record.owner, targets)
 
 
-def write_targets(record: JobRecord, work_dir: Path, roots: list[Path]) -> list[Path]:
+class WriteOwners:
+    """Which owner's jobs write each directory outside their own job directories."""
+
+    def __init__(self) -> None:
+        self._owners: dict[Path, str] = {}
+
+    def add(self, owner: str, directories: list[Path]) -> None:
+        for directory in directories:
+            self._owners.setdefault(directory, owner)
+
+    def conflict(self, owner: str, directories: list[Path]) -> Path | None:
+        for directory in directories:
+            for taken, other in self._owners.items():
+                if other != owner and (
+                    directory.is_relative_to(taken) or taken.is_relative_to(directory)
+                ):
+                    return taken
+        return None
+
+    def others(self, owner: str) -> list[Path]:
+        return [d for d, o in self._owners.items() if o != owner]
+
+
+def named_paths(argv: list[str]) -> list[str]:
+    """The absolute paths a job's arguments name, in options and inside key=value lists
+    (include_path, task files and globs, model_args' pretrained=/x), that exist: what its
+    sandbox should show it (`sandbox.Views.named` decides which it may see)."""
+    found: dict[str, None] = {}
+    for arg in argv[1:]:
+        if arg.startswith("-"):
+            continue
+        for piece in re.split(r"[,=]", arg):
+            piece = piece.strip()
+            if not piece.startswith("/"):
+                continue
+            if glob.has_magic(piece):
+                piece = os.path.dirname(re.split(r"[*?\[]", piece, maxsplit=1)[0])
+            if piece and os.path.lexists(piece):
+                found.setdefault(os.path.normpath(piece), None)
+    return list(found)
+
+
+def write_targets(
+    argv: list[str], output_path: str, work_dir: Path, roots: list[Path]
+) -> list[Path]:
     """The directories outside its own that a job writes because its request names them: its
     output_path and its use_cache prefix, each already confined by the path rule at submission.
     Only directories inside ALLOWED_PATHS qualify (a use_cache prefix names files beside it)."""
-    candidates = [Path(record.output_path)]
-    argv = record.argv
+    candidates = [Path(output_path)]
     for i, arg in enumerate(argv[:-1]):
         if arg == "--use_cache":
             candidates.append(Path(argv[i + 1]).parent)

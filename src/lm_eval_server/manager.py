@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -22,6 +23,7 @@ from lm_eval_server.config import Settings
 from lm_eval_server.errors import (
     RETRY_AFTER_S,
     IdempotencyConflict,
+    InvalidRequest,
     JobNotFound,
     QueueFull,
     QuotaExceeded,
@@ -86,6 +88,7 @@ class JobManager:
             self._jobs[record.job_id] = record
             # Credentials stored jobs received stay masked in what they left behind.
             self._policy.learn(record.argv, record.env_vars)
+            self._policy.write_owners.add(record.owner, self._policy.write_targets(record))
             if record.idempotency_key:
                 self._idempotency[record.idempotency_key] = record.job_id
             if record.status is JobStatus.queued:
@@ -228,6 +231,11 @@ class JobManager:
             idempotency_body=idempotency.body_sha256 if idempotency else None,
             owner=owner,
         )
+        try:
+            self._policy.claim_write_targets(record)
+        except InvalidRequest:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise
         self._store.insert(record)
         self._jobs[job_id] = record
         if idempotency is not None:

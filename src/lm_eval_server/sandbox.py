@@ -86,8 +86,11 @@ class View:
     read_only: tuple[str, ...] = ()  # ALLOWED_PATHS: bound before the hidden paths go
     hidden: tuple[str, ...] = ()  # DATA_DIR, SECRETS_DIR: emptied, read-only
     # Bound read-only after the hidden paths are emptied: the task index, the owner's uploads,
-    # what of DATA_DIR is not the server's (`reexposable`).
+    # the paths a request names inside DATA_DIR that are not the server's.
     given_back: tuple[str, ...] = ()
+    # (source, target), read-only: a path as the request or ALLOWED_PATHS typed it, through a
+    # symlink, shown at that name (examples/ -> src/lm_eval_server/examples).
+    aliases: tuple[tuple[str, str], ...] = ()
     # (source, target), writable: the owner's cache in place of the shared cache directory.
     remaps: tuple[tuple[str, str], ...] = ()
     network: bool = True
@@ -178,6 +181,8 @@ def command(
         args += ["--perms", "0700", "--tmpfs", path]
     for path in view.given_back:
         args += ["--ro-bind-try", path, path]
+    for source, target in view.aliases:
+        args += ["--ro-bind-try", source, target]
     for source, target in view.remaps:
         args += ["--bind", source, target]
     for path in (view.work_dir, *view.writable):
@@ -186,7 +191,12 @@ def command(
         if os.path.isdir(path):
             args += ["--remount-ro", path]
     args += ["--remount-ro", "/", "--chdir", view.work_dir, "--"]
-    return [*args, *argv]
+    # bwrap sets PWD for its command, after any --unsetenv: a job's environment is exactly what
+    # the server built (job_env), so `env -u PWD` takes it out again.
+    return [*args, *UNSET_PWD, *argv]
+
+
+UNSET_PWD = ("/usr/bin/env", "-u", "PWD", "--") if os.path.exists("/usr/bin/env") else ()
 
 
 def _inside_any(path: str, roots: Iterable[str]) -> bool:
@@ -206,24 +216,6 @@ def program_dirs(commands: Iterable[str]) -> list[str]:
             if os.path.isabs(word) and os.path.isfile(word):
                 found.append(os.path.dirname(os.path.realpath(word)))
     return _unique(found)
-
-
-def reexposable(hidden_dir: str, private: Iterable[str]) -> list[str]:
-    """The entries of `hidden_dir` that are none of the server's `private` paths and contain
-    none: what ALLOWED_PATHS still gives a job of DATA_DIR (an operator's model or task
-    folder placed there)."""
-    private = [os.path.normpath(p) for p in private]
-    try:
-        names = sorted(os.listdir(hidden_dir))
-    except OSError:
-        return []
-    found = []
-    for name in names:
-        path = os.path.join(hidden_dir, name)
-        if any(_inside_any(p, [path]) for p in private):
-            continue
-        found.append(path)
-    return found
 
 
 def find_bwrap() -> str | None:
@@ -324,6 +316,8 @@ class ViewSettings(Protocol):
     secrets_dir: Path | None
     api_keys_file: Path | None
 
+    allowed_paths: list[str]
+
     @property
     def allowed_roots(self) -> list[Path]: ...
 
@@ -365,6 +359,13 @@ class Views:
         self._private = tuple(private)
         roots = [str(r) for r in settings.allowed_roots]
         roots += program_dirs(settings.lm_eval_path_allowlist)
+        self._roots = tuple(roots)
+        # ALLOWED_PATHS as typed, where a symlink makes it differ from the resolved root.
+        self._root_aliases = tuple(
+            (os.path.realpath(p), os.path.abspath(p))
+            for p in settings.allowed_paths
+            if os.path.realpath(p) != os.path.abspath(p)
+        )
         # An allowed root inside a hidden path is given back after the hiding, unless it is,
         # or holds, one of the server's own paths.
         self._roots_before = tuple(r for r in roots if not _inside_any(r, self._hidden))
@@ -379,8 +380,30 @@ class Views:
         back = [str(self._settings.task_index_dir), *self._roots_after]
         if owner is not None:
             back.append(str(self._settings.tasks_dir / owner))
-        back += reexposable(str(self._settings.data_dir.resolve()), self._private)
         return _unique(back)
+
+    def named(
+        self, paths: Iterable[str], others: Sequence[str]
+    ) -> tuple[list[str], list[tuple[str, str]]]:
+        """What of the paths a request names (include_path, a task file, a local model) its
+        job may see read-only: those that resolve inside ALLOWED_PATHS, never into the server's
+        own files or another owner's write targets. Returns (given back inside the hidden
+        paths, aliases for names that reach their target through a symlink)."""
+        back: list[str] = []
+        aliases: list[tuple[str, str]] = []
+        for name in paths:
+            typed, resolved = os.path.abspath(name), os.path.realpath(name)
+            if not _inside_any(resolved, self._roots):
+                continue
+            if any(_inside_any(resolved, [p]) or _inside_any(p, [resolved]) for p in others):
+                continue
+            if _inside_any(resolved, self._private) or _inside_any(typed, self._private):
+                continue
+            if _inside_any(resolved, self._hidden):
+                back.append(resolved)
+            if typed != resolved:
+                aliases.append((resolved, typed))
+        return back, aliases
 
     def owner_cache(self, owner: str) -> tuple[str, str]:
         """(the owner's cache, where it is mounted); creates the owner's cache directories."""
@@ -398,17 +421,30 @@ class Views:
         writable: Iterable[Path] = (),
         read_only: Iterable[Path] = (),
         network: bool | None = None,
+        named: Iterable[str] = (),
+        others: Iterable[Path] = (),
     ) -> View:
         """A job's view: its own directory and `writable` (a request's own output_path),
-        its owner's cache and uploads, the task index and ALLOWED_PATHS read-only."""
+        its owner's cache and uploads, the task index and ALLOWED_PATHS read-only, the paths
+        its request `named` (`Views.named`), and nothing of `others`: the directories other
+        owners' jobs write outside their own (emptied like DATA_DIR)."""
+        other_dirs = [str(p) for p in others if p.is_dir()]
+        named_back, aliases = self.named(named, other_dirs)
         return View(
             work_dir=str(work_dir.resolve()),
             writable=tuple(str(p.resolve()) for p in writable),
             read_only=self._roots_before,
-            hidden=self._hidden,
+            hidden=tuple(_unique([*self._hidden, *other_dirs])),
             given_back=tuple(
-                _unique([*self._given_back(owner), *(str(p.resolve()) for p in read_only)])
+                _unique(
+                    [
+                        *self._given_back(owner),
+                        *(str(p.resolve()) for p in read_only),
+                        *named_back,
+                    ]
+                )
             ),
+            aliases=(*self._root_aliases, *aliases),
             remaps=(self.owner_cache(owner),),
             network=self.network if network is None else network,
         )

@@ -68,25 +68,59 @@ class RotatingLog:
     def _rotate(self) -> None:
         os.close(self.fd)
         old = jobdir.rotated_segment(self.path)
-        if os.path.exists(old):
+        # lstat, never stat: the job owns this directory and may have put a link here.
+        if os.path.lexists(old):
             cut = jobdir.cut_record(self.path)
-            dropped = int(_read_text(cut) or 0) if os.path.exists(cut) else 0
-            jobdir.write_atomic(cut, str(dropped + os.stat(old).st_size))
+            dropped = _read_count(cut)
+            jobdir.write_atomic(cut, str(dropped + os.lstat(old).st_size))
         os.replace(self.path, old)
         self.fd = _open_append(self.path)
         self.size = 0
 
 
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
 def _open_append(path: str) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    """The log file at `path`, a plain file of this directory only. The job can write the
+    directory (and this process runs outside its sandbox, as the server's user): a symlink,
+    FIFO, hard link or anything else it planted at `path` is removed, never written through."""
+    for _ in range(100):
+        try:
+            fd = os.open(path, _APPEND | os.O_CREAT, 0o644)
+        except OSError:  # ELOOP (a symlink), ENXIO (a FIFO), EISDIR, ...
+            _remove(path)
+            continue
+        info = os.fstat(fd)
+        if (info.st_mode & 0o170000) == 0o100000 and info.st_nlink == 1:
+            return fd
+        os.close(fd)
+        _remove(path)
+    raise OSError(f"cannot create the log file {path}")
 
 
-def _read_text(path: str) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _remove(path: str) -> None:
     try:
-        return os.read(fd, 4096).decode()
+        os.unlink(path)
+    except IsADirectoryError:
+        os.rename(path, f"{path}.planted{os.urandom(4).hex()}")
+    except FileNotFoundError:
+        pass
+
+
+def _read_count(path: str) -> int:
+    """The number in the cut record; 0 for anything that is not a plain file holding one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return 0
+    try:
+        if (os.fstat(fd).st_mode & 0o170000) != 0o100000:
+            return 0
+        text = os.read(fd, 64).decode(errors="replace").strip()
     finally:
         os.close(fd)
+    return int(text) if text.isdigit() else 0
 
 
 class _Child:

@@ -80,13 +80,15 @@ def limit(cpu_s: int | None, memory_mb: int | None, file_mb: int | None) -> None
     or writes without end is stopped by the kernel (SIGXCPU, MemoryError, EFBIG)."""
     import resource
 
-    for kind, value in (
-        (resource.RLIMIT_CPU, cpu_s),
-        (resource.RLIMIT_AS, None if memory_mb is None else memory_mb << 20),
-        (resource.RLIMIT_FSIZE, None if file_mb is None else file_mb << 20),
+    # RLIMIT_CPU's hard limit a second above the soft one: the soft limit sends SIGXCPU (which
+    # the server names as TASK_CHECK_CPU_S), the hard one SIGKILL should that be ignored.
+    for kind, value, slack in (
+        (resource.RLIMIT_CPU, cpu_s, 1),
+        (resource.RLIMIT_AS, None if memory_mb is None else memory_mb << 20, 0),
+        (resource.RLIMIT_FSIZE, None if file_mb is None else file_mb << 20, 0),
     ):
         if value is not None:
-            resource.setrlimit(kind, (value, value))
+            resource.setrlimit(kind, (value, value + slack))
 
 
 def main(argv: list[str] | None = None) -> int:

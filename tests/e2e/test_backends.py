@@ -130,20 +130,30 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the local models live: an ALLOWED_PATHS directory of the servers that run them
+    (a job's sandbox shows it only those, and validation refuses a model path outside)."""
+    return tmp_path_factory.mktemp("models")
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_tokenizer(models_dir: Path) -> Path:
+    (models_dir / "tiny-tokenizer").mkdir()
+    return build_tokenizer(models_dir / "tiny-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir: Path) -> Path:
     if not HAS_TORCH:
         pytest.skip("torch is not installed (install the hf extra: uv sync --extra hf)")
-    return build_model(tmp_path_factory.mktemp("tiny-gpt2"))
+    (models_dir / "tiny-gpt2").mkdir()
+    return build_model(models_dir / "tiny-gpt2")
 
 
 @pytest.fixture
-def backend_client(make_client: Any, tmp_path: Path, task_dir: Path) -> Any:
-    return make_client(allowed_paths=[str(tmp_path), str(task_dir), str(ROOT / "tests" / "data")])
+def backend_client(make_client: Any, tmp_path: Path, task_dir: Path, models_dir: Path) -> Any:
+    allowed = [tmp_path, task_dir, models_dir, ROOT / "tests" / "data"]
+    return make_client(allowed_paths=[str(p) for p in allowed])
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ def test_with_one_slot_bobs_job_runs_second_not_eleventh(
     servers: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     server = servers(MAX_CONCURRENCY="1", API_KEYS=KEYS, SHUTDOWN_STOPS_JOBS="true")
-    release = tmp_path / "release-first"
+    release = server.signals / "release-first"
     with as_user(server, "alice") as alice, as_user(server, "bob") as bob:
         first = submit(alice, fake_job(FAKE_WAIT_FILE=str(release)))
         wait_for(alice, first, {"Running"})
@@ -109,7 +109,7 @@ def test_quotas_per_key_refuse_and_hold_one_owner_only(
         API_KEYS=KEYS,
         SHUTDOWN_STOPS_JOBS="true",
     )
-    release_a, release_b = tmp_path / "release-a", tmp_path / "release-b"
+    release_a, release_b = server.signals / "release-a", server.signals / "release-b"
     with as_user(server, "alice") as alice, as_user(server, "bob") as bob:
         a1 = submit(alice, fake_job(FAKE_WAIT_FILE=str(release_a)))
         wait_for(alice, a1, {"Running"})
@@ -168,7 +168,7 @@ def test_gpu_slots_give_each_job_exactly_its_devices(
         SHUTDOWN_STOPS_JOBS="true",
         ALLOWED_ENV_VARS="FAKE_*,CUDA_VISIBLE_DEVICES",
     )
-    f1, f2, f3 = (tmp_path / f"release-{i}" for i in (1, 2, 3))
+    f1, f2, f3 = (server.signals / f"release-{i}" for i in (1, 2, 3))
     with server.client() as client:
         j1 = submit(client, held(f1, 1))
         j2 = submit(client, held(f2, 1))
@@ -233,8 +233,8 @@ def test_a_job_keeps_its_device_across_a_server_crash(
     servers: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     env = {"GPUS": "0,1", "MAX_CONCURRENCY": "4", "SHUTDOWN_STOPS_JOBS": "true"}
-    release, release2 = tmp_path / "release", tmp_path / "release2"
     first = servers(**env)
+    release, release2 = first.signals / "release", first.signals / "release2"
     with first.client() as client:
         kept = submit(client, held(release, 1))
         assert wait_for(client, kept, {"Running"})["gpus"] == ["0"]

@@ -27,6 +27,9 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, data_dir: Path, index_dir: Path, **env: str) -> None:
         self.data_dir = data_dir
+        # Files a test hands its jobs while they run (tests/support/fake_lm_eval.py's
+        # FAKE_WAIT_FILE): an allowed path, so a sandboxed job can see them appear.
+        self.signals = data_dir.parent / "signals"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -34,7 +37,8 @@ class ServerProcess:
             "DATA_DIR": str(data_dir),
             "INDEX_DIR": str(index_dir),
             "LM_EVAL_PATHS": f"{DEFAULT_LM_EVAL},{FAKE_LM_EVAL}",
-            "ALLOWED_PATHS": f"{data_dir},{ROOT / 'examples'},{ROOT / 'tests' / 'data'}",
+            "ALLOWED_PATHS": f"{data_dir},{ROOT / 'examples'},{ROOT / 'tests' / 'data'},"
+            f"{self.signals}",
             "STOP_GRACE_S": "3",
             "ALLOWED_ENV_VARS": "FAKE_*",  # what tests/support/fake_lm_eval.py follows
             **env,
@@ -44,6 +48,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.signals.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
             [
