@@ -26,11 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lm_eval_server import offload, yaml_bounds
+
 # Logging level names, as `logging.Logger.setLevel` (lm_eval.utils.setup_logging) accepts them.
 LOG_LEVELS = tuple(name for name in logging.getLevelNamesMapping() if name != "NOTSET")
 # lm-eval's model classes read batch_size as an int, "auto" or "auto:N" (api_models.py,
 # huggingface.py: `"auto" in batch_size`, then `int(batch_size.split(":")[1])` or `int(...)`).
 _BATCH_SIZE = re.compile(r"(?:auto(?::[1-9][0-9]*)?|[1-9][0-9]*)\Z")
+# Files a request names that the server reads to check them: a `config` YAML (a few hundred
+# bytes in practice) and a `samples` JSON (task -> document indices). They are read and parsed
+# in a worker thread (offload: a file read is I/O, and a few kilobytes of YAML with aliases
+# cost PyYAML milliseconds); beyond the caps they are refused. One json.loads holds the GIL
+# for its whole run (about 10 ms a megabyte), whatever thread it runs in.
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_SAMPLES_BYTES = 1024 * 1024
 
 
 class LmEvalCheckError(ValueError):
@@ -130,16 +139,31 @@ def known_default(dest: str) -> tuple[bool, Any]:
     return (value is not _UNKNOWN), (None if value is _UNKNOWN else value)
 
 
+def _bounded_size(path: Path, max_bytes: int, what: str) -> None:
+    """Ask for a worker thread (offload); refuse a file above `max_bytes`."""
+    offload.require_thread(f"reading a {what}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise LmEvalCheckError(
+            f"{what} {path} holds {size} bytes; the server reads at most {max_bytes} to check it"
+        )
+
+
 def load_yaml_config(path: Path) -> dict[str, Any]:
-    """`EvaluatorConfig.load_yaml_config`: safe_load, and the root must be a mapping."""
+    """`EvaluatorConfig.load_yaml_config`: safe_load, and the root must be a mapping. Loaded
+    within yaml_bounds' bounds (depth, values, numbers), which give safe_load's result for any
+    file within them, and at most MAX_CONFIG_BYTES."""
     import yaml  # only requests with a config file pay for it
 
     if not path.is_file():
         raise LmEvalCheckError(f"Config file not found: {path.resolve()}")
     try:
-        data = yaml.safe_load(path.read_text())
+        _bounded_size(path, MAX_CONFIG_BYTES, "config file")
+        data = yaml_bounds.load(path.read_text())
     except yaml.YAMLError as exc:
         raise LmEvalCheckError(f"Invalid YAML in {path}: {exc}") from exc
+    except yaml_bounds.YamlRefused as exc:
+        raise LmEvalCheckError(f"config file {path}: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise LmEvalCheckError(f"Could not read config file {path}: {exc}") from exc
     if not isinstance(data, dict):
@@ -257,18 +281,25 @@ def _process_arguments(config: dict[str, Any], base: Path) -> None:
     if samples and isinstance(samples, str):
         try:
             config["samples"] = json.loads(samples)
+        except RecursionError:
+            raise LmEvalCheckError("samples: the JSON nests too deeply to be read") from None
         except json.JSONDecodeError:
             path = Path(samples)
             path = path if path.is_absolute() else base / path
             if not path.is_file():
                 # lm-eval keeps the string and fails once the evaluation indexes it.
                 raise LmEvalCheckError(
-                    f"samples: {samples!r} is neither a JSON object nor a JSON file"
+                    f"samples: {samples[:200]!r} is neither a JSON object nor a JSON file"
                 ) from None
             try:
+                _bounded_size(path, MAX_SAMPLES_BYTES, "samples file")
                 config["samples"] = json.loads(path.read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise LmEvalCheckError(f"samples: cannot read {path}: {exc}") from None
+            except RecursionError:
+                raise LmEvalCheckError(
+                    f"samples: the JSON of {path} nests too deeply to be read"
+                ) from None
     if config.get("samples") and not isinstance(config["samples"], dict):
         raise LmEvalCheckError(
             'samples: must map task names to lists of indices, e.g. {"arc_easy": [0, 1]}'

@@ -46,6 +46,8 @@ import jinja2
 import jinja2.nodes as jn
 import yaml
 
+from lm_eval_server import yaml_bounds
+
 # A task name becomes a directory name and a --tasks entry: no separators, no path look.
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # Uploaded file names: plain names only (no directory part, no hidden files).
@@ -324,8 +326,13 @@ class UnsupportedFile(TaskRefused):
 # ------------------------------------------------------------------ YAML
 
 
-class _Loader(yaml.SafeLoader):
-    """Safe loading; `!function` becomes a FunctionRef, any other tag is an error."""
+class _Loader(yaml_bounds.BoundedCSafeLoader):
+    """Safe loading within bounds (yaml_bounds: depth, values with aliases counted where they are
+    used, numbers), with libyaml's parser as lm-eval's task loader uses it; `!function` becomes
+    a FunctionRef, any other tag is an error."""
+
+    max_depth = MAX_DEPTH
+    max_values = MAX_VALUES
 
 
 def _function(loader: yaml.SafeLoader, node: yaml.Node) -> FunctionRef:
@@ -358,8 +365,8 @@ def parse_yaml(data: bytes, file_name: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise TaskRefused(f"{file_name}: not UTF-8 text") from None
     try:
-        config = yaml.load(text, Loader=_Loader)
-    except TaskRefused as exc:
+        config = yaml_bounds.load(text, _Loader)
+    except (TaskRefused, yaml_bounds.YamlRefused) as exc:
         raise TaskRefused(f"{file_name}: {exc}") from None
     except yaml.YAMLError as exc:
         raise TaskRefused(f"{file_name} is not valid YAML: {' '.join(str(exc).split())}") from None
@@ -556,15 +563,54 @@ def data_files_in(config: Mapping[str, Any], task_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ templates
 
 
+# Levels of brackets and of blocks ({% if %}, {% for %}, ...) a template may nest. Jinja's parser
+# recurses a few frames per level (a RecursionError near 900 levels), keeping every level's
+# objects alive meanwhile: counted first, from the lexer's tokens, which it yields one by one.
+MAX_TEMPLATE_DEPTH = 64
+_BLOCKS = frozenset({"if", "for", "macro", "call", "filter", "block", "with", "autoescape"})
+
+
+def _template_depth_beyond(source: str, limit: int) -> bool:
+    brackets = blocks = 0
+    after_block_begin = False
+    for _, kind, value in _jinja.lex(source):
+        if kind == "operator":
+            if value in "([{":
+                brackets += 1
+            elif value in ")]}":
+                brackets = max(brackets - 1, 0)
+        elif kind == "name" and after_block_begin:
+            if value in _BLOCKS:
+                blocks += 1
+            elif value.startswith("end") and value[3:] in _BLOCKS:
+                blocks = max(blocks - 1, 0)
+        if brackets > limit or blocks > limit:
+            return True
+        if kind != "whitespace":
+            after_block_begin = kind == "block_begin"
+    return False
+
+
 def check_template(source: str) -> None:
     """`source`, parsed as lm-eval's Jinja would, uses only the data-only subset."""
     if "{" not in source:
         return  # no Jinja syntax: plain text
+    nodes = None
     try:
+        if _template_depth_beyond(source, MAX_TEMPLATE_DEPTH):
+            raise TaskRefused(
+                f"the template nests brackets or blocks more than {MAX_TEMPLATE_DEPTH} levels deep"
+            )
         tree = _jinja.parse(source)
+        nodes = list(tree.find_all(jn.Node))
     except jinja2.TemplateSyntaxError as exc:
         raise TaskRefused(f"not a valid Jinja template ({exc.message})") from None
-    for node in tree.find_all(jn.Node):
+    except RecursionError:
+        pass  # refused below, outside the handler: its traceback holds a thousand frames
+    if nodes is None:
+        # Jinja's parser and find_all recurse once per level: `{{ ((((...)))) }}` 3,000 deep.
+        raise TaskRefused("the template nests too deeply to be read")
+    for node in nodes:
         _check_node(node)
     _Flow(tree).check()
 

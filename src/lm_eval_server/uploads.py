@@ -276,8 +276,10 @@ class TaskUploads:
         """Check and store an upload; returns it and whether it replaced one of the owner's."""
         settings = self._settings
         allow_code = settings.allow_remote_code
-        checked, data = prepare(
-            files, allow_code, settings.max_upload_files, settings.max_upload_bytes
+        # The YAML parse and the template rule are pure Python over up to MAX_YAML_BYTES (about
+        # a second for 256 KB of templates): off the event loop.
+        checked, data = await asyncio.to_thread(
+            prepare, files, allow_code, settings.max_upload_files, settings.max_upload_bytes
         )
         name = checked.name
         if name in builtin_names:
