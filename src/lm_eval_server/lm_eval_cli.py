@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import re
 import shlex
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -388,6 +390,8 @@ def _option(flag: str, value: str) -> list[str]:
 def split_words(text: str) -> list[str]:
     """Split on whitespace outside quotes and brackets, keeping quotes (as a person types
     `--model_args pretrained=x 'stop=["a b"]'`, each word stays as lm-eval's parser takes it)."""
+    if _GROUPING.search(text) is None:
+        return text.split()  # the same split, in C, when nothing groups
     words: list[str] = []
     buf: list[str] = []
     depth = 0
@@ -505,24 +509,279 @@ def _list_items(value: str | list[str]) -> list[str]:
     return [item for item in value if item.strip()]
 
 
+# lm-eval's parser logs through this logger as it parses: a warning for every repeated key of a
+# key=value option ("Overwriting key 'a'"), notes on filled-in seeds. In the server each record
+# was a formatted write to stderr on the event loop: a 900 KB `a=1,a=1,...` made 225,000 of them,
+# nine tenths of its parse. The job's own lm-eval still logs them, in the job's log.
+PARSER_LOGGER = "lm_eval._cli.utils"
+
+
 def make_raising(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make `parser` raise ArgvError instead of printing usage and exiting.
+    """Make `parser` raise ArgvError instead of printing usage and exiting, and quiet the
+    warnings lm-eval's parser logs (PARSER_LOGGER) in this process.
 
     Done once, on the server's own parser instance, so that parsing stays free of shared
     mutable state when requests are validated in parallel threads.
     """
     parser.error = _RaisingParser.error.__get__(parser)  # type: ignore[method-assign]
+    logging.getLogger(PARSER_LOGGER).setLevel(logging.ERROR)
     return parser
+
+
+# Characters of lm-eval's parser's message kept in an error (argparse quotes the whole value).
+MAX_MESSAGE_CHARS = 1000
 
 
 def parse_argv(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse with lm-eval's parser (made raising by `make_raising`)."""
+    failure = ""
     try:
         return parser.parse_args(argv)
     except SystemExit as exc:  # an action that exits by itself, such as --help
         raise ArgvError(f"lm-eval's parser exited ({exc.code})") from exc
+    except (RecursionError, MemoryError) as exc:
+        # lm-eval reads key=value values with ast.literal_eval and JSON with json.loads:
+        # `a=1+1+...+1` is a RecursionError, `a=----...1` the Python parser's stack overflow
+        # (a MemoryError), `[[[...]]]` JSON a RecursionError. The job's lm-eval would fail alike.
+        failure = type(exc).__name__  # refused below, outside the handler (a long traceback)
     except (ValueError, TypeError, AssertionError) as exc:
-        raise ArgvError(str(exc) or type(exc).__name__) from exc
+        message = str(exc) or type(exc).__name__
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "... (shortened)"
+        raise ArgvError(message) from exc
+    raise ArgvError(f"a value nests too deeply for lm-eval's parser to read ({failure})")
+
+
+# ------------------------------------------------------------------ bounds on option text
+#
+# What one request's options may make lm-eval's parser (and the checks after it) read. Fixed
+# limits, not settings: one command-line word holds at most 128 KiB on Linux (MAX_ARG_STRLEN),
+# so a longer option could never reach a job, and lm-eval's options carry a few hundred bytes
+# in practice. Within them the whole parse of a request takes milliseconds (bench/floods.py).
+
+# UTF-8 bytes of one option's text, as the command line carries it (all its items together),
+# and of all of a request's lm-eval options together.
+MAX_OPTION_BYTES = 64 * 1024
+MAX_OPTIONS_BYTES = 128 * 1024
+# Entries of one key=value option (model_args, gen_kwargs, metadata, wandb_args, ...).
+MAX_KEY_VALUE_ENTRIES = 256
+# Characters of one key.
+MAX_KEY_CHARS = 256
+# Characters of one value written as key=value text: lm-eval reads it with ast.literal_eval,
+# whose C parse holds the GIL for its whole run, whatever thread it runs in: at 4 KiB, 9 ms for
+# a tuple of 1,300 tuples or `1+1+...`, 18 ms for an f-string; at 1 KiB under 5 ms. The event
+# loop waits that long each time it takes the GIL back (several times per request): a flood of
+# 4 KiB values doubled /health's p99. A JSON object's values go through json.loads instead
+# (about 1 ms for 64 KiB): MAX_OPTION_BYTES bounds them.
+MAX_TEXT_VALUE_CHARS = 1024
+# Brackets nested in one value (a JSON object's values included): the checks after the parse
+# walk the values, and a deeper one is nobody's option.
+MAX_VALUE_DEPTH = 16
+# Options whose text adds up to more than this are parsed in a worker thread (offload).
+THREAD_PARSE_BYTES = 2 * 1024
+# Linux's MAX_ARG_STRLEN (32 pages) less the terminating NUL: one argv word can be no longer.
+MAX_ARGV_WORD_BYTES = 128 * 1024 - 1
+
+# Characters that group (quotes, brackets): split_words needs its loop only when one occurs.
+_GROUPING = re.compile(r"[\"'()\[\]{}]")
+# What lm-eval's split_top_level looks at: commas, quotes, brackets.
+_TOP_LEVEL = re.compile(r"[,\"'()\[\]{}]")
+_OPEN, _CLOSE = "[({", "])}"
+QUOTE_CHARS = 60
+
+
+class OptionTooLarge(ArgvError):
+    """An option's text is beyond a bound of this module; the message names the option, the
+    bound and what to do instead."""
+
+
+def _quote(text: str) -> str:
+    return repr(text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "...")
+
+
+def _utf8_bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def text_bytes(value: Any) -> int:
+    """The UTF-8 bytes of `value` as a request option's text (a list: its items and a separator
+    each; an object: its JSON)."""
+    if isinstance(value, str):
+        return _utf8_bytes(value)
+    if isinstance(value, list):
+        return sum(text_bytes(item) + 1 for item in value)
+    if isinstance(value, dict):
+        return _utf8_bytes(json.dumps(value, ensure_ascii=False, default=str))
+    return len(str(value))
+
+
+def check_option_sizes(values: dict[str, Any], specs: list[OptionSpec]) -> int:
+    """The bytes of text the request's lm-eval options hold together; OptionTooLarge for one
+    above MAX_OPTION_BYTES, or all of them above MAX_OPTIONS_BYTES. Costs a length per string
+    (nothing is split or parsed), so it runs before anything that does."""
+    total = 0
+    for spec in specs:
+        value = values.get(spec.dest)
+        if value is None:
+            continue
+        if isinstance(value, str) and len(value) > MAX_OPTION_BYTES:
+            size = len(value)  # at least this many bytes; counting them all would cost more
+        else:
+            size = text_bytes(value)
+        if size > MAX_OPTION_BYTES:
+            raise OptionTooLarge(
+                f"{spec.dest}: {size} bytes of text; one option carries at most "
+                f"{MAX_OPTION_BYTES} (a fixed limit: lm-eval reads it from one command-line "
+                "word, which Linux caps at 128 KiB). Put larger options in a config file "
+                "(the `config` option), where lm-eval reads them as YAML"
+            )
+        total += size
+    if total > MAX_OPTIONS_BYTES:
+        raise OptionTooLarge(
+            f"the lm-eval options hold {total} bytes of text together; a request carries at "
+            f"most {MAX_OPTIONS_BYTES} (a fixed limit). Put larger options in a config file "
+            "(the `config` option), where lm-eval reads them as YAML"
+        )
+    return total
+
+
+def top_level_items(text: str, limit: int) -> list[tuple[str, int]]:
+    """lm-eval's `split_top_level`: the non-empty parts of `text` between commas outside quotes
+    and brackets, each with the deepest bracket nesting inside it. Stops after `limit` + 1
+    parts. Only the commas, quotes and brackets are visited (a regex finds them)."""
+    parts: list[tuple[str, int]] = []
+    start = depth = deepest = 0
+    quote: str | None = None
+    for match in _TOP_LEVEL.finditer(text):
+        char = match.group()
+        if quote is not None:
+            if char == quote:
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char in _OPEN:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in _CLOSE:
+            depth = max(depth - 1, 0)
+        elif depth == 0:  # a top-level comma
+            if match.start() > start:
+                parts.append((text[start : match.start()], deepest))
+                if len(parts) > limit:
+                    return parts
+            start, deepest = match.end(), 0
+    if len(text) > start:
+        parts.append((text[start:], deepest))
+    return parts
+
+
+def _depth_beyond(value: Any, limit: int) -> bool:
+    """True if lists and objects nest more than `limit` levels inside `value`."""
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        level = [
+            item
+            for container in level
+            if isinstance(container, dict | list)
+            for item in (container.values() if isinstance(container, dict) else container)
+        ]
+        if not any(isinstance(item, dict | list) for item in level):
+            return False
+    return True
+
+
+def _check_entries(dest: str, count: int) -> None:
+    if count > MAX_KEY_VALUE_ENTRIES:
+        raise OptionTooLarge(
+            f"{dest}: more than {MAX_KEY_VALUE_ENTRIES} key=value entries; one option takes at "
+            f"most {MAX_KEY_VALUE_ENTRIES} (a fixed limit; lm-eval's models take a few dozen)"
+        )
+
+
+def _check_key(dest: str, key: str) -> None:
+    if len(key) > MAX_KEY_CHARS:
+        raise OptionTooLarge(
+            f"{dest}: the key {_quote(key)} has {len(key)} characters; a key has at most "
+            f"{MAX_KEY_CHARS} (a fixed limit)"
+        )
+
+
+def _too_deep(dest: str, key: str) -> OptionTooLarge:
+    return OptionTooLarge(
+        f"{dest}: the value of {_quote(key)} nests lists or objects more than "
+        f"{MAX_VALUE_DEPTH} levels deep (a fixed limit)"
+    )
+
+
+def _check_json_object(dest: str, obj: dict[Any, Any]) -> None:
+    _check_entries(dest, len(obj))
+    for key, item in obj.items():
+        _check_key(dest, str(key))
+        if isinstance(item, dict | list) and _depth_beyond(item, MAX_VALUE_DEPTH - 1):
+            raise _too_deep(dest, str(key))
+
+
+def check_key_value_text(spec: OptionSpec, value: Any) -> None:
+    """A key=value option's entries, keys and values within this module's bounds, counted as
+    lm-eval's parser will split them (a JSON object, or key=value items split on commas outside
+    quotes and brackets); OptionTooLarge otherwise. Call it after check_option_sizes: it
+    visits the text, at most MAX_OPTION_BYTES of it."""
+    dest = spec.dest
+    if isinstance(value, dict):
+        _check_json_object(dest, value)
+        return
+    words = _key_value_items(spec, value)
+    if spec.json_value and words and words[0].lstrip().startswith("{"):
+        # lm-eval's MergeDictAction takes a first word that is a JSON object as the whole value.
+        try:
+            parsed = json.loads(words[0])
+        except RecursionError:
+            raise _too_deep(dest, "{...}") from None
+        except json.JSONDecodeError:
+            parsed = None  # lm-eval's parser refuses it with its own message
+        if isinstance(parsed, dict):
+            _check_json_object(dest, parsed)
+            return
+    count = 0
+    for word in words:
+        for part, depth in top_level_items(word, MAX_KEY_VALUE_ENTRIES - count):
+            count += 1
+            _check_entries(dest, count)
+            key, sep, text = part.partition("=")
+            if not sep:
+                continue  # lm-eval's parser refuses it: "expected `key=value`"
+            _check_key(dest, key)
+            if len(text) > MAX_TEXT_VALUE_CHARS:
+                raise OptionTooLarge(
+                    f"{dest}: the value of {_quote(key)} has {len(text)} characters; a value "
+                    f"written as key=value text has at most {MAX_TEXT_VALUE_CHARS} (a fixed "
+                    "limit: lm-eval reads it as a Python literal). Send the option as a JSON "
+                    "object for a longer value"
+                )
+            if depth > MAX_VALUE_DEPTH:
+                raise _too_deep(dest, key)
+
+
+def check_key_value_options(values: dict[str, Any], specs: list[OptionSpec]) -> None:
+    """check_key_value_text for every key=value option of the request."""
+    for spec in specs:
+        value = values.get(spec.dest)
+        if value is not None and spec.kind is OptionKind.key_value:
+            check_key_value_text(spec, value)
+
+
+def check_argv_words(argv: list[str]) -> None:
+    """Every word fits in one command-line argument (MAX_ARGV_WORD_BYTES), so a job with this
+    argv can start; else OptionTooLarge (e.g. task paths made absolute past the limit)."""
+    for word in argv:
+        if len(word) > MAX_ARGV_WORD_BYTES // 4 and (size := _utf8_bytes(word)) > (
+            MAX_ARGV_WORD_BYTES
+        ):
+            raise OptionTooLarge(
+                f"the command-line word {_quote(word)} has {size} bytes; Linux caps one at "
+                f"{MAX_ARGV_WORD_BYTES} (MAX_ARG_STRLEN), so the job could never start. Put "
+                "larger options in a config file (the `config` option)"
+            )
 
 
 def task_list(values: dict[str, Any]) -> list[str]:

@@ -20,7 +20,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lm_eval_server import backends, gpus, job_secrets, jobdir, lm_eval_checks, paths, webhooks
+from lm_eval_server import (
+    backends,
+    gpus,
+    job_secrets,
+    jobdir,
+    lm_eval_checks,
+    lm_eval_cli,
+    offload,
+    paths,
+    webhooks,
+)
 from lm_eval_server.catalog import Catalog, TaskRequestRefused, UnknownTasks, close_matches
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import InvalidRequest
@@ -218,6 +228,7 @@ class RequestValidator:
         values = request.model_dump(exclude_none=True)
         check_text(values, "request")
         server = {k: values.pop(k) for k in SERVER_FIELDS if k in values}
+        self._check_option_text(values)
         program = self._program(server.get("lm_eval_path"))
         env_vars = self._env_vars(server.get("env_vars") or {}, principal)
         if self._gpus is not None and (
@@ -236,7 +247,10 @@ class RequestValidator:
             values["tasks"] = tasks
         try:
             lm_args = request_to_argv(values, self._specs)
+            lm_eval_cli.check_argv_words(lm_args)
             namespace = parse_argv(self._parser, lm_args)
+        except lm_eval_cli.OptionTooLarge as exc:
+            raise InvalidRequest(str(exc)) from None
         except ArgvError as exc:
             raise InvalidRequest(_argv_message(str(exc))) from exc
         yaml_config, snapshot = self._config(getattr(namespace, CONFIG_DEST, None), base)
@@ -309,6 +323,18 @@ class RequestValidator:
                 f"{what}: {path} is inside the server's uploaded tasks (DATA_DIR/tasks); "
                 "name an uploaded task in tasks instead"
             )
+
+    def _check_option_text(self, values: dict[str, Any]) -> None:
+        """The lm-eval options' text within lm_eval_cli's bounds, checked before anything
+        splits or parses it; a request with more than a little text is parsed in a worker
+        thread (the whole validation runs again there)."""
+        try:
+            total = lm_eval_cli.check_option_sizes(values, self._specs)
+            if total > lm_eval_cli.THREAD_PARSE_BYTES:
+                offload.require_thread(f"{total} bytes of option text")
+            lm_eval_cli.check_key_value_options(values, self._specs)
+        except lm_eval_cli.OptionTooLarge as exc:
+            raise InvalidRequest(str(exc)) from None
 
     # ------------------------------------------------------------------ paths
     def _absolute_paths(self, values: dict[str, Any], base: Path) -> None:
@@ -503,6 +529,8 @@ def _is_path_text(value: str) -> bool:
         json.loads(value)
     except json.JSONDecodeError:
         return "{" not in value  # lm-eval refuses broken JSON itself
+    except RecursionError:
+        return False  # JSON nested too deeply: not a path; parse_argv refuses it
     return False
 
 
