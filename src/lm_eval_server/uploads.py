@@ -291,8 +291,7 @@ class TaskUploads:
         # may have one more upload waiting: it cannot take the slots other owners need.
         if self._pending.get(owner, 0) >= MAX_PENDING_PER_OWNER:
             raise ChecksBusy(
-                "your earlier uploads are still being checked by lm-eval; retry when they are "
-                "done"
+                "your earlier uploads are still being checked by lm-eval; retry when they are done"
             )
         self._pending[owner] = self._pending.get(owner, 0) + 1
         try:

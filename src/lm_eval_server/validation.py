@@ -159,6 +159,9 @@ def truthy_key(value: Any, key: str, depth: int = 0) -> bool:
     return any(isinstance(item, dict | list) and truthy_key(item, key, depth + 1) for item in items)
 
 
+MAX_MODEL_PATH_CHECKS = 256  # model_args entries looked at for local paths
+
+
 def values_of(value: Any, key: str, depth: int = 0) -> list[Any]:
     """Every value stored under `key` in nested dicts and lists."""
     found: list[Any] = []
@@ -267,6 +270,7 @@ class RequestValidator:
         self._check_code(configured)
         self._check_no_secret_refs(configured)
         self._check_urls(configured)
+        self._check_model_paths(configured)
         include_paths = self._check_paths(configured, user_output)
         all_tasks = task_items(configured.get("tasks"))
         if not all_tasks:
@@ -443,6 +447,27 @@ class RequestValidator:
                 "the model wrote. The operator can allow it with ALLOW_UNSAFE_CODE=true "
                 "(ALLOW_REMOTE_CODE does not cover it)"
             )
+
+    def _check_model_paths(self, configured: dict[str, Any]) -> None:
+        """A local model, tokenizer or adapter named in model_args (an absolute path that
+        exists) must lie inside ALLOWED_PATHS: they are all a job's sandbox shows it of the
+        machine's files, and all a job may read."""
+        model_args = configured.get("model_args")
+        if not isinstance(model_args, dict):
+            return
+        for key, value in list(model_args.items())[:MAX_MODEL_PATH_CHECKS]:
+            if not isinstance(value, str) or not value.startswith(("/", "~")):
+                continue
+            path = Path(value).expanduser()
+            if not path.exists():
+                continue  # a hub id or a path lm-eval will report missing itself
+            resolved = path.resolve()
+            if not any(resolved.is_relative_to(root) for root in self._roots):
+                raise InvalidRequest(
+                    f"model_args: {key}={value} is outside ALLOWED_PATHS "
+                    f"({', '.join(map(str, self._roots))}); put local models in one of "
+                    "those directories (the operator can add one to ALLOWED_PATHS)"
+                )
 
     def _check_urls(self, configured: dict[str, Any]) -> None:
         prefixes = self._settings.model_url_prefixes

@@ -284,3 +284,23 @@ def test_task_glob_runs(make_client: Any) -> None:
     assert job["status"] == "Completed", job
     results = client.get(f"/job/{job_id}/results").json()["results"]
     assert list(results["results"]) == ["demo_mc"]
+
+
+def test_local_model_paths_must_be_inside_allowed_paths(
+    make_client: Any, tmp_path: Path, outside: Path
+) -> None:
+    """A job's sandbox shows it only ALLOWED_PATHS: a local model elsewhere is refused at
+    submission, with the setting to change, instead of failing inside the job."""
+    client = make_client()
+    detail = refused(
+        client, {**FAKE, "model_args": f"pretrained={outside},dtype=float32"}, "ALLOWED_PATHS"
+    )
+    assert f"pretrained={outside}" in detail
+    refused(client, {**FAKE, "model_args": {"tokenizer": str(outside / "evil.yaml")}}, "tokenizer")
+    inside = tmp_path / "models" / "tiny"
+    inside.mkdir(parents=True)
+    job_id = submit(client, {**FAKE, "model_args": f"pretrained={inside}"})
+    assert wait_for(client, job_id)["status"] == "Completed"
+    # A hub id, or a path that does not exist, is lm-eval's to judge.
+    submit(client, {**FAKE, "model_args": "pretrained=/no/such/model"})
+    assert job_count(client) == 2
