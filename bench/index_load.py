@@ -39,7 +39,7 @@ import sys, time, json
 from pathlib import Path
 data_dir = Path(sys.argv[1])
 import lm_eval.tasks, lm_eval.tasks._index as index_mod, lm_eval.tasks.manager
-from lm_eval_server import launcher
+from lm_eval_server.runtime import launcher
 builtin = Path(lm_eval.tasks.__file__).parent
 t0 = time.perf_counter()
 assert launcher.install_hook(data_dir) is None
@@ -57,7 +57,7 @@ import sys, time, json, gc, pickle
 from pathlib import Path
 new_dir, old_dir, runs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 import lm_eval.tasks
-from lm_eval_server import task_index
+from lm_eval_server.runtime import task_index
 builtin = Path(lm_eval.tasks.__file__).parent
 key = task_index.cache_key(builtin)
 old_file = old_dir / "task_index" / "builtin_index.pickle"
@@ -120,11 +120,18 @@ def main() -> None:
         new_dir, old_dir = tmp_path / "new", tmp_path / "old"
         old_pkg = old_package(args.before, tmp_path / "old-src")
         print("building both caches ...", flush=True)
-        sh(sys.executable, "-m", "lm_eval_server.task_index", "build", "--data-dir", str(new_dir))
+        sh(
+            sys.executable,
+            "-m",
+            "lm_eval_server.runtime.task_index",
+            "build",
+            "--data-dir",
+            str(new_dir),
+        )
         env = {**os.environ, "PYTHONPATH": str(old_pkg)}
         sh(
             sys.executable,
-            *("-m", "lm_eval_server.task_index", "build", "--data-dir", str(old_dir)),
+            *("-m", "lm_eval_server.runtime.task_index", "build", "--data-dir", str(old_dir)),
             env=env,
             cwd=tmp_path,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lm_eval_server.progress import ProgressTracker
+from lm_eval_server.outputs.progress import ProgressTracker
 
 LOG = Path(__file__).resolve().parents[1] / "tests" / "data" / "progress"
 

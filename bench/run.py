@@ -903,13 +903,13 @@ BENCH_FUNCS: dict[str, Callable[[Context], Awaitable[Figures]]] = {
 
 def ensure_index(index_dir: Path) -> None:
     """The task index cache, built once (lm-eval takes seconds to index its tasks)."""
-    from lm_eval_server import task_index
+    from lm_eval_server.runtime import task_index
 
     if task_index.load_names(index_dir) is not None:
         return
     print(f"building the task index cache in {index_dir} ...", flush=True)
     subprocess.run(
-        [PY, "-m", "lm_eval_server.task_index", "build", "--data-dir", str(index_dir)],
+        [PY, "-m", "lm_eval_server.runtime.task_index", "build", "--data-dir", str(index_dir)],
         check=True,
         env={**os.environ, **OFFLINE},
     )

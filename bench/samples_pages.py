@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lm_eval_server import samples
+from lm_eval_server.outputs import samples
 
 
 def write_file(path: Path, lines: int, doc_bytes: int) -> None:

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-from lm_eval_server.scheduler import FairQueue, GpuPool, Policy, UsageLedger, Waiting, choose
+from lm_eval_server.jobs.scheduler import FairQueue, GpuPool, Policy, UsageLedger, Waiting, choose
 
 QUEUED = 10_000
 OWNERS = 20

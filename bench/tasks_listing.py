@@ -3,7 +3,7 @@ median and 95th percentile in ms for a few queries.
 
     uv run python bench/tasks_listing.py [INDEX_DIR]
 
-INDEX_DIR holds a built index (`python -m lm_eval_server.task_index build --data-dir DIR`);
+INDEX_DIR holds a built index (`python -m lm_eval_server.runtime.task_index build --data-dir DIR`);
 without one, a temporary index is built first (about 20 s of CPU).
 """
 
@@ -36,7 +36,14 @@ def main() -> None:
         index = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tmp) / "index"
         if len(sys.argv) == 1:
             subprocess.run(
-                [sys.executable, "-m", "lm_eval_server.task_index", "build", "--data-dir", index],
+                [
+                    sys.executable,
+                    "-m",
+                    "lm_eval_server.runtime.task_index",
+                    "build",
+                    "--data-dir",
+                    index,
+                ],
                 check=True,
             )
         settings = Settings(

@@ -71,7 +71,7 @@ MODES = {
     "warm": {"WARM_WORKERS": "1"},
     "warm-off": {"WARM_WORKERS": "1", "SANDBOX": "off"},
 }
-WORKER_MODULE = b"lm_eval_server.executors.warm_worker"
+WORKER_MODULE = b"lm_eval_server.runtime.executors.warm_worker"
 UVICORN = [sys.executable, "-m", "uvicorn", "src.main:app", "--host", "127.0.0.1"]
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 600.0
@@ -314,7 +314,14 @@ def main() -> None:
         index_dir = root / "index"
         print("building the task index cache ...", flush=True)
         subprocess.run(
-            [sys.executable, "-m", "lm_eval_server.task_index", "build", "--data-dir", index_dir],
+            [
+                sys.executable,
+                "-m",
+                "lm_eval_server.runtime.task_index",
+                "build",
+                "--data-dir",
+                index_dir,
+            ],
             cwd=ROOT,
             check=True,
             capture_output=True,

@@ -18,7 +18,7 @@ from tests.support.jobs import DEFAULT_LM_EVAL, FAKE_LM_EVAL, ROOT
 from tests.support.server import ServerProcess
 
 # No test may reach the internet. These reach every job through JOB_ENV_PASSTHROUGH's defaults
-# (a job's environment is built from nothing, see lm_eval_server.job_env).
+# (a job's environment is built from nothing, see lm_eval_server.runtime.job_env).
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,7 +29,14 @@ def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """lm-eval's task index, built once per test session and shared by every server."""
     path = tmp_path_factory.mktemp("task-index")
     subprocess.run(
-        [sys.executable, "-m", "lm_eval_server.task_index", "build", "--data-dir", str(path)],
+        [
+            sys.executable,
+            "-m",
+            "lm_eval_server.runtime.task_index",
+            "build",
+            "--data-dir",
+            str(path),
+        ],
         check=True,
         timeout=300,
     )

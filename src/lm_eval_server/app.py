@@ -20,34 +20,36 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lm_eval_server import gpus, hosts, job_env, lm_eval_cli, sandbox
-from lm_eval_server.api import compare, dashboard, files, health, tasks, team
+from lm_eval_server.admission import lm_eval_cli
+from lm_eval_server.admission.catalog import Catalog, TaskLimits
+from lm_eval_server.admission.validation import RequestValidator, json_safe
+from lm_eval_server.api import compare, dashboard, files, health, hosts, tasks, team
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
-from lm_eval_server.audit import Audit, MemoryAudit, SqliteAudit
-from lm_eval_server.catalog import Catalog, TaskLimits
-from lm_eval_server.config import ExecutorKind, Settings, StoreKind
-from lm_eval_server.errors import DomainError
-from lm_eval_server.executors.base import Executor
-from lm_eval_server.jobfiles import JobFiles
-from lm_eval_server.manager import JobManager
-from lm_eval_server.metrics import AppMetrics
-from lm_eval_server.principals import DEFAULT_PRINCIPAL
-from lm_eval_server.redact import MIN_LEARNED_CHARS, Redactor
-from lm_eval_server.security import (
+from lm_eval_server.api.metrics import AppMetrics
+from lm_eval_server.api.security import (
     BodyLimitMiddleware,
     HttpGuardMiddleware,
     is_loopback,
     listen_host,
     require_api_key,
 )
-from lm_eval_server.store import JobStore, MemoryJobStore, SqliteJobStore
-from lm_eval_server.uploads import TaskUploads
-from lm_eval_server.validation import RequestValidator, json_safe
-from lm_eval_server.webhook_sender import WebhookSender
+from lm_eval_server.config import ExecutorKind, Settings, StoreKind
+from lm_eval_server.errors import DomainError
+from lm_eval_server.jobs import gpus
+from lm_eval_server.jobs.jobfiles import JobFiles
+from lm_eval_server.jobs.manager import JobManager
+from lm_eval_server.jobs.store import JobStore, MemoryJobStore, SqliteJobStore
+from lm_eval_server.runtime import job_env, sandbox
+from lm_eval_server.runtime.executors.base import Executor
+from lm_eval_server.tasks.uploads import TaskUploads
+from lm_eval_server.team.audit import Audit, MemoryAudit, SqliteAudit
+from lm_eval_server.team.principals import DEFAULT_PRINCIPAL
+from lm_eval_server.team.redact import MIN_LEARNED_CHARS, Redactor
+from lm_eval_server.webhooks.sender import WebhookSender
 
 if TYPE_CHECKING:
-    from lm_eval_server.executors.warm_pool import AnyWarmPool
+    from lm_eval_server.runtime.executors.warm_pool import AnyWarmPool
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def _make_warm_pool(
 ) -> AnyWarmPool | None:
     if settings.executor is not ExecutorKind.local or settings.warm_workers == 0:
         return None
-    from lm_eval_server.executors import warm_pool
+    from lm_eval_server.runtime.executors import warm_pool
 
     run_dir = settings.warm_dir
     # With GPU slots the workers see no device, like the jobs they may run (given none).
@@ -110,10 +112,10 @@ def _make_executor(
     settings: Settings, warm_pool: AnyWarmPool | None = None, sandboxed: bool = False
 ) -> Executor:
     if settings.executor is ExecutorKind.ray:
-        from lm_eval_server.executors.ray import RayExecutor  # optional dependency
+        from lm_eval_server.runtime.executors.ray import RayExecutor  # optional dependency
 
         return RayExecutor(settings, sandboxed=sandboxed)  # type: ignore[return-value]
-    from lm_eval_server.executors.local import LocalExecutor
+    from lm_eval_server.runtime.executors.local import LocalExecutor
 
     return LocalExecutor(settings.max_log_bytes, warm_pool)
 

@@ -13,11 +13,12 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from lm_eval_server import job_env, job_secrets
-from lm_eval_server.gpus import check_ids as check_gpu_ids
-from lm_eval_server.hosts import parse_rules
-from lm_eval_server.principals import Principal, key_table, parse_entry
-from lm_eval_server.sandbox import SandboxMode
+from lm_eval_server.api.hosts import parse_rules
+from lm_eval_server.jobs.gpus import check_ids as check_gpu_ids
+from lm_eval_server.runtime import job_env
+from lm_eval_server.runtime.sandbox import SandboxMode
+from lm_eval_server.team import job_secrets
+from lm_eval_server.team.principals import Principal, key_table, parse_entry
 
 
 class StoreKind(StrEnum):
@@ -90,7 +91,7 @@ class Settings(BaseSettings):
     max_env_vars: int = Field(64, ge=0)
     max_env_value_bytes: int = Field(32 * 1024, ge=1)
 
-    # The job sandbox (lm_eval_server.sandbox): every job, warm worker and upload check runs in
+    # The job sandbox (runtime/sandbox.py): every job, warm worker and upload check runs in
     # its own namespaces through bubblewrap.
     sandbox: SandboxMode = Field(
         SandboxMode.auto,
@@ -168,7 +169,7 @@ class Settings(BaseSettings):
         parse_rules(value)  # a ValueError names the bad entry
         return value
 
-    # Job environment (lm_eval_server.job_env). ALLOWED_ENV_VARS above:
+    # Job environment (lm_eval_server.runtime.job_env). ALLOWED_ENV_VARS above:
     # names or case-sensitive glob patterns a request's env_vars may set besides the defaults.
     job_env_passthrough: CsvList = Field(
         default_factory=lambda: list(job_env.DEFAULT_JOB_ENV_PASSTHROUGH),
@@ -238,7 +239,7 @@ class Settings(BaseSettings):
     )
 
     # Scheduling: quotas per principal, the fair queue, GPU slots for the local executor
-    # (lm_eval_server.scheduler, lm_eval_server.gpus).
+    # (lm_eval_server.jobs.scheduler, lm_eval_server.jobs.gpus).
     max_queued_per_key: int | None = Field(
         None, ge=1, description="Queued jobs one principal may have; more get 429. Unset: no limit."
     )
@@ -282,7 +283,7 @@ class Settings(BaseSettings):
         "hourly); unset: kept for as long as the store.",
     )
 
-    # Secrets by reference (lm_eval_server.job_secrets): a request's env_vars may name a file of
+    # Secrets by reference (team/job_secrets.py): a request's env_vars may name a file of
     # SECRETS_DIR instead of carrying a value; ALLOWED_SECRETS says who may name which.
     secrets_dir: Path | None = Field(
         None,
@@ -373,7 +374,7 @@ class Settings(BaseSettings):
     @field_validator("webhook_url_prefixes")
     @classmethod
     def _webhook_prefixes(cls, value: list[str]) -> list[str]:
-        from lm_eval_server.urls import normalise_url
+        from lm_eval_server.admission.urls import normalise_url
 
         return [normalise_url(prefix, "WEBHOOK_URL_PREFIXES") for prefix in value]
 
@@ -411,7 +412,7 @@ class Settings(BaseSettings):
     @field_validator("model_url_prefixes")
     @classmethod
     def _url_prefixes(cls, value: list[str]) -> list[str]:
-        from lm_eval_server.urls import normalise_url
+        from lm_eval_server.admission.urls import normalise_url
 
         return [normalise_url(prefix, "MODEL_URL_PREFIXES") for prefix in value]
 

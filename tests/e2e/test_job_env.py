@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from lm_eval_server import job_env
 from lm_eval_server.app import create_app
 from lm_eval_server.config import Settings
-from lm_eval_server.executors import warm_protocol
+from lm_eval_server.runtime import job_env
+from lm_eval_server.runtime.executors import warm_protocol
 from tests.support.jobs import DUMMY_JOB, ROOT, fake_job, submit, wait_for
 from tests.support.server import ServerProcess
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from lm_eval_server import results
+from lm_eval_server.outputs import results
 from tests.support.jobs import DEFAULT_LM_EVAL, FAKE_LM_EVAL, ROOT, fake_job, submit, wait_for
 
 PLANT = f"{sys.executable} {ROOT / 'tests' / 'data' / 'readback_attack' / 'plant.py'}"

@@ -629,7 +629,7 @@ def checks_running(world: World, owner: str = "") -> dict[int, str]:
     staging = f"{world.data / 'tasks' / '.staging'}/{owner}"
     return {
         pid: cmdline
-        for pid, cmdline in host_processes("lm_eval_server.task_check").items()
+        for pid, cmdline in host_processes("lm_eval_server.tasks.task_check").items()
         if staging in cmdline and "bwrap" not in cmdline.split(" ", 1)[0]
     }
 

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lm_eval_server.validation import MAX_NAMES_LISTED
+from lm_eval_server.admission.validation import MAX_NAMES_LISTED
 from tests.support.jobs import DUMMY_JOB, FAKE_LM_EVAL, ROOT, fake_job, submit, wait_for
 from tests.support.server import ServerProcess
 
@@ -46,7 +46,7 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
 
 def index_builders(server_pid: int) -> list[int]:
-    """The server's `python -m lm_eval_server.task_index build` children."""
+    """The server's `python -m lm_eval_server.runtime.task_index build` children."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -56,7 +56,7 @@ def index_builders(server_pid: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == server_pid and b"lm_eval_server.task_index" in cmdline:
+        if ppid == server_pid and b"lm_eval_server.runtime.task_index" in cmdline:
             pids.append(int(entry.name))
     return pids
 

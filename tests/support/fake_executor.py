@@ -12,8 +12,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from lm_eval_server import jobdir
-from lm_eval_server.executors.base import LaunchSpec
+from lm_eval_server.runtime import jobdir
+from lm_eval_server.runtime.executors.base import LaunchSpec
 
 STOP_EXIT_CODE = -15  # what a process killed by SIGTERM reports
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from lm_eval_server.principals import parse_entry
+from lm_eval_server.team.principals import parse_entry
 from tests.support.jobs import DEFAULT_LM_EVAL, FAKE_LM_EVAL, ROOT
 
 

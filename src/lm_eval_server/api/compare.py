@@ -8,9 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from lm_eval_server import accept, compare
+from lm_eval_server.api import accept
 from lm_eval_server.api.deps import Caller, Files
-from lm_eval_server.models import Comparison
+from lm_eval_server.jobs.models import Comparison
+from lm_eval_server.outputs import compare
 
 router = APIRouter(tags=["results and logs"])
 

@@ -7,18 +7,18 @@ from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
 
-from lm_eval_server.audit import Audit
-from lm_eval_server.catalog import Catalog
+from lm_eval_server.admission.catalog import Catalog
+from lm_eval_server.admission.validation import RequestValidator
+from lm_eval_server.api.metrics import AppMetrics
+from lm_eval_server.api.security import Admin, Caller
 from lm_eval_server.config import Settings
-from lm_eval_server.jobfiles import JobFiles
-from lm_eval_server.manager import JobManager
-from lm_eval_server.metrics import AppMetrics
-from lm_eval_server.principals import Principal
-from lm_eval_server.redact import Redactor
-from lm_eval_server.security import Admin, Caller
-from lm_eval_server.uploads import TaskUploads
-from lm_eval_server.validation import RequestValidator
-from lm_eval_server.webhook_sender import WebhookSender
+from lm_eval_server.jobs.jobfiles import JobFiles
+from lm_eval_server.jobs.manager import JobManager
+from lm_eval_server.tasks.uploads import TaskUploads
+from lm_eval_server.team.audit import Audit
+from lm_eval_server.team.principals import Principal
+from lm_eval_server.team.redact import Redactor
+from lm_eval_server.webhooks.sender import WebhookSender
 
 
 class WarmPoolStatus(Protocol):

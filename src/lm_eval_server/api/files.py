@@ -15,12 +15,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from lm_eval_server import accept, joblogs, results, samples
+from lm_eval_server.api import accept
 from lm_eval_server.api.deps import Caller, Files, Manager, State
 from lm_eval_server.errors import InvalidRequest
-from lm_eval_server.manager import JobManager
-from lm_eval_server.models import JobResults, Metric, SamplesPage, SampleTasks
-from lm_eval_server.redact import StreamRedactor
+from lm_eval_server.jobs.manager import JobManager
+from lm_eval_server.jobs.models import JobResults, Metric, SamplesPage, SampleTasks
+from lm_eval_server.outputs import joblogs, results, samples
+from lm_eval_server.team.redact import StreamRedactor
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["results and logs"])

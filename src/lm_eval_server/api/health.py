@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from lm_eval_server.admission.catalog import IndexState
 from lm_eval_server.api.deps import Manager, State
-from lm_eval_server.catalog import IndexState
 
 router = APIRouter(tags=["operations"])
 # Readiness and metrics describe the server's jobs: they sit behind the API key like the rest.

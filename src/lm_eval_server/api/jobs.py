@@ -10,23 +10,23 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.types import Message
 
-from lm_eval_server import idempotency
-from lm_eval_server.api import views
-from lm_eval_server.api.deps import AuditTrail, Caller, Manager, State, Validator
-from lm_eval_server.audit import Action
-from lm_eval_server.catalog import Catalog, IndexState, TaskIndexUnavailable
-from lm_eval_server.config import Settings
-from lm_eval_server.models import BulkAction, JobAction, JobDetail, JobList, JobStatus
-from lm_eval_server.offload import OffloadRequired
-from lm_eval_server.principals import NAME_PATTERN
-from lm_eval_server.request_body import BodyLimits, BodyRefused, screen_job_body
-from lm_eval_server.security import caller_of
-from lm_eval_server.validation import (
+from lm_eval_server.admission import idempotency
+from lm_eval_server.admission.catalog import Catalog, IndexState, TaskIndexUnavailable
+from lm_eval_server.admission.offload import OffloadRequired
+from lm_eval_server.admission.validation import (
     InvalidRequest,
     RequestValidator,
     UnknownTaskNames,
     ValidatedJob,
 )
+from lm_eval_server.api import views
+from lm_eval_server.api.deps import AuditTrail, Caller, Manager, State, Validator
+from lm_eval_server.api.request_body import BodyLimits, BodyRefused, screen_job_body
+from lm_eval_server.api.security import caller_of
+from lm_eval_server.config import Settings
+from lm_eval_server.jobs.models import BulkAction, JobAction, JobDetail, JobList, JobStatus
+from lm_eval_server.team.audit import Action
+from lm_eval_server.team.principals import NAME_PATTERN
 
 _NOT_FOUND = {404: {"description": "No job has this id."}}
 

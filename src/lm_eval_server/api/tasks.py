@@ -9,11 +9,12 @@ from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
-from lm_eval_server import backends, task_rules
+from lm_eval_server.admission import backends
+from lm_eval_server.admission.catalog import IndexState
 from lm_eval_server.api.deps import AuditTrail, Caller, State, Uploads
-from lm_eval_server.catalog import IndexState
-from lm_eval_server.principals import NAME_PATTERN
-from lm_eval_server.uploads import UploadedTask, UploadedTaskNotFound
+from lm_eval_server.tasks import task_rules
+from lm_eval_server.tasks.uploads import UploadedTask, UploadedTaskNotFound
+from lm_eval_server.team.principals import NAME_PATTERN
 
 MAX_LIMIT = 500
 # Audit trail actions (GET /audit?action=task_upload).

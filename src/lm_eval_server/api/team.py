@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from lm_eval_server import audit
 from lm_eval_server.api.deps import Admin, AuditTrail, Caller
-from lm_eval_server.models import AuditEntry, AuditPage, Me
-from lm_eval_server.principals import NAME_PATTERN
+from lm_eval_server.jobs.models import AuditEntry, AuditPage, Me
+from lm_eval_server.team import audit
+from lm_eval_server.team.principals import NAME_PATTERN
 
 router = APIRouter(tags=["principals"])
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lm_eval_server import jobdir, joblogs
-from lm_eval_server.models import (
+from lm_eval_server.jobs.models import (
     JobDetail,
     JobRecord,
     JobStatus,
@@ -14,8 +13,9 @@ from lm_eval_server.models import (
     ProgressInfo,
     WebhookInfo,
 )
-from lm_eval_server.progress import STARTING_PROGRESS, Progress
-from lm_eval_server.redact import Redactor
+from lm_eval_server.outputs import joblogs
+from lm_eval_server.outputs.progress import STARTING_PROGRESS, Progress
+from lm_eval_server.team.redact import Redactor
 
 
 def progress_pct(record: JobRecord) -> int:
@@ -85,8 +85,8 @@ def detail(
     record: JobRecord, tail_lines: int, redactor: Redactor, webhook: WebhookInfo | None = None
 ) -> JobDetail:
     work_dir = Path(record.work_dir)
-    out = joblogs.tail_lines(Path(jobdir.stdout_log(work_dir)), tail_lines)
-    err = joblogs.tail_lines(Path(jobdir.stderr_log(work_dir)), tail_lines)
+    out = joblogs.stream_tail(work_dir, "stdout", tail_lines)
+    err = joblogs.stream_tail(work_dir, "stderr", tail_lines)
     # Line by line: a multi-line secret is known by each of its lines too (redact.value_forms).
     return JobDetail(
         **summary(record, redactor).model_dump(),

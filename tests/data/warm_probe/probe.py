@@ -1,4 +1,5 @@
-"""Code inside a warm job, for tests/test_warm_sandbox.py: the `custom_dataset` of the tasks
+"""Code inside a warm job, for tests/unit/runtime/test_warm_sandbox.py: the `custom_dataset` of
+the tasks
 warm_probe (role "attacker") and warm_victim (role "victim"). Stdlib only, but for the dataset.
 
 A warm job has no env_vars of its own (else it would start cold), so the plan comes from

@@ -1,0 +1,93 @@
+"""Prometheus metrics for one app instance (its own registry: no module-level state)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from lm_eval_server.jobs.models import JobRecord, JobStatus
+
+if TYPE_CHECKING:
+    from lm_eval_server.jobs.manager import JobManager
+
+_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 3600)
+
+
+class _JobCollector(Collector):
+    def __init__(self, manager: JobManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        by_status = GaugeMetricFamily(
+            "lm_eval_server_jobs", "Jobs known to the server, by status", labels=["status"]
+        )
+        for status, count in self._manager.counts().items():
+            by_status.add_metric([status.value], count)
+        yield by_status
+        yield GaugeMetricFamily(
+            "lm_eval_server_queue_depth", "Jobs waiting for a slot", value=self._manager.queue_depth
+        )
+        yield GaugeMetricFamily(
+            "lm_eval_server_running_jobs", "Jobs running now", value=self._manager.running_count
+        )
+        yield GaugeMetricFamily(
+            "lm_eval_server_gpus",
+            "GPU devices the server hands out to local jobs (GPUS)",
+            value=self._manager.gpus_total,
+        )
+        yield GaugeMetricFamily(
+            "lm_eval_server_gpus_in_use",
+            "GPU devices held by running jobs",
+            value=self._manager.gpus_in_use,
+        )
+
+
+class AppMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.job_duration = Histogram(
+            "lm_eval_server_job_duration_seconds",
+            "Wall time of finished jobs, from start to end",
+            ["status"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.dispatch_latency = Histogram(
+            "lm_eval_server_dispatch_latency_seconds",
+            "Time from submission to process start",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "lm_eval_server_http_requests",
+            "HTTP requests served",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "lm_eval_server_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def watch(self, manager: JobManager) -> None:
+        self.registry.register(_JobCollector(manager))
+        manager.on_finish.append(self._job_finished)
+
+    def _job_finished(self, record: JobRecord) -> None:
+        if record.started_at is None or record.finished_at is None:
+            return
+        self.job_duration.labels(record.status.value).observe(
+            (record.finished_at - record.started_at).total_seconds()
+        )
+        if record.status is not JobStatus.queued:
+            self.dispatch_latency.observe(
+                max(0.0, (record.started_at - record.created_at).total_seconds())
+            )
