@@ -114,3 +114,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         if item.path.is_relative_to(_E2E_DIR) or fixtures & _E2E_FIXTURES:
             item.add_marker(pytest.mark.e2e)
+
+
+# What .ci/run installs: in CI (CI=true) a test skipped for want of one of these means the
+# install step is broken, and the run fails instead of passing with less tested.
+CI_INSTALLED = ("ray", "torch", "chromium", "bubblewrap", "bwrap", "playwright", "transformers")
+_ci_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if os.environ.get("CI") != "true" or not report.skipped:
+        return
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    if any(name in reason.lower() for name in CI_INSTALLED):
+        _ci_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _ci_skips:
+        session.config.stash[_CI_SKIPS_KEY] = list(_ci_skips)
+        if exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_CI_SKIPS_KEY = pytest.StashKey[list[str]]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    skips = config.stash.get(_CI_SKIPS_KEY, [])
+    if skips:
+        terminalreporter.section("CI: tests skipped for a dependency .ci/run installs")
+        for line in skips:
+            terminalreporter.line(line)

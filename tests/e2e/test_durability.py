@@ -45,10 +45,14 @@ def test_kill_9_mid_job_then_restart_completes_with_results_and_logs(servers: An
         requests_during_outage = stub.request_count
         time.sleep(0.6)
         assert stub.request_count > requests_during_outage  # still evaluating, unattended
+        # Held in its inference until the restarted server has seen it: however slow the
+        # restart, the job cannot finish first.
+        stub.gate.clear()
         restarted = servers()
         with restarted.client() as http:
             running = http.get(f"/job/{job_id}").json()
             assert running["status"] == "Running"
+            stub.gate.set()
             job = wait_for(http, job_id, timeout_s=120)
             assert job["status"] == "Completed", job["error"]
             assert job["exit_code"] == 0 and job["inference_progress_pct"] == 100

@@ -17,7 +17,9 @@ from tests.e2e.test_tasks_api import DATA, task_yaml
 from tests.support.jobs import ROOT
 from tests.support.server import ServerProcess
 
-# The dashboard tests' fixtures: one server with an API key, a browser, a page with the key.
+# The dashboard tests' fixtures and their skip without Chromium: one server with an API key, a
+# browser, a page with the key.
+pytestmark = dashboard.pytestmark
 server = dashboard.server
 browser = dashboard.browser
 page = dashboard.page

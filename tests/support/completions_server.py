@@ -112,6 +112,8 @@ class CompletionsStubServer(ThreadingHTTPServer):
         request_count: number of POST requests answered on either completions endpoint.
         prompt_count: number of prompts answered (a batched request counts each prompt).
         delay_s: seconds each POST sleeps before answering; may be changed while running.
+        gate: while cleared, every POST waits for it to be set again (up to 10 minutes) before
+            answering: a test holds a job in its inference for as long as it needs.
     """
 
     daemon_threads = True
@@ -127,6 +129,8 @@ class CompletionsStubServer(ThreadingHTTPServer):
         self.request_count = 0
         self.prompt_count = 0
         self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that goes away mid-request (a job being stopped) is not a stub failure.
@@ -218,6 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._chat_completions(payload)
 
     def _sleep(self) -> None:
+        self.server.gate.wait(timeout=600)
         if self.server.delay_s > 0:
             time.sleep(self.server.delay_s)
 

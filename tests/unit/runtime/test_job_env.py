@@ -4,6 +4,7 @@ program and the warm fork's environment, run for real."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import stat
@@ -19,11 +20,11 @@ from lm_eval_server.config import Settings
 from lm_eval_server.runtime import job_env
 from lm_eval_server.runtime.executors import warm_worker
 
-RAY_EXEC_WITH_ENV: str | None
-try:
+RAY_EXEC_WITH_ENV: str | None = None
+# Only a missing `ray` (the optional extra) skips the Ray test: an ImportError of our own
+# executor module is a failure.
+if importlib.util.find_spec("ray") is not None:
     from lm_eval_server.runtime.executors.ray import EXEC_WITH_ENV as RAY_EXEC_WITH_ENV
-except ImportError:  # the `ray` extra is optional
-    RAY_EXEC_WITH_ENV = None
 
 
 def settings(tmp_path: Path, **overrides: Any) -> Settings:
