@@ -49,7 +49,7 @@ from lm_eval_server.team.redact import MIN_LEARNED_CHARS, Redactor
 from lm_eval_server.webhooks.sender import WebhookSender
 
 if TYPE_CHECKING:
-    from lm_eval_server.runtime.executors.warm_pool import AnyWarmPool
+    from lm_eval_server.runtime.executors.warm_sandboxed import AnyWarmPool
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +89,22 @@ def _make_warm_pool(
 ) -> AnyWarmPool | None:
     if settings.executor is not ExecutorKind.local or settings.warm_workers == 0:
         return None
-    from lm_eval_server.runtime.executors import warm_pool
+    from lm_eval_server.runtime.executors import warm_pool, warm_sandboxed
 
     run_dir = settings.warm_dir
     # With GPU slots the workers see no device, like the jobs they may run (given none).
     env = job_env.worker_environment(settings, run_dir, gpus=[] if gpu_devices else None)
     if job_sandbox.enabled:
-        # Each worker in its owner's job sandbox, one job each (warm_pool's docstring).
+        # Each worker in its owner's job sandbox, one job each (warm_sandboxed's docstring).
         views = sandbox.Views(settings, network=settings.job_network.value == "host")
         names = {p.name for p in settings.key_table().values()} or {DEFAULT_PRINCIPAL}
         first = DEFAULT_PRINCIPAL if DEFAULT_PRINCIPAL in names else None
         if first is None and len(names) == 1:
             [first] = names
-        sandboxing = warm_pool.WorkerSandbox(
+        sandboxing = warm_sandboxed.WorkerSandbox(
             views, job_sandbox.bwrap or "bwrap", settings.jobs_dir.resolve(), first
         )
-        return warm_pool.SandboxedWarmPool(settings.warm_workers, env, run_dir, sandboxing)
+        return warm_sandboxed.SandboxedWarmPool(settings.warm_workers, env, run_dir, sandboxing)
     return warm_pool.WarmPool(settings.warm_workers, env, run_dir)
 
 

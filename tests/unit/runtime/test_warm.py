@@ -1,6 +1,6 @@
 """Warm workers end to end, through the HTTP API with the real lm-eval: same results as cold
 and launcher jobs, stop/logs/progress, cold fallback, worker replacement, hook fallback; with the
-job sandbox (single-use workers per owner, executors.warm_pool.SandboxedWarmPool) and without
+job sandbox (single-use workers per owner, executors.warm_sandboxed.SandboxedWarmPool) and without
 (one shared worker, SANDBOX=off). What a sandboxed warm job cannot reach: test_warm_sandbox.py."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lm_eval_server.app import create_app
 from lm_eval_server.config import Settings
 from lm_eval_server.jobs import launch
 from lm_eval_server.runtime import job_env, launcher
-from lm_eval_server.runtime.executors import warm_pool, warm_protocol
+from lm_eval_server.runtime.executors import warm_pool, warm_protocol, warm_sandboxed
 from lm_eval_server.runtime.executors.base import LaunchSpec
 from tests.support.completions_server import running_stub_server
 from tests.support.jobs import (
@@ -57,7 +57,7 @@ def wait_warm(client: TestClient, exclude: frozenset[int] = frozenset()) -> int:
 def sandboxed(client: TestClient) -> bool:
     """Whether the server's warm workers run in their owners' sandboxes (one job each)."""
     pool = client.app.state.server.warm_pool  # type: ignore[attr-defined]
-    return isinstance(pool, warm_pool.SandboxedWarmPool)
+    return isinstance(pool, warm_sandboxed.SandboxedWarmPool)
 
 
 def stderr_text(client: TestClient, job_id: int) -> str:

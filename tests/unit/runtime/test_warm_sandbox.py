@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from lm_eval_server.runtime import sandbox
-from lm_eval_server.runtime.executors import warm_pool, warm_protocol
+from lm_eval_server.runtime.executors import warm_protocol, warm_sandboxed
 from lm_eval_server.runtime.executors.base import LaunchSpec
 from tests.support.jobs import DUMMY_JOB, ROOT, TERMINAL, process_alive, submit, wait_for
 from tests.support.server import ServerProcess
@@ -299,7 +299,7 @@ def make_view(work_dir: Path, **changes: Any) -> sandbox.View:
 def test_a_worker_takes_only_a_job_with_its_very_confinement(tmp_path: Path) -> None:
     slot = make_view(tmp_path / "slot", scratch=("/srv/data/jobs",))
     job = make_view(tmp_path / "job")
-    assert warm_pool._same_confinement(job, slot)
+    assert warm_sandboxed._same_confinement(job, slot)
     for changed in (
         {"writable": (str(tmp_path / "out"),)},  # its own output_path
         {"given_back": ("/srv/data/index", "/srv/data/tasks/bob")},  # another owner
@@ -307,14 +307,14 @@ def test_a_worker_takes_only_a_job_with_its_very_confinement(tmp_path: Path) -> 
         {"network": False},
         {"read_only": ()},
     ):
-        assert not warm_pool._same_confinement(dataclasses.replace(job, **changed), slot)
+        assert not warm_sandboxed._same_confinement(dataclasses.replace(job, **changed), slot)
     # A path of the view that appears after the worker started (the owner's first upload):
     # the same view, another sandbox.
     uploads = tmp_path / "uploads"
     view = make_view(tmp_path / "job", given_back=(str(uploads),))
-    before = warm_pool._fingerprint(view)
+    before = warm_sandboxed._fingerprint(view)
     uploads.mkdir()
-    assert warm_pool._fingerprint(view) != before
+    assert warm_sandboxed._fingerprint(view) != before
 
 
 def test_the_job_directory_becomes_the_slot(tmp_path: Path) -> None:
@@ -323,7 +323,7 @@ def test_the_job_directory_becomes_the_slot(tmp_path: Path) -> None:
     (work_dir / "config.yaml").write_text("x: 1\n")
     slot.mkdir(parents=True, mode=0o700)
     slot_inode = slot.stat().st_ino
-    warm_pool._move_into_slot(work_dir, slot)
+    warm_sandboxed._move_into_slot(work_dir, slot)
     assert not slot.exists()
     assert work_dir.stat().st_ino == slot_inode  # what the worker's sandbox has mounted
     assert sorted(p.name for p in work_dir.iterdir()) == ["config.yaml", "home"]
@@ -333,21 +333,23 @@ def test_the_job_directory_becomes_the_slot(tmp_path: Path) -> None:
     other.mkdir()
     (other / "stray").write_text("")
     with pytest.raises(OSError, match="not empty"):
-        warm_pool._move_into_slot(work_dir, other)
+        warm_sandboxed._move_into_slot(work_dir, other)
     assert sorted(p.name for p in work_dir.iterdir()) == ["config.yaml", "home"]
 
 
-def make_pool(tmp_path: Path, size: int, default_owner: str | None) -> warm_pool.SandboxedWarmPool:
+def make_pool(
+    tmp_path: Path, size: int, default_owner: str | None
+) -> warm_sandboxed.SandboxedWarmPool:
     class NoViews:
         pass
 
-    sandboxing = warm_pool.WorkerSandbox(
+    sandboxing = warm_sandboxed.WorkerSandbox(
         NoViews(),  # type: ignore[arg-type]
         "bwrap",
         tmp_path / "jobs",
         default_owner,
     )
-    return warm_pool.SandboxedWarmPool(size, {"PATH": "/usr/bin"}, tmp_path, sandboxing)
+    return warm_sandboxed.SandboxedWarmPool(size, {"PATH": "/usr/bin"}, tmp_path, sandboxing)
 
 
 def test_owners_share_the_slots_by_recency(tmp_path: Path) -> None:
@@ -405,7 +407,7 @@ class FakeWorker:
 
     def __init__(self, slot: int, owner: str, view: sandbox.View) -> None:
         self.slot, self.owner, self.view = slot, owner, view
-        self.fingerprint = warm_pool._fingerprint(view)
+        self.fingerprint = warm_sandboxed._fingerprint(view)
         self.ready, self.taken = True, False
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.released = asyncio.Event()

@@ -21,7 +21,7 @@ from lm_eval_server.runtime import jobdir, sandbox, supervise
 from lm_eval_server.runtime.executors.base import JobHandle, LaunchSpec
 
 if TYPE_CHECKING:
-    from lm_eval_server.runtime.executors.warm_pool import AnyWarmPool
+    from lm_eval_server.runtime.executors.warm_sandboxed import AnyWarmPool
 
 log = logging.getLogger(__name__)
 
