@@ -357,7 +357,8 @@ def test_the_real_cache_decodes_to_lm_evals_index(index_dir: Path) -> None:
     what lm-eval's own indexer returns, in a fresh process (as a job would)."""
     code = (
         "from pathlib import Path; import lm_eval.tasks; "
-        "from lm_eval.tasks._index import TaskIndex; from lm_eval_server import task_index; "
+        "from lm_eval.tasks._index import TaskIndex; "
+        "from lm_eval_server.runtime import task_index; "
         "b = Path(lm_eval.tasks.__file__).parent; "
         f"p = task_index.read_index_payload(Path({str(index_dir)!r}), task_index.cache_key(b)); "
         "got = task_index.decode_index(p, b); want = TaskIndex.build([b]); "
