@@ -255,30 +255,21 @@ class WarmPool:
         return worker
 
     async def _serve(self, worker: _Worker) -> None:
-        hello = asyncio.ensure_future(worker.reader.readline())
-        done, _ = await asyncio.wait(
-            {hello, worker.exited},
-            timeout=self._ready_timeout_s,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if hello in done and hello.exception() is None:
-            with contextlib.suppress(ValueError):
-                info = json.loads(hello.result() or b"null")
-                if isinstance(info, dict) and info.get("ready"):
-                    worker.info = info
-                    worker.ready = not self._closing
-                    log.info(
-                        "warm worker %d ready (pid %d): warm-up %.1f s, RSS %.0f MB, "
-                        "%s threads, index hook: %s%s",
-                        worker.slot,
-                        worker.pid,
-                        info.get("warmup_s", 0.0),
-                        info.get("rss_kb", 0) / 1024,
-                        info.get("threads"),
-                        info.get("hook") or "installed",
-                        f"; not preloaded: {info['missing']}" if info.get("missing") else "",
-                    )
-        hello.cancel()
+        info = await ready_message(worker.reader, worker.exited, self._ready_timeout_s)
+        if info is not None:
+            worker.info = info
+            worker.ready = not self._closing
+            log.info(
+                "warm worker %d ready (pid %d): warm-up %.1f s, RSS %.0f MB, "
+                "%s threads, index hook: %s%s",
+                worker.slot,
+                worker.pid,
+                info.get("warmup_s", 0.0),
+                info.get("rss_kb", 0) / 1024,
+                info.get("threads"),
+                info.get("hook") or "installed",
+                f"; not preloaded: {info['missing']}" if info.get("missing") else "",
+            )
         if not worker.ready:
             _signal(worker.proc, signal.SIGKILL)
         await worker.exited
@@ -292,6 +283,27 @@ class WarmPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(worker.exited)
         worker.proc.wait()  # it has exited: this only collects the status
+
+
+async def ready_message(
+    reader: asyncio.StreamReader, exited: asyncio.Future[None], timeout_s: float
+) -> dict[str, Any] | None:
+    """A worker's ready message (`warm_protocol`), or None if it exits, times out or says
+    anything else first."""
+    hello = asyncio.ensure_future(reader.readline())
+    try:
+        done, _ = await asyncio.wait(
+            {hello, exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if hello not in done or hello.exception() is not None:
+            return None
+        with contextlib.suppress(ValueError):
+            info = json.loads(hello.result() or b"null")
+            if isinstance(info, dict) and info.get("ready"):
+                return info
+        return None
+    finally:
+        hello.cancel()
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

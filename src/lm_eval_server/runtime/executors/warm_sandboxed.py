@@ -55,7 +55,7 @@ from typing import Any
 from lm_eval_server.runtime import sandbox
 from lm_eval_server.runtime.executors import warm_protocol
 from lm_eval_server.runtime.executors.base import LaunchSpec
-from lm_eval_server.runtime.executors.warm_pool import WarmPool
+from lm_eval_server.runtime.executors.warm_pool import WarmPool, ready_message
 
 log = logging.getLogger(__name__)
 
@@ -480,18 +480,9 @@ class SandboxedWarmPool:
 
     async def _serve(self, worker: _SandboxedWorker) -> None:
         """Until the worker is ready, then until it has exited, been taken or retired."""
-        hello = asyncio.ensure_future(worker.reader.readline())
-        done, _ = await asyncio.wait(
-            {hello, worker.exited},
-            timeout=self._ready_timeout_s,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if hello in done and hello.exception() is None:
-            with contextlib.suppress(ValueError):
-                info = json.loads(hello.result() or b"null")
-                if isinstance(info, dict) and info.get("ready"):
-                    self._found_ready(worker, info)
-        hello.cancel()
+        info = await ready_message(worker.reader, worker.exited, self._ready_timeout_s)
+        if info is not None:
+            self._found_ready(worker, info)
         if not worker.ready and not worker.released.is_set():
             self._kill(worker)
         released = asyncio.ensure_future(worker.released.wait())
