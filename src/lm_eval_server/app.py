@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lm_eval_server.admission import lm_eval_cli
 from lm_eval_server.admission.catalog import Catalog, TaskLimits
 from lm_eval_server.admission.validation import RequestValidator, json_safe
-from lm_eval_server.api import compare, dashboard, files, health, hosts, tasks, team
+from lm_eval_server.api import compare, dashboard, files, gates, health, hosts, tasks, team
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
 from lm_eval_server.api.metrics import AppMetrics
@@ -239,6 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
     app.include_router(compare.router, dependencies=secured)
+    app.include_router(gates.router, dependencies=secured)
     app.include_router(tasks.router, dependencies=secured)
     app.include_router(team.router, dependencies=secured)
     app.include_router(dashboard.router)

@@ -123,7 +123,19 @@ def test_samples_filter_returns_exactly_the_wrong_answers_and_compare_the_runs(
     ]
     assert row["deltas"] == [0.0, 175 / 200 - 135 / 200, 140 / 200 - 135 / 200]
     # 0.2 > 1.96 * 0.0406 = 0.0797: significant; 0.025 < 1.96 * 0.0464 = 0.0910: not.
+    assert row["unpaired_significant"] == [False, True, False]
+    # Paired: each run's wrong answers are a subset of the base's, so the discordant pairs
+    # all improved: 40 (p = 2 / 2^40) and 5 (p = 2 / 2^5 = 0.0625, not below 0.05).
+    assert row["tests"] == [None, "mcnemar", "mcnemar"]
+    assert row["n_paired"] == [None, N_DOCS, N_DOCS]
+    assert row["discordant"] == [
+        None,
+        {"regressed": 0, "improved": 40},
+        {"regressed": 0, "improved": 5},
+    ]
+    assert row["p_values"] == [None, 2 / 2**40, 2 / 2**5]
     assert row["significant"] == [False, True, False]
+    assert data["alpha"] == 0.05 and data["warnings"] == []
 
     table = client.get(
         "/compare", params={"jobs": f"{base},{better}"}, headers={"Accept": "text/csv"}
@@ -141,6 +153,11 @@ def test_samples_filter_returns_exactly_the_wrong_answers_and_compare_the_runs(
             f"stderr_{better}": repr(row["stderrs"][1]),
             f"delta_{better}": repr(0.875 - 0.675),
             f"significant_{better}": "true",
+            f"test_{better}": "mcnemar",
+            f"p_value_{better}": repr(2 / 2**40),
+            f"n_paired_{better}": "200",
+            f"regressed_{better}": "0",
+            f"improved_{better}": "40",
         }
     ]
 
@@ -149,11 +166,13 @@ def test_samples_filter_returns_exactly_the_wrong_answers_and_compare_the_runs(
     )
     assert markdown.headers["content-type"] == "text/markdown; charset=utf-8"
     lines = markdown.text.splitlines()
-    assert lines[0] == f"| Task | Metric | Filter | Job {better} | Job {base} | Δ {base} |"
-    assert lines[1] == "| --- | --- | --- | ---: | ---: | ---: |"
+    assert lines[0] == (
+        f"| Task | Metric | Filter | Job {better} | Job {base} | Δ {base} | p {base} |"
+    )
+    assert lines[1] == "| --- | --- | --- | ---: | ---: | ---: | ---: |"
     assert lines[2] == (
         f"| arith_gen | exact_match | none | 0.8750 ± {se[1]:.4f} | 0.6750 ± {se[0]:.4f} "
-        "| -0.2000 * |"
+        f"| -0.2000 * | {2 / 2**40:.2g} (McNemar 40/0 of 200) |"
     )
     assert f"difference from job {better}" in lines[4]
     assert client.get(

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from lm_eval_server.admission import lm_eval_checks
+from lm_eval_server.admission.gate_rules import Gate
 
 # Options whose values are key=value lists in lm-eval releases that typed them as plain
 # strings (newer ones use MergeDictAction, which is what is recognised first).
@@ -38,7 +39,7 @@ KEY_VALUE_DESTS = frozenset(
 )
 LIST_DESTS = frozenset({"tasks"})
 # The server's own fields; they never reach lm-eval's argv.
-SERVER_FIELDS = ("env_vars", "lm_eval_path", "timeout_s", "resources", "callback_url")
+SERVER_FIELDS = ("env_vars", "lm_eval_path", "timeout_s", "resources", "callback_url", "gate")
 SKIPPED_DESTS = frozenset({"help", "command", "func"})
 # A job may run for at most this long (timeout_s); more is a typo, not a plan.
 MAX_TIMEOUT_S = 30 * 24 * 3600.0
@@ -302,6 +303,16 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
             _field_annotation(spec),
             Field(None, description=_description(spec), json_schema_extra=extra or None),
         )
+    fields["gate"] = (
+        Gate | None,
+        Field(
+            None,
+            description="A regression gate, evaluated when the job ends: "
+            '{"baseline": <job id>, "rules": [{"task", "metric", "min"}, {"metric", '
+            '"max_drop"}, {"metric", "no_significant_drop": true}]}; GET /job shows the '
+            "verdict (docs/gates.md).",
+        ),
+    )
     fields["env_vars"] = (
         dict[str, str | SecretRef] | None,
         Field(

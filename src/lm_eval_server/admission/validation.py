@@ -73,6 +73,8 @@ class ValidatedJob:
     config_snapshot: str | None = None
     # Where the job's webhook goes (webhooks.callback_target), or None.
     callback_url: str | None = None
+    # The regression gate (gate_rules.Gate as a dict) evaluated when the job ends, or None.
+    gate: dict[str, Any] | None = None
 
 
 def job_lm_args(job: ValidatedJob, work_dir: Path) -> list[str]:
@@ -293,6 +295,7 @@ class RequestValidator:
             resources=server.get("resources") or {},
             config_snapshot=snapshot,
             callback_url=callback_url,
+            gate=server.get("gate"),
         )
 
     def _run_uploaded(

@@ -39,9 +39,10 @@ _MEDIA = {CompareFormat.json: JSON, CompareFormat.csv: CSV, CompareFormat.markdo
         },
         404: {"description": "A job does not exist (or belongs to someone else)."},
         409: {"description": "A job is not Completed."},
-        422: {"description": "jobs is not 2 to 20 distinct ids."},
+        422: {"description": "jobs is not 2 to 20 distinct ids, or alpha not in (0, 1)."},
     },
-    summary="Compare Completed jobs' metrics: values, stderrs, deltas from the first job",
+    summary="Compare Completed jobs' metrics: values, stderrs, deltas from the first job, "
+    "paired significance tests",
 )
 async def get_compare(
     request: Request,
@@ -57,10 +58,18 @@ async def get_compare(
         ),
     ],
     format: CompareFormat | None = None,
+    alpha: Annotated[
+        float,
+        Query(
+            gt=0,
+            lt=1,
+            description="The significance level: a row's difference is significant when its "
+            "test's p-value is below it",
+        ),
+    ] = compare.DEFAULT_ALPHA,
 ) -> Response:
     ids = compare.parse_job_ids(",".join(jobs))
-    runs = [(job_id, (await files.results(job_id, caller))[0]) for job_id in ids]
-    comparison = compare.compare(runs)
+    comparison = await files.compare(ids, caller, alpha)
     media = (
         _MEDIA[format]
         if format is not None

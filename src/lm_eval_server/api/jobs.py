@@ -24,6 +24,7 @@ from lm_eval_server.api.deps import AuditTrail, Caller, Manager, State, Validato
 from lm_eval_server.api.request_body import BodyLimits, BodyRefused, screen_job_body
 from lm_eval_server.api.security import caller_of
 from lm_eval_server.config import Settings
+from lm_eval_server.jobs import verdicts
 from lm_eval_server.jobs.models import BulkAction, JobAction, JobDetail, JobList, JobStatus
 from lm_eval_server.team.audit import Action
 from lm_eval_server.team.principals import NAME_PATTERN
@@ -178,6 +179,7 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         job = await validate_job(
             validator, state.catalog, body, state.settings.index_wait_s, caller.name
         )
+        verdicts.check_baseline(job.gate, lambda job_id: manager.get(job_id, caller))
         claim = None
         if idempotency_key is not None:
             # Bound to who asks (the key and its principal) and what they send (idempotency.py):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval_server.errors import FileNotAvailable, JobNotCompleted
+from lm_eval_server.jobs.comparisons import compare_records
 from lm_eval_server.jobs.manager import JobManager
 from lm_eval_server.jobs.models import JobRecord, JobStatus
 from lm_eval_server.outputs import results, samples
@@ -111,6 +112,16 @@ class JobFiles:
             "next_offset": end if end < total else None,
             "samples": page,
         }
+
+    async def compare(
+        self, job_ids: list[int], viewer: Principal | None, alpha: float
+    ) -> dict[str, Any]:
+        """compare.compare over Completed jobs `viewer` may see, paired where they logged
+        samples (see compare.py)."""
+        records = [self._manager.get(job_id, viewer) for job_id in job_ids]
+        for record in records:
+            self._results_file(record)  # Completed, with a results file: else 409
+        return await compare_records(records, self._manager.redactor, alpha)
 
     async def _index(self, path: Path) -> samples.SampleIndex:
         stat = await asyncio.to_thread(os.lstat, path)

@@ -30,7 +30,7 @@ from lm_eval_server.errors import (
     QuotaExceeded,
     ShuttingDown,
 )
-from lm_eval_server.jobs import gpus, retention, scheduler
+from lm_eval_server.jobs import gpus, retention, scheduler, verdicts
 from lm_eval_server.jobs.launch import LaunchPolicy
 from lm_eval_server.jobs.models import JobRecord, JobStatus, utcnow
 from lm_eval_server.jobs.runner import JobRunner, Live
@@ -217,6 +217,7 @@ class JobManager:
             "timeout_s": job.timeout_s,
             "resources": job.resources or None,
             "callback_url": job.callback_url,
+            "gate": job.gate,
         }
         record = JobRecord(
             job_id=job_id,
@@ -452,6 +453,10 @@ class JobManager:
         for callback in self.on_finish:
             callback(record)
         self._prune()
+
+    async def judge(self, record: JobRecord) -> None:
+        """A completed job's gate verdict, before its end is recorded (verdicts.py)."""
+        record.verdict = await verdicts.judge(record, self._jobs.get, self.redactor)
 
     def transition(self, record: JobRecord, status: JobStatus) -> None:
         previous = record.status

@@ -31,7 +31,7 @@ def utcnow() -> datetime:
 
 
 # What summaries and the state machine read from a request after the job has launched.
-SUMMARY_REQUEST_KEYS = ("model", "tasks", "timeout_s", "callback_url")
+SUMMARY_REQUEST_KEYS = ("model", "tasks", "timeout_s", "callback_url", "gate")
 
 
 @dataclass
@@ -60,6 +60,8 @@ class JobRecord:
     # GPU device ids the job was given (GPU slots, scheduler.GpuPool); None when the server
     # does not hand out devices (no GPUs, or EXECUTOR=ray) or the job has not started.
     gpus: list[str] | None = None
+    # The regression gate's verdict (outputs/gates.py), evaluated once when the job ends.
+    verdict: dict[str, Any] | None = None
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
     # The API's JSON for this job once it is finished (it cannot change any more).
@@ -178,6 +180,8 @@ class WebhookDelivery:
     last_error: str | None = None
     next_attempt_at: datetime | None = None
     delivered_at: datetime | None = None
+    # The job's gate verdict as JSON text, or None when it had no gate.
+    verdict_json: str | None = None
 
 
 class WebhookInfo(BaseModel):
@@ -197,6 +201,42 @@ class WebhookInfo(BaseModel):
     )
 
 
+class GateCheck(BaseModel):
+    rule: int = Field(description="The rule's position in the gate's rules.")
+    kind: str = Field(description="min, max, max_drop or no_significant_drop.")
+    task: str | None
+    metric: str
+    filter: str | None
+    passed: bool
+    reason: str = Field(description="The check in words, with its numbers.")
+    threshold: float | None = Field(None, description="The rule's min, max or max_drop.")
+    alpha: float | None = Field(None, description="no_significant_drop's level.")
+    candidate: float | None = None
+    baseline: float | None = None
+    delta: float | None = Field(None, description="candidate - baseline.")
+    drop: float | None = Field(
+        None, description="How much worse the candidate is, by the metric's direction."
+    )
+    higher_is_better: bool | None = None
+    test: str | None = Field(None, description="mcnemar, paired_t or unpaired_z.")
+    p_value: float | None = None
+    n_paired: int | None = None
+    discordant: dict[str, int] | None = Field(None, description="McNemar: regressed, improved.")
+
+
+class Verdict(BaseModel):
+    passed: bool = Field(description="Every check passed (false too when error is set).")
+    baseline: int | None
+    candidate: int
+    rules: list[GateCheck] = Field(description="One check per rule and task it matched.")
+    warnings: list[CompareWarning] = Field(
+        [], description="Why baseline and candidate may not be comparable (as in GET /compare)."
+    )
+    error: str | None = Field(
+        None, description="Why the gate could not be evaluated at all (e.g. baseline deleted)."
+    )
+
+
 class JobDetail(JobSummary):
     stdout: list[str] = Field(
         description="Last LOG_TAIL_LINES lines of stdout, as a terminal shows them."
@@ -206,6 +246,11 @@ class JobDetail(JobSummary):
     stderr_truncated: bool = Field(description="True when earlier stderr lines were cut.")
     webhook: WebhookInfo | None = Field(
         None, description="The job's webhook delivery; null without a callback_url."
+    )
+    verdict: Verdict | None = Field(
+        None,
+        description="The regression gate's verdict, evaluated when the job completed; null "
+        "without a gate (or before the job completes).",
     )
 
 
@@ -317,10 +362,40 @@ class CompareRow(BaseModel):
     stderrs: list[float | str | None]
     deltas: list[float | None] = Field(description="value minus the first job's value.")
     significant: list[bool | None] = Field(
-        description="|delta| > 1.96 * sqrt(se_first^2 + se^2); null when it cannot be told."
+        description="p_value < alpha by the row's test; null when it cannot be told."
     )
+    tests: list[str | None] = Field(
+        description="Per job after the first: mcnemar (0/1 scores, paired documents), paired_t "
+        "(other per-document scores), unpaired_z (no samples: |delta| against "
+        "sqrt(se_first^2 + se^2)); null for the first job and when nothing can be told."
+    )
+    p_values: list[float | None] = Field(description="The test's two-sided p-value.")
+    n_paired: list[int | None] = Field(
+        description="Documents present in both runs (same doc_id and doc_hash) that were paired."
+    )
+    discordant: list[dict[str, int] | None] = Field(
+        description="McNemar only: regressed (right in the first job, wrong here) and improved."
+    )
+    unpaired_significant: list[bool | None] = Field(
+        description="What the unpaired z-test alone would say, for comparison."
+    )
+
+
+class CompareWarning(BaseModel):
+    jobs: list[int] = Field(description="The two jobs that differ (the first job and another).")
+    task: str | None = Field(description="The task concerned; null for the whole run.")
+    field: str | None = Field(
+        description="limit, num_fewshot, task version, task hash, chat template, system "
+        "instruction, fewshot_as_multiturn; null for a note about the comparison itself."
+    )
+    values: list[Any] | None = None
+    message: str
 
 
 class Comparison(BaseModel):
     jobs: list[int]
+    alpha: float = Field(description="The significance level the flags use.")
     rows: list[CompareRow]
+    warnings: list[CompareWarning] = Field(
+        description="Why runs may not be comparable (a warning, never a refusal)."
+    )

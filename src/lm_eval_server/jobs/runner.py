@@ -34,6 +34,8 @@ class JobStates(Protocol):
 
     def persist(self, record: JobRecord, previous: JobStatus) -> None: ...
 
+    async def judge(self, record: JobRecord) -> None: ...
+
     def finish(
         self, record: JobRecord, status: JobStatus, code: int | None, error: str | None
     ) -> None: ...
@@ -177,6 +179,7 @@ class JobRunner:
                 results.find_results_file, Path(record.output_path), record.started_at
             )
             record.results_file = str(found) if found else None
+            await self._states.judge(record)  # its gate's verdict, if it has one
             self._states.finish(record, JobStatus.completed, code, None)
             return
         error = reason or await asyncio.to_thread(watch.failure_reason, work_dir, code)

@@ -26,7 +26,7 @@ from lm_eval_server.jobs.models import (
     WebhookDelivery,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -115,6 +115,12 @@ MIGRATIONS: list[str] = [
         (SELECT owner FROM jobs WHERE jobs.job_id = webhook_deliveries.job_id), 'default'
     );
     """,
+    # A regression gate's verdict (JSON), evaluated once when its job ends: GET /job shows it
+    # and the job's webhook carries it (a delivery keeps its own copy, as it does the metrics).
+    """
+    ALTER TABLE jobs ADD COLUMN verdict TEXT;
+    ALTER TABLE webhook_deliveries ADD COLUMN verdict_json TEXT;
+    """,
 ]
 
 _COLUMNS = (
@@ -138,6 +144,7 @@ _COLUMNS = (
     "idempotency_body",
     "owner",
     "gpus",
+    "verdict",
 )
 _MUTABLE_COLUMNS = (
     "status",
@@ -149,8 +156,9 @@ _MUTABLE_COLUMNS = (
     "results_file",
     "executor_ref",
     "gpus",
+    "verdict",
 )
-_JSON_COLUMNS = {"request", "argv", "env_vars", "gpus"}
+_JSON_COLUMNS = {"request", "argv", "env_vars", "gpus", "verdict"}
 _TIME_COLUMNS = {"created_at", "started_at", "finished_at"}
 
 

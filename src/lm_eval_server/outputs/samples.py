@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -214,6 +215,25 @@ def build_index(path: Path, max_lines: int = MAX_INDEX_LINES) -> SampleIndex:
             index.filter_ids.append(filter_id)
             index.verdicts.append(judged)
     return index
+
+
+def iter_tails(path: Path) -> Iterable[dict[str, Any] | None]:
+    """What each line says besides its document, arguments and responses (its filter, doc
+    id and hash, metric names and values), read cheaply; None for a line too long or not a
+    JSON object. For paired comparisons (pairing.py)."""
+    with _open(path) as f:
+        for _, _, line in _lines(f):
+            tail = _tail(line) if line is not None else None
+            if tail is not None and line is not None and "doc_id" not in tail:
+                # lm-eval writes doc_id first: read it from the start of the line, or else
+                # from the whole line.
+                found = _DOC_ID.match(line)
+                whole = None if found else _parse(line)
+                tail["doc_id"] = int(found[1]) if found else (whole or {}).get("doc_id")
+            yield tail
+
+
+_DOC_ID = re.compile(rb'\{"doc_id": (-?\d{1,18})[,}]')
 
 
 def read_page(

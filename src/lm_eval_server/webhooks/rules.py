@@ -93,12 +93,14 @@ def build_payload(
     *,
     owner: str,
     callback_url: str,
+    verdict: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a webhook says, in one place (anything that must be redacted is redacted
     here). The signed body names whose job it is and the URL it was sent to: every receiver
     shares one WEBHOOK_SECRET, so without them a body signed for one receiver (or one owner's
-    job) could be replayed to another and pass its signature check."""
-    return {
+    job) could be replayed to another and pass its signature check. `verdict`: the job's gate
+    verdict, sent only for a job with a gate, so other bodies stay as they were."""
+    payload: dict[str, Any] = {
         "delivery_id": delivery_id,
         "job_id": job_id,
         "owner": owner,
@@ -106,8 +108,11 @@ def build_payload(
         "status": status,
         "exit_code": exit_code,
         "metrics": metrics,
-        "timestamp": timestamp,
     }
+    if verdict is not None:
+        payload["verdict"] = verdict
+    payload["timestamp"] = timestamp
+    return payload
 
 
 def encode(payload: dict[str, Any]) -> bytes:

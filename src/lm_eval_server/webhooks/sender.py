@@ -133,6 +133,7 @@ class WebhookSender:
             results_file=record.results_file,
             created_at=self._clock(),
             owner=record.owner,
+            verdict_json=json.dumps(record.verdict) if record.verdict is not None else None,
         )
         try:
             self._store.save_delivery(delivery)
@@ -258,6 +259,7 @@ class WebhookSender:
             timestamp,
             owner=delivery.owner,
             callback_url=delivery.url,
+            verdict=json.loads(delivery.verdict_json) if delivery.verdict_json else None,
         )
         body = webhooks.encode(payload)
         headers = webhooks.headers(body, self._secret, delivery.delivery_id, timestamp, attempt)

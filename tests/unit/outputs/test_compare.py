@@ -71,13 +71,19 @@ def test_markdown_escapes_pipes_and_csv_quotes() -> None:
         ]
     )
     md = compare.to_markdown(data).splitlines()
-    assert md[2] == "| a\\|b | acc | x,y | 0.5000 ± 0.1000 | 0.7000 ± 0.1000 | +0.2000 |"
+    # No samples: the unpaired z-test, p = erfc(0.2 / sqrt(0.02) / sqrt(2)) = erfc(1) = 0.157.
+    assert md[2] == (
+        "| a\\|b | acc | x,y | 0.5000 ± 0.1000 | 0.7000 ± 0.1000 | +0.2000 | 0.16 (unpaired z) |"
+    )
     csv_lines = compare.to_csv(data).splitlines()
-    assert (
-        csv_lines[0] == "task,metric,filter,value_1,stderr_1,value_2,stderr_2,delta_2,significant_2"
+    assert csv_lines[0] == (
+        "task,metric,filter,value_1,stderr_1,value_2,stderr_2,delta_2,significant_2,"
+        "test_2,p_value_2,n_paired_2,regressed_2,improved_2"
     )
     assert csv_lines[1].startswith('a|b,acc,"x,y",0.5,0.1,0.7,0.1,')
-    assert csv_lines[1].endswith(",false")
+    *_, significant, test, p_value, n_paired, regressed, improved = csv_lines[1].split(",")
+    assert (significant, test, n_paired, regressed, improved) == ("false", "unpaired_z", "", "", "")
+    assert math.isclose(float(p_value), math.erfc(1.0), rel_tol=1e-12)
 
 
 @pytest.mark.parametrize(
