@@ -262,3 +262,40 @@ def test_submit_secret_option_sends_a_reference() -> None:
     assert body == {"env_vars": {"A": "1", "OPENAI_API_KEY": {"secret": "openai"}}}
     with pytest.raises(cli.CliError, match="--secret wants KEY=SECRET"):
         cli.parse_submit(["--secret", "OPENAI_API_KEY"], properties)
+
+
+def test_gate_rules_from_the_command_line() -> None:
+    assert cli.parse_rule("arc_easy/acc:min=0.6") == {
+        "task": "arc_easy",
+        "metric": "acc",
+        "min": 0.6,
+    }
+    assert cli.parse_rule("acc:max_drop=0.02") == {"metric": "acc", "max_drop": 0.02}
+    assert cli.parse_rule("gsm8k/exact_match,strict-match:no_significant_drop=0.01") == {
+        "task": "gsm8k",
+        "metric": "exact_match",
+        "filter": "strict-match",
+        "no_significant_drop": True,
+        "alpha": 0.01,
+    }
+    assert cli.parse_rule('{"metric": "acc", "max": 2}') == {"metric": "acc", "max": 2}
+    for bad, words in (
+        ("acc", "KIND one of"),
+        ("acc:min", "min needs a value"),
+        ("acc:min=x", "'x' is not a number"),
+        ("acc:most=1", "KIND one of"),
+        ("{nope", "not valid JSON"),
+    ):
+        with pytest.raises(cli.CliError, match=words):
+            cli.parse_rule(bad)
+
+
+def test_verdict_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    check = {"passed": False, "reason": "t/acc = 0.5 < 0.6"}
+    failed = {"passed": False, "baseline": 1, "candidate": 2, "rules": [check], "warnings": []}
+    assert cli.verdict_exit(failed) == cli.GATE_FAILED
+    assert "Gate FAILED for job 2 against job 1" in capsys.readouterr().out
+    passed = {**failed, "passed": True, "rules": [{**check, "passed": True}]}
+    assert cli.verdict_exit(passed) == cli.GATE_PASSED
+    assert cli.verdict_exit({**failed, "error": "the baseline job 1 no longer exists"}) == 2
+    assert cli.verdict_exit(None) == cli.GATE_ERROR

@@ -43,6 +43,8 @@ SUBMIT_CLIENT_VALUES = {
     "env": "KEY=VALUE added to env_vars; repeatable",
     "secret": "KEY=SECRET: env_vars KEY set from the server's secret SECRET; repeatable",
     "wait_timeout": "with --wait: give up after this many seconds (exit 4)",
+    "gate_file": "a JSON gate {baseline, rules} for the job; with --wait, exit 0 when it "
+    "passes, 1 when it fails, 2 on error",
 }
 
 
@@ -371,13 +373,32 @@ def cmd_submit(client: Client, tokens: list[str]) -> int:
     body.update(options)
     if not body:
         raise CliError("nothing to submit: give FILE.json or options such as --model and --tasks")
+    if "gate_file" not in extra:
+        return _submit(client, body, extra)
+    try:
+        body["gate"] = read_gate_file(extra["gate_file"])
+        return _submit(client, body, extra, gated=True)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return GATE_ERROR
+
+
+def _submit(
+    client: Client, body: dict[str, Any], extra: dict[str, Any], gated: bool = False
+) -> int:
     data = client.request("POST", "/job", json=body)
     print(data["message"], file=sys.stderr)
     print(data["job_id"])
     if not extra.get("wait"):
         return EXIT_OK
     timeout = extra.get("wait_timeout")
-    return wait_for(client, int(data["job_id"]), float(timeout) if timeout else None, 2.0, False)
+    job_id = int(data["job_id"])
+    code = wait_for(client, job_id, float(timeout) if timeout else None, 2.0, False)
+    if not gated:
+        return code
+    if code != EXIT_OK:
+        return GATE_ERROR  # no verdict: the job did not complete
+    return verdict_exit(client.get(f"/job/{job_id}").get("verdict"))
 
 
 def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
@@ -476,7 +497,9 @@ COMPARE_MEDIA = {"csv": "text/csv", "markdown": "text/markdown"}
 
 
 def cmd_compare(client: Client, args: argparse.Namespace) -> int:
-    params = {"jobs": ",".join(str(i) for i in args.job_ids)}
+    params: dict[str, Any] = {"jobs": ",".join(str(i) for i in args.job_ids)}
+    if args.alpha is not None:
+        params["alpha"] = args.alpha
     if args.format in COMPARE_MEDIA:
         headers = {"Accept": COMPARE_MEDIA[args.format]}
         sys.stdout.write(client.get_text("/compare", params=params, headers=headers))
@@ -497,7 +520,7 @@ def compare_table(data: dict[str, Any]) -> str:
     for i, job in enumerate(jobs):
         headers.append(f"#{job}")
         if i:
-            headers.append(f"Δ#{job}")
+            headers += [f"Δ#{job}", f"p#{job}"]
     rows = []
     for row in data["rows"]:
         cells = [row["task"], row["filter"], row["metric"]]
@@ -511,10 +534,123 @@ def compare_table(data: dict[str, Any]) -> str:
                 delta = row["deltas"][i]
                 mark = " *" if row["significant"][i] else ""
                 cells.append(f"{delta:+.4f}{mark}" if delta is not None else "-")
+                cells.append(fmt_test(row, i))
         rows.append(cells)
     right = set(range(3, len(headers)))
-    note = f"Δ: difference from job {jobs[0]}; * where |Δ| > 1.96·√(se₁² + se₂²)"
-    return table(headers, rows, right=right) + "\n" + note
+    note = (
+        f"Δ: difference from job {jobs[0]}; * where p < {data.get('alpha', 0.05):g} by the "
+        "row's test (McNemar/paired t on paired documents, else unpaired z)"
+    )
+    warnings = [f"warning: {w['message']}" for w in data.get("warnings", [])]
+    return "\n".join([table(headers, rows, right=right), *warnings, note])
+
+
+def fmt_test(row: dict[str, Any], i: int) -> str:
+    """`6.1e-05 mcnemar 15/0` (regressed/improved), `0.031 paired_t`, `-` when untold."""
+    test, p = row.get("tests", [None] * (i + 1))[i], row.get("p_values", [None] * (i + 1))[i]
+    if test is None or p is None:
+        return "-"
+    counts = row["discordant"][i]
+    extra = f" {counts['regressed']}/{counts['improved']}" if counts else ""
+    return f"{p:.2g} {test}{extra}"
+
+
+# `gate` and `submit --wait --gate-file` exit codes, for CI scripts.
+GATE_PASSED, GATE_FAILED, GATE_ERROR = 0, 1, 2
+_RULE_KINDS = ("min", "max", "max_drop", "no_significant_drop")
+
+
+def parse_rule(text: str) -> dict[str, Any]:
+    """`[TASK/]METRIC[,FILTER]:KIND[=VALUE]` or a JSON object -> a gate rule, e.g.
+    `arc_easy/acc:min=0.6`, `acc:max_drop=0.02`, `exact_match,strict-match:no_significant_drop`
+    (`no_significant_drop=0.01` sets its alpha)."""
+    if text.lstrip().startswith("{"):
+        try:
+            rule = json.loads(text)
+        except ValueError as exc:
+            raise CliError(f"--rule {text!r} is not valid JSON: {exc}") from exc
+        if not isinstance(rule, dict):
+            raise CliError(f"--rule {text!r}: a JSON rule is an object")
+        return rule
+    target, colon, condition = text.rpartition(":")
+    kind, eq, value = condition.partition("=")
+    if not colon or not target or kind not in _RULE_KINDS:
+        raise CliError(
+            f"--rule {text!r}: write [TASK/]METRIC[,FILTER]:KIND[=VALUE] with KIND one of "
+            f"{', '.join(_RULE_KINDS)}, e.g. arc_easy/acc:min=0.6 or acc:no_significant_drop"
+        )
+    task, slash, metric = target.rpartition("/")
+    metric, comma, filter_name = metric.partition(",")
+    rule: dict[str, Any] = {"metric": metric}
+    if slash:
+        rule["task"] = task
+    if comma:
+        rule["filter"] = filter_name
+    if kind == "no_significant_drop":
+        rule[kind] = True
+        if eq:
+            rule["alpha"] = _rule_number(text, value)
+    elif not eq:
+        raise CliError(f"--rule {text!r}: {kind} needs a value, e.g. {metric}:{kind}=0.5")
+    else:
+        rule[kind] = _rule_number(text, value)
+    return rule
+
+
+def _rule_number(text: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise CliError(f"--rule {text!r}: {value!r} is not a number") from None
+
+
+def read_gate_file(file: str) -> dict[str, Any]:
+    gate = read_request_file(file)
+    if not isinstance(gate.get("rules"), list):
+        raise CliError(f'{file} must hold a gate: {{"baseline": ID, "rules": [...]}}')
+    return gate
+
+
+def verdict_exit(verdict: dict[str, Any] | None, as_json: bool = False) -> int:
+    if verdict is None:
+        print(
+            "error: the job has no verdict (it did not complete, or has no gate)", file=sys.stderr
+        )
+        return GATE_ERROR
+    if as_json:
+        print_json(verdict)
+    else:
+        print(verdict_text(verdict))
+    if verdict.get("error"):
+        return GATE_ERROR
+    return GATE_PASSED if verdict["passed"] else GATE_FAILED
+
+
+def verdict_text(verdict: dict[str, Any]) -> str:
+    against = f" against job {verdict['baseline']}" if verdict.get("baseline") else ""
+    head = f"Gate {'PASSED' if verdict['passed'] else 'FAILED'} for job {verdict['candidate']}"
+    lines = [head + against]
+    if verdict.get("error"):
+        lines.append(f"  error: {verdict['error']}")
+    for check in verdict["rules"]:
+        lines.append(f"  {'pass' if check['passed'] else 'FAIL'}  {check['reason']}")
+    lines += [f"  warning: {w['message']}" for w in verdict.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def cmd_gate(client: Client, args: argparse.Namespace) -> int:
+    try:
+        gate = read_gate_file(args.gate_file) if args.gate_file else {"rules": []}
+        gate["rules"] = list(gate["rules"]) + [parse_rule(r) for r in args.rule or []]
+        if args.baseline is not None:
+            gate["baseline"] = args.baseline
+        if not gate["rules"]:
+            raise CliError("no rules: give --rule (repeatable) or --gate-file")
+        verdict = client.request("POST", "/gate", json={**gate, "candidate": args.candidate})
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return GATE_ERROR
+    return verdict_exit(verdict, args.json)
 
 
 def cmd_stop(client: Client, args: argparse.Namespace) -> int:
@@ -643,6 +779,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="table",
         help="table (default), or the server's CSV, Markdown or JSON",
     )
+    compare.add_argument("--alpha", type=float, help="significance level (default 0.05)")
+    gate = sub.add_parser(
+        "gate",
+        parents=[connection],
+        help="evaluate a regression gate for two finished jobs; exit 0 pass, 1 fail, 2 error",
+    )
+    gate.add_argument("--baseline", type=int, metavar="ID", help="the job to compare with")
+    gate.add_argument("--candidate", type=int, metavar="ID", required=True, help="the job judged")
+    gate.add_argument(
+        "--rule",
+        action="append",
+        metavar="RULE",
+        help="[TASK/]METRIC[,FILTER]:KIND[=VALUE], KIND min, max, max_drop or "
+        "no_significant_drop (e.g. arc_easy/acc:min=0.6, acc:no_significant_drop), or a JSON "
+        "rule; repeatable",
+    )
+    gate.add_argument("--gate-file", metavar="F", help="a JSON gate {baseline, rules}")
+    gate.add_argument("--json", action="store_true", help="print the verdict's JSON")
     with_id("stop", "stop a job (dequeue it if queued)")
     with_id("delete", "delete a job and its files")
     wait = with_id(
@@ -719,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "delete": cmd_delete,
             "wait": cmd_wait,
             "whoami": cmd_whoami,
+            "gate": cmd_gate,
         }[args.command]
         return handler(client, args)
     except CliError as exc:

@@ -58,6 +58,29 @@ _SCATTER = 17
 _QUESTION_RE = re.compile(r"Question (\d+): What is (-?\d+) \+ (-?\d+)\?")
 
 
+# A model named like `wrong_0-65_100-115` (lm-eval's model_args model=...) answers exactly the
+# question ids in [0, 65) and [100, 115) wrong and every other right, whatever the server's
+# correct_per_cycle: several "checkpoints" with chosen wrong answers share one stub, and every
+# count of a comparison between them (discordant pairs included) is known exactly.
+_WRONG_MODEL_RE = re.compile(r"wrong((?:_\d{1,6}-\d{1,6})*)")
+
+
+def wrong_ids_for_model(model: Any) -> frozenset[int] | None:
+    """The question ids a `wrong_A-B_C-D...` model answers wrong; None for any other name."""
+    if not isinstance(model, str) or not (found := _WRONG_MODEL_RE.fullmatch(model)):
+        return None
+    ids: set[int] = set()
+    for span in found[1].split("_")[1:]:
+        start, end = (int(x) for x in span.split("-"))
+        ids.update(range(start, end))
+    return frozenset(ids)
+
+
+def wrong_model(*spans: tuple[int, int]) -> str:
+    """The model name whose wrong answers are exactly the ids in these [start, end) spans."""
+    return "wrong" + "".join(f"_{a}-{b}" for a, b in spans)
+
+
 def is_answered_correctly(question_id: int, correct_per_cycle: int = CORRECT_PER_CYCLE) -> bool:
     """Whether the stub answers question ``question_id`` correctly.
 
@@ -68,11 +91,12 @@ def is_answered_correctly(question_id: int, correct_per_cycle: int = CORRECT_PER
     return (question_id * _SCATTER) % CYCLE < correct_per_cycle
 
 
-def answer_for(prompt: str, correct_per_cycle: int = CORRECT_PER_CYCLE) -> str:
+def answer_for(prompt: str, correct_per_cycle: int = CORRECT_PER_CYCLE, model: Any = None) -> str:
     """The completion text the stub generates for ``prompt``, before stop sequences.
 
     Prompts without a question id but with ``a + b`` get the correct sum; anything else gets
-    an empty answer (a deterministic miss rather than an HTTP error, like a real model).
+    an empty answer (a deterministic miss rather than an HTTP error, like a real model). A
+    ``wrong_...`` model (:func:`wrong_ids_for_model`) misses exactly its ids.
     """
     matches = _QUESTION_RE.findall(prompt)
     if not matches:
@@ -83,7 +107,9 @@ def answer_for(prompt: str, correct_per_cycle: int = CORRECT_PER_CYCLE) -> str:
         return f"{int(a) + int(b)}\n"
     qid, a, b = (int(x) for x in matches[-1])
     total = a + b
-    return f"{total if is_answered_correctly(qid, correct_per_cycle) else total + 1}\n"
+    wrong = wrong_ids_for_model(model)
+    right = qid not in wrong if wrong is not None else is_answered_correctly(qid, correct_per_cycle)
+    return f"{total if right else total + 1}\n"
 
 
 def apply_stop(text: str, stop: Any) -> str:
@@ -239,7 +265,9 @@ class _Handler(BaseHTTPRequestHandler):
         choices = [
             {
                 "index": i,
-                "text": apply_stop(answer_for(p, self.server.correct_per_cycle), stop),
+                "text": apply_stop(
+                    answer_for(p, self.server.correct_per_cycle, payload.get("model")), stop
+                ),
                 "logprobs": None,
                 "finish_reason": "stop",
             }
@@ -268,7 +296,10 @@ class _Handler(BaseHTTPRequestHandler):
         text = "\n".join(c for c in contents if isinstance(c, str))
         self._sleep()
         n = self.server.count(1)
-        content = apply_stop(answer_for(text, self.server.correct_per_cycle), payload.get("stop"))
+        content = apply_stop(
+            answer_for(text, self.server.correct_per_cycle, payload.get("model")),
+            payload.get("stop"),
+        )
         self._send_json(
             HTTPStatus.OK,
             {

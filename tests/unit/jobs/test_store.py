@@ -68,3 +68,15 @@ def test_schema_version_recorded_and_newer_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(RuntimeError, match="newer than this server"):
         SqliteJobStore(db)
+
+
+def test_a_verdict_is_stored_when_the_job_ends(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    r = record(store.next_id(), status=JobStatus.running)
+    store.insert(r)
+    r.status = JobStatus.completed
+    r.verdict = {"passed": False, "baseline": 1, "candidate": r.job_id, "rules": [], "error": None}
+    store.update(r, JobStatus.running)
+    store.close()
+    [loaded] = SqliteJobStore(tmp_path / "jobs.db").load_all()
+    assert loaded.verdict == r.verdict

@@ -284,3 +284,15 @@ def test_a_version_6_database_gives_its_deliveries_the_owner_of_their_job(tmp_pa
         (1, "alice"),
         (2, "default"),
     ]
+
+
+def test_a_gated_jobs_body_carries_its_verdict_and_others_are_unchanged() -> None:
+    verdict = {"passed": False, "baseline": 1, "candidate": 7, "rules": [], "error": None}
+    args = ("d1", 7, "Completed", 0, [], 1_700_000_000)
+    plain = webhooks.build_payload(*args, owner="alice", callback_url="http://h:80/ci")
+    gated = webhooks.build_payload(
+        *args, owner="alice", callback_url="http://h:80/ci", verdict=verdict
+    )
+    assert "verdict" not in plain
+    assert list(gated) == [*list(plain)[:-1], "verdict", "timestamp"]
+    assert gated["verdict"] == verdict
