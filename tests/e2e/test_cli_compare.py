@@ -54,17 +54,27 @@ def test_cli_compare_prints_the_known_difference(server: ServerProcess) -> None:
     assert row["significant"] == [False, False]
 
     lines = ok(run(server, "compare", str(base), str(better))).splitlines()
-    assert lines[0].split() == ["TASK", "FILTER", "METRIC", f"#{base}", f"#{better}", f"Δ#{better}"]
+    assert lines[0].split() == [
+        "TASK",
+        "FILTER",
+        "METRIC",
+        f"#{base}",
+        f"#{better}",
+        f"Δ#{better}",
+        f"p#{better}",
+    ]
     cells = lines[1].split()
     assert cells[:3] == ["arith_gen_tiny", "none", "exact_match"]
-    assert cells[3] == "0.6500" and cells[6] == "0.9000" and cells[-1] == "+0.2500"
+    assert cells[3] == "0.6500" and cells[6] == "0.9000" and cells[-3] == "+0.2500"
+    # Without samples: the unpaired z-test's p-value, 0.053 (not below 0.05).
+    assert cells[-2:] == [f"{row['p_values'][1]:.2g}", "unpaired_z"] and cells[-2] == "0.053"
     assert lines[-1].startswith(f"Δ: difference from job {base}")
 
     table = ok(run(server, "compare", str(base), str(better), "--format", "csv"))
     [record] = list(csv.DictReader(io.StringIO(table)))
     assert record[f"value_{better}"] == "0.9" and record[f"significant_{better}"] == "false"
     markdown = ok(run(server, "compare", str(base), str(better), "--format", "markdown"))
-    assert markdown.splitlines()[2].endswith("| +0.2500 |")
+    assert markdown.splitlines()[2].endswith("| +0.2500 | 0.053 (unpaired z) |")
 
     refused = run(server, "compare", str(base), str(base))
     assert refused.returncode == 1

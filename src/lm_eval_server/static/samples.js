@@ -144,6 +144,9 @@ const compareView = {
     $("compare-body").replaceChildren();
     $("compare-head").replaceChildren();
     $("compare-markdown").textContent = "";
+    $("compare-chart").replaceChildren();
+    $("compare-verdicts").replaceChildren();
+    $("compare-warnings").hidden = true;
     $("compare-error").hidden = true;
   },
 
@@ -159,12 +162,13 @@ const compareView = {
       return false;
     }
     const head = ["Task", "Filter", "Metric"];
-    data.jobs.forEach((id, i) => head.push(`#${id}`, ...(i ? [`Δ #${id}`] : [])));
+    data.jobs.forEach((id, i) => head.push(`#${id}`, ...(i ? [`Δ #${id}`, `p #${id}`] : [])));
     $("compare-head").replaceChildren(
       h("tr", {}, head.map((label, i) => h("th", { class: i > 2 ? "num" : null }, label))),
     );
     $("compare-body").replaceChildren(...data.rows.map((row) => compareRow(data.jobs, row)));
     $("compare-markdown").textContent = markdown;
+    await compareExtras(data); // gates.js: the chart, warnings and verdicts
     return false; // Completed jobs do not change: nothing to poll
   },
 };
@@ -191,9 +195,14 @@ function compareRow(jobs, row) {
             class: `num${significant ? " significant" : ""}`,
             "data-testid": "compare-delta",
             dataset: { significant: String(significant) },
-            title: significant ? "|Δ| > 1.96·√(se₁² + se₂²)" : null,
+            title: significant ? testText(row.tests[i], row.p_values[i], row.n_paired[i], row.discordant[i]) : null,
           },
           delta === null ? "—" : `${delta >= 0 ? "+" : ""}${delta.toFixed(4)}${significant ? " *" : ""}`,
+        ),
+        h(
+          "td",
+          { class: "num small", "data-testid": "compare-test", dataset: { test: row.tests[i] ?? "" } },
+          testText(row.tests[i], row.p_values[i], row.n_paired[i], row.discordant[i]) || "—",
         ),
       );
     }
