@@ -1,5 +1,8 @@
 """Paired comparison and regression gates through a real server, the real lm_eval, the
-webhook and the CLI.
+webhook, the CLI and the dashboard (Debian's Chromium).
+
+SCREENSHOTS_DIR=imgs uv run pytest tests/e2e/test_paired_gates.py regenerates
+imgs/compare-paired.png and imgs/job-verdict.png.
 
 One completions stub answers every job; a job's model name (`wrong_A-B_...`,
 tests/support/completions_server.py) chooses exactly which arith_gen questions it gets wrong,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e.test_dashboard import CHROMIUM, CHROMIUM_ARGS, UI_TIMEOUT_MS
 from tests.support.completions_server import (
     CompletionsStubServer,
     model_args_for,
@@ -317,3 +322,83 @@ def test_gate_requests_are_checked_at_submission(
         assert alice.get("/jobs").json()["total"] == before  # nothing was queued
         bob_total = bob.get("/jobs").json()["total"]
         assert bob_total == 0
+
+
+# ----------------------------------------------------------------------------- the dashboard
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's Chromium at /usr/bin/chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        yield browser
+        browser.close()
+
+
+def test_dashboard_draws_the_comparison_and_shows_the_verdicts(
+    browser: Any, server: ServerProcess, runs: dict[str, Any], tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    out = Path(os.environ.get("SCREENSHOTS_DIR") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1366, "height": 1000})
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/")
+    page.get_by_test_id("key-input").fill(ALICE)
+    page.get_by_test_id("key-save").click()
+    expect(page.get_by_test_id("key-panel")).to_be_hidden()
+
+    base, worse, better, mixed = (runs[n] for n in ("base", "worse", "better", "mixed"))
+    page.goto(f"{server.url}/#/compare?jobs={base},{worse},{better},{mixed}")
+    chart = page.get_by_test_id("compare-chart-svg")
+    expect(chart).to_be_visible()
+    # One lane per job, each with its interval; the two paired significant differences
+    # marked, down for the regression and up for the improvement.
+    points = chart.get_by_test_id("chart-point")
+    expect(points).to_have_count(4)
+    for i in range(4):
+        assert points.nth(i).locator("line").count() == 3  # the interval and its two ends
+    marks = chart.get_by_test_id("chart-significant")
+    expect(marks).to_have_count(2)
+    expect(marks.nth(0)).to_contain_text("▼ -0.0750")
+    expect(marks.nth(0)).to_contain_text("McNemar")
+    expect(marks.nth(1)).to_contain_text("▲ +0.0750")
+    expect(chart.get_by_test_id("chart-note")).to_have_count(1)  # mixed: not significant
+    tests = page.get_by_test_id("compare-test")
+    expect(tests.nth(0)).to_have_text("6.1e-5 McNemar 15/0 of 200")
+    expect(tests.nth(0)).to_have_attribute(
+        "title", "p = 6.1e-5 (McNemar, 15 regressed / 0 improved of 200)"
+    )
+    # The gates taken against the first job: worse failed, better passed.
+    verdicts = page.get_by_test_id("compare-verdicts").get_by_test_id("verdict")
+    expect(verdicts).to_have_count(2)
+    expect(verdicts.nth(0)).to_have_attribute("data-passed", "false")
+    expect(verdicts.nth(1)).to_have_attribute("data-passed", "true")
+    page.get_by_test_id("compare-view").screenshot(path=str(out / "compare-paired.png"))
+
+    page.goto(f"{server.url}/#/compare?jobs={base},{runs['limited']}")
+    expect(page.get_by_test_id("compare-warning").first).to_contain_text("limit differs")
+
+    page.goto(f"{server.url}/#/job/{worse}")
+    section = page.get_by_test_id("verdict-section")
+    expect(section).to_be_visible()
+    expect(section.get_by_test_id("verdict-badge")).to_have_text("✗ gate failed")
+    rules = section.get_by_test_id("verdict-rule")
+    expect(rules).to_have_count(2)
+    expect(rules.nth(0)).to_have_attribute("data-passed", "false")
+    expect(rules.nth(0)).to_contain_text("dropped significantly")
+    section.screenshot(path=str(out / "job-verdict.png"))
+    page.goto(f"{server.url}/#/job/{base}")
+    expect(page.get_by_test_id("verdict-section")).to_be_hidden()
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"

@@ -167,10 +167,15 @@ def _check(
     drop = check["drop"]
     if kind == "max_drop":
         ok = drop <= rule["max_drop"]
+        moved = (
+            f"dropped by {drop:.4g}"
+            if drop > 0
+            else (f"improved by {-drop:.4g}" if drop < 0 else "did not change")
+        )
         return _verdict(
             check,
             ok,
-            f"{name} dropped by {drop:.4g} ({baseline:.4g} -> {candidate:.4g}), "
+            f"{name} {moved} ({baseline:.4g} -> {candidate:.4g}), "
             f"{'within' if ok else 'more than'} max_drop {rule['max_drop']}",
         )
     p, alpha = check["p_value"], check["alpha"]

@@ -42,6 +42,13 @@ function testText(test, p, nPaired, discordant) {
   return `p = ${formatP(p)} (${detail})`;
 }
 
+// The table's cell: "6.1e-5 McNemar 15/0 of 200" (regressed/improved of n).
+function testShort(test, p, nPaired, discordant) {
+  if (!test) return "";
+  const counts = discordant ? ` ${discordant.regressed}/${discordant.improved} of ${nPaired}` : "";
+  return `${formatP(p)} ${TEST_NAMES[test] || test}${counts}`;
+}
+
 // ---------------------------------------------------------------- the compare chart
 
 const CHART = { width: 820, label: 70, right: 230, lane: 22, head: 26, gap: 14 };

@@ -201,8 +201,13 @@ function compareRow(jobs, row) {
         ),
         h(
           "td",
-          { class: "num small", "data-testid": "compare-test", dataset: { test: row.tests[i] ?? "" } },
-          testText(row.tests[i], row.p_values[i], row.n_paired[i], row.discordant[i]) || "—",
+          {
+            class: "num small nowrap",
+            "data-testid": "compare-test",
+            dataset: { test: row.tests[i] ?? "" },
+            title: testText(row.tests[i], row.p_values[i], row.n_paired[i], row.discordant[i]) || null,
+          },
+          testShort(row.tests[i], row.p_values[i], row.n_paired[i], row.discordant[i]) || "—",
         ),
       );
     }
