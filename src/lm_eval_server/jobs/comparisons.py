@@ -5,6 +5,10 @@ symlink (results.py), read in a worker thread, with the server's redaction of re
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +18,63 @@ from lm_eval_server.outputs import compare, pairing, results
 from lm_eval_server.runtime import jobdir
 from lm_eval_server.team.redact import Redactor
 
+# Comparisons kept (small: rows of numbers), so the dashboard's JSON and Markdown requests for
+# one comparison, a reload, or a gate and a compare of the same jobs read the samples once.
+COMPARISONS_KEPT = 16
+
+
+class ComparisonCache:
+    """Comparisons by what they were computed from: each file's identity (path, inode, size,
+    mtime; a rewritten file is new), alpha and the redactor's generation."""
+
+    def __init__(self, size: int = COMPARISONS_KEPT) -> None:
+        self._size = size
+        self._items: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()  # used from worker threads
+
+    def get(self, key: Hashable) -> dict[str, Any] | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: Hashable, value: dict[str, Any]) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
 
 async def compare_records(
-    records: list[JobRecord], redactor: Redactor, alpha: float
+    records: list[JobRecord],
+    redactor: Redactor,
+    alpha: float,
+    cache: ComparisonCache | None = None,
 ) -> dict[str, Any]:
     """The comparison of these jobs (the first the base) from the results and samples files
-    they wrote; each must have a results_file. Reads in a worker thread."""
-    return await asyncio.to_thread(_compare_records, records, redactor, alpha)
+    they wrote; each must have a results_file. Reads in a worker thread. The answer is shared
+    with the cache: read it, do not change it."""
+    return await asyncio.to_thread(_compare_records, records, redactor, alpha, cache)
 
 
-def _compare_records(records: list[JobRecord], redactor: Redactor, alpha: float) -> dict[str, Any]:
-    runs = [(r.job_id, read_results(r, redactor)) for r in records]
-    notes: list[str] = []
+def _compare_records(
+    records: list[JobRecord], redactor: Redactor, alpha: float, cache: ComparisonCache | None
+) -> dict[str, Any]:
     files = []
     for record in records:
         path = Path(record.results_file or "")
         files.append(results.samples_files(path, _results_root(record)))
+    key = (
+        alpha,
+        redactor.generation,
+        tuple((r.job_id, _identity(Path(r.results_file or ""))) for r in records),
+        tuple(tuple((t, _identity(p)) for t, p in found.items()) for found in files),
+    )
+    if cache is not None and (hit := cache.get(key)) is not None:
+        return hit
+    runs = [(r.job_id, read_results(r, redactor)) for r in records]
+    notes: list[str] = []
     budget = pairing.LineBudget()
     scores: list[dict[str, pairing.DocScores]] = []
     try:
@@ -54,7 +99,18 @@ def _compare_records(records: list[JobRecord], redactor: Redactor, alpha: float)
             "jobs to pair them"
         )
         scores = [{} for _ in records]
-    return compare.compare(runs, scores, alpha, notes)
+    comparison = compare.compare(runs, scores, alpha, notes)
+    if cache is not None:
+        cache.put(key, comparison)
+    return comparison
+
+
+def _identity(path: Path) -> tuple[str, int, int, int] | None:
+    try:
+        stat = os.lstat(path)
+    except OSError:
+        return None
+    return (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def read_results(record: JobRecord, redactor: Redactor) -> dict[str, Any]:

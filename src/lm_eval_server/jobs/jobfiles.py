@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval_server.errors import FileNotAvailable, JobNotCompleted
-from lm_eval_server.jobs.comparisons import compare_records
+from lm_eval_server.jobs.comparisons import ComparisonCache, compare_records
 from lm_eval_server.jobs.manager import JobManager
 from lm_eval_server.jobs.models import JobRecord, JobStatus
 from lm_eval_server.outputs import results, samples
@@ -33,6 +33,7 @@ class JobFiles:
         self._manager = manager
         self._indexes: OrderedDict[_IndexKey, samples.SampleIndex] = OrderedDict()
         self._building: dict[_IndexKey, asyncio.Future[samples.SampleIndex]] = {}
+        self._comparisons = ComparisonCache()
 
     def log_path(self, job_id: int, stream: str, viewer: Principal | None) -> Path:
         record = self._manager.get(job_id, viewer)
@@ -121,7 +122,7 @@ class JobFiles:
         records = [self._manager.get(job_id, viewer) for job_id in job_ids]
         for record in records:
             self._results_file(record)  # Completed, with a results file: else 409
-        return await compare_records(records, self._manager.redactor, alpha)
+        return await compare_records(records, self._manager.redactor, alpha, self._comparisons)
 
     async def _index(self, path: Path) -> samples.SampleIndex:
         stat = await asyncio.to_thread(os.lstat, path)
