@@ -21,6 +21,8 @@ from tests.support.completions_server import (
     model_args_for,
     running_completions_server,
     running_stub_server,
+    wrong_ids_for_model,
+    wrong_model,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -249,3 +251,15 @@ def test_chat_ignores_non_text_content_parts() -> None:
     with running_stub_server() as server, httpx.Client() as client:
         response = client.post(server.chat_base_url, json={"messages": messages, "stop": "\n"})
     assert response.json()["choices"][0]["message"]["content"] == "7"
+
+
+def test_a_wrong_model_misses_exactly_its_ids() -> None:
+    name = wrong_model((0, 3), (10, 12))
+    assert name == "wrong_0-3_10-12"
+    assert wrong_ids_for_model(name) == {0, 1, 2, 10, 11}
+    assert wrong_ids_for_model("wrong") == frozenset()  # right on everything
+    assert wrong_ids_for_model("stub") is None and wrong_ids_for_model(None) is None
+    assert answer_for("Question 2: What is 1 + 1?\nAnswer:", model=name) == "3\n"
+    assert answer_for("Question 5: What is 1 + 1?\nAnswer:", model=name) == "2\n"
+    # The model name wins over the server's correct_per_cycle rule (id 2 is its miss).
+    assert answer_for("Question 2: What is 1 + 1?\nAnswer:", model="wrong") == "2\n"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
 
+from lm_eval_server.jobs import verdicts
 from lm_eval_server.jobs.comparisons import ComparisonCache, _compare_records
 from lm_eval_server.jobs.models import JobRecord, JobStatus
 from lm_eval_server.team.redact import Redactor
@@ -64,3 +66,25 @@ def test_pairs_the_jobs_samples_and_caches_until_a_file_changes(tmp_path: Path) 
         "regressed": 0,
         "improved": 2,
     }
+
+
+def test_a_gate_that_cannot_be_evaluated_gets_an_error_verdict(tmp_path: Path) -> None:
+    base, cand = job(tmp_path, 1, list(range(8))), job(tmp_path, 2, list(range(4)))
+    rules = [{"metric": "acc", "no_significant_drop": True}]
+    cand.request = {"gate": {"baseline": 1, "rules": rules}}
+    jobs = {1: base, 2: cand}
+    verdict = asyncio.run(verdicts.judge(cand, jobs.get, Redactor()))
+    # 4 regressed, 0 improved: p = 2 / 2^4 = 0.125, a drop but not a significant one.
+    assert verdict is not None and verdict["passed"] is True and verdict["error"] is None
+    [check] = verdict["rules"]
+    assert check["discordant"] == {"regressed": 4, "improved": 0} and check["p_value"] == 0.125
+    assert "not significantly" in check["reason"]
+    base.status = JobStatus.running
+    running = asyncio.run(verdicts.judge(cand, jobs.get, Redactor()))
+    assert running is not None and running["error"] == (
+        "the baseline job 1 is Running; a gate compares with a Completed job"
+    )
+    gone = asyncio.run(verdicts.judge(cand, {2: cand}.get, Redactor()))
+    assert gone is not None and gone["error"] == "the baseline job 1 no longer exists"
+    cand.request = {}
+    assert asyncio.run(verdicts.judge(cand, jobs.get, Redactor())) is None
