@@ -95,4 +95,5 @@ def detail(
         stdout_truncated=out.truncated,
         stderr_truncated=err.truncated,
         webhook=webhook,
+        reproduction=record.reproduction,
     )

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from lm_eval_server.admission.lm_eval_cli import task_list
+from lm_eval_server.jobs.receipt_models import Reproduction
 
 
 class JobStatus(StrEnum):
@@ -60,6 +61,9 @@ class JobRecord:
     # GPU device ids the job was given (GPU slots, scheduler.GpuPool); None when the server
     # does not hand out devices (no GPUs, or EXECUTOR=ray) or the job has not started.
     gpus: list[str] | None = None
+    # A reproduction (POST /job/{id}/reproduce): the job it repeats and its diff (receipts.py).
+    reproduction_of: int | None = None
+    reproduction: dict[str, Any] | None = None
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
     # The API's JSON for this job once it is finished (it cannot change any more).
@@ -206,6 +210,11 @@ class JobDetail(JobSummary):
     stderr_truncated: bool = Field(description="True when earlier stderr lines were cut.")
     webhook: WebhookInfo | None = Field(
         None, description="The job's webhook delivery; null without a callback_url."
+    )
+    reproduction: Reproduction | None = Field(
+        None,
+        description="For a reproduction (POST /job/{id}/reproduce): its diff against the "
+        "original; null for other jobs.",
     )
 
 

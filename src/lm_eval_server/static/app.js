@@ -13,8 +13,9 @@ const FIRST_FIELDS = ["model", "tasks", "model_args", "limit", "num_fewshot"];
 const $ = (id) => document.getElementById(id);
 
 // Extension points for the dashboard's other scripts (team.js, ...), which load after this one:
-// query parameters for the jobs list, cells appended to a job's row, facts on the job page.
-const hooks = { jobsParams: [], jobCells: [], jobFacts: [] };
+// query parameters for the jobs list, cells appended to a job's row, facts on the job page, and
+// panels that render themselves from each fresh copy of the job (reproduce.js).
+const hooks = { jobsParams: [], jobCells: [], jobFacts: [], jobPanels: [] };
 
 // Builds elements with textContent only: job arguments and logs come from any submitter.
 function h(tag, props = {}, ...children) {
@@ -374,6 +375,7 @@ const jobView = {
     $("stop-button").disabled = TERMINAL.has(job.status);
     $("stop-button").hidden = TERMINAL.has(job.status);
     $("delete-button").disabled = false;
+    for (const panel of hooks.jobPanels) panel(job);
     this.renderLog(job, false);
   },
 
