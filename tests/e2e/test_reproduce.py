@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tests.support.server import ServerProcess
 ALICE = API_KEY  # the dashboard fixtures log in with this key
 BOB = "bob-key-0123456789abcdef"
 LIMIT = 40
+PLAIN_TOKEN = "hf_plainCredentialValue0123456789"
 browser = dashboard.browser
 page = dashboard.page
 
@@ -85,7 +87,8 @@ def runs(server: ServerProcess) -> Iterator[dict[str, Any]]:
         running_stub_server() as held,
     ):
         body = stub_job(stub.base_url, "arith_gen", log_samples=True, limit=LIMIT)
-        body["env_vars"] = {"OPENAI_API_KEY": {"secret": "openai"}}
+        # A secret by reference, and a credential given by value: neither value may show.
+        body["env_vars"] = {"OPENAI_API_KEY": {"secret": "openai"}, "HF_TOKEN": PLAIN_TOKEN}
         original = submit(alice, body)
         completed(alice, original)
 
@@ -136,6 +139,7 @@ def test_the_receipt_records_what_the_job_ran_with_and_no_secret(
             ).text.splitlines()
         ]
     assert not leaks(secret_value[1], response.content)
+    assert not leaks(PLAIN_TOKEN, response.content)
 
     assert receipt["job_id"] == job_id and receipt["status"] == "Completed"
     assert receipt["server_version"] == importlib.metadata.version("lm-eval-server")
@@ -146,7 +150,9 @@ def test_the_receipt_records_what_the_job_ran_with_and_no_secret(
     assert receipt["command"] == job["argument"]
     # The job's own environment, names only: its secret is named, its HOME is there.
     assert receipt["env_names_source"] == "job"
-    assert {"OPENAI_API_KEY", "HOME", "HF_DATASETS_OFFLINE"} <= set(receipt["env_names"])
+    assert {"OPENAI_API_KEY", "HF_TOKEN", "HOME", "HF_DATASETS_OFFLINE"} <= set(
+        receipt["env_names"]
+    )
     assert receipt["env_names"] == sorted(receipt["env_names"])
     # The job ran with this test's venv: the same versions as its metadata says.
     expected = {}
@@ -181,6 +187,10 @@ def test_the_receipt_records_what_the_job_ran_with_and_no_secret(
     stored = b"".join(p.read_bytes() for p in server.data_dir.glob("jobs.db*") if p.is_file())
     assert b'"OPENAI_API_KEY"' in stored
     assert not leaks(secret_value[1], stored)
+    with sqlite3.connect(f"file:{server.data_dir / 'jobs.db'}?mode=ro", uri=True) as db:
+        [(column,)] = db.execute("SELECT receipt FROM jobs WHERE job_id=?", (job_id,))
+    assert json.loads(column)["job_id"] == job_id
+    assert not leaks(secret_value[1], column.encode()) and not leaks(PLAIN_TOKEN, column.encode())
 
 
 def test_a_reproduction_of_a_deterministic_job_is_identical(
@@ -256,6 +266,9 @@ def test_reproduce_refuses_unfinished_and_other_owners_jobs(
             assert response.status_code == 404, response.text
             assert response.json()["detail"] == f"Job {runs['original']} not found."
         assert bob.post("/job/999999/reproduce").status_code == 404
+        # response_cache is a strict boolean (false: bypass the server's response cache).
+        refused = bob.post("/job", json={"model": "dummy", "tasks": "x", "response_cache": "no"})
+        assert refused.status_code == 422 and "response_cache" in refused.text
         # bob's refused attempt queued nothing.
         assert bob.get("/jobs").json()["total"] == 0
     # A stopped job has a receipt too (every finished job).

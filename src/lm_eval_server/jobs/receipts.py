@@ -28,6 +28,10 @@ from lm_eval_server.team.redact import Redactor
 
 log = logging.getLogger(__name__)
 
+# How long GET /job/{id} waits for a just-ended reproduction's diff (a large samples file can
+# take longer; the job then shows `state: pending` until it is recorded).
+DETAIL_WAIT_S = 20.0
+
 
 def server_version() -> str:
     try:
@@ -161,11 +165,12 @@ class Receipts:
         return self._redactor.json(report)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ reading
-    async def settled(self, job_id: int) -> None:
-        """Returns once the job's receipt (and diff) are recorded, if they are being recorded."""
+    async def settled(self, job_id: int, timeout_s: float | None = None) -> None:
+        """Returns once the job's receipt (and diff) are recorded, if they are being recorded,
+        or after `timeout_s` (a reproduction's `state` then still says pending)."""
         task = self._work.get(job_id)
         if task is not None:
-            await asyncio.wait({task})
+            await asyncio.wait({task}, timeout=timeout_s)
 
     async def receipt(self, record: JobRecord) -> dict[str, Any] | None:
         await self.settled(record.job_id)
