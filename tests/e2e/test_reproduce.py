@@ -314,3 +314,26 @@ def test_the_job_page_shows_the_reproduction_diff(
     expect(page.get_by_test_id("reproduction-of")).to_have_text(f"job {runs['original']}")
     expect(page).to_have_url(re.compile(r"#/job/(\d+)$"))
     assert int(page.url.rsplit("/", 1)[1]) > changed
+
+
+def test_a_warm_job_records_its_own_versions_too(make_client: Any) -> None:
+    """A job forked from a warm worker runs the launcher as well: its receipt has the job's
+    own facts, not a fallback."""
+    import time
+
+    from lm_eval_server.runtime.executors import warm_protocol
+    from tests.support.jobs import DUMMY_JOB
+
+    client = make_client(warm_workers=1)
+    deadline = time.monotonic() + 300
+    while client.get("/ready").json()["warm_workers"]["ready"] < 1:
+        assert time.monotonic() < deadline, "no warm worker ready"
+        time.sleep(0.1)
+    job_id = submit(client, {**DUMMY_JOB, "limit": 2})
+    assert wait_for(client, job_id, timeout_s=240)["status"] == "Completed"
+    stderr = client.get(f"/job/{job_id}/logs", params={"stream": "stderr"}).text
+    assert warm_protocol.MARKER_PREFIX + warm_protocol.FORKED_MARKER in stderr
+    receipt = client.get(f"/job/{job_id}/receipt").json()
+    assert receipt["versions_source"] == "job" and receipt["env_names_source"] == "job"
+    assert receipt["versions"]["lm_eval"] == importlib.metadata.version("lm_eval")
+    assert "HOME" in receipt["env_names"]

@@ -49,7 +49,8 @@ def reproduce_router(request_model: type[BaseModel]) -> APIRouter:
         receipt = await manager.receipts.receipt(record)
         if receipt is None:
             raise FileNotAvailable(
-                f"Job {job_id} has no receipt: it ended before this server recorded receipts"
+                f"Job {job_id} has no receipt: it ended before this server recorded receipts, "
+                "or recording it failed (the server's log says why)"
             )
         return receipt
 

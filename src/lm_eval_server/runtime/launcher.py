@@ -356,7 +356,9 @@ def write_job_facts() -> None:
     its environment's names (never values) into its directory, for its receipt. Only in a
     server job, whose cwd is its directory and HOME that directory's home/."""
     here = os.getcwd()
-    if os.environ.get("HOME") != os.path.join(here, jobdir.HOME):
+    home = os.environ.get("HOME")
+    # realpath: a sandboxed warm job's directory is a symlink to its worker's slot.
+    if not home or os.path.realpath(home) != os.path.join(os.path.realpath(here), jobdir.HOME):
         return
     from importlib import metadata
 
