@@ -213,7 +213,7 @@ def test_a_reproduction_of_a_deterministic_job_is_identical(
         "original": right,
         "reproduction": right,
         "delta": 0.0,
-        "samples_differing": None,
+        "samples_differing": 0,
     }
     assert receipt["reproduction_of"] == runs["original"]
     # The same request ran: the same argv but for the job's own output directory.

@@ -80,7 +80,8 @@ class MetricDelta(BaseModel):
     reproduction: float | str | None
     delta: float | None = Field(description="reproduction minus original.")
     samples_differing: int | None = Field(
-        description="Paired samples whose value of this metric differs."
+        description="Paired samples whose value of this metric differs; null when the task "
+        "had no samples to pair."
     )
 
 

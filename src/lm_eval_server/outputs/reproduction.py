@@ -147,8 +147,10 @@ def metric_deltas(
     original: list[dict[str, Any]], reproduction: list[dict[str, Any]], diffs: list[TaskDiff]
 ) -> list[dict[str, Any]]:
     """Per (task, metric, filter) of either run's results: both values, their difference (when
-    both are numbers) and how many paired samples changed that metric."""
+    both are numbers) and how many paired samples changed that metric (null: none paired)."""
     changes = {(d.task, *k): n for d in diffs for k, n in d.metric_changes.items()}
+    # 0 where the task's samples were paired; null where there were none to pair.
+    paired = {d.task for d in diffs if d.identical + d.differing}
     first = {(r["task"], r["metric"], r["filter"]): r["value"] for r in original}
     second = {(r["task"], r["metric"], r["filter"]): r["value"] for r in reproduction}
     rows: list[dict[str, Any]] = []
@@ -163,7 +165,7 @@ def metric_deltas(
                 "original": a,
                 "reproduction": b,
                 "delta": (b - a) if numbers else None,  # type: ignore[operator]
-                "samples_differing": changes.get(key),
+                "samples_differing": changes.get(key, 0 if key[0] in paired else None),
             }
         )
     return rows

@@ -102,6 +102,8 @@ def test_metric_deltas_join_both_results_and_count_changed_samples() -> None:
     second = [{"task": "t", "metric": "exact_match", "filter": "none", "value": 0.75}]
     diff = reproduction.TaskDiff("t", metric_changes={("exact_match", "none"): 5})
     rows = metric_deltas(first, second, [diff])
+    paired = reproduction.TaskDiff("t", identical=3)
+    assert metric_deltas(first, first, [paired])[0]["samples_differing"] == 0
     assert rows == [
         {
             "task": "t",
