@@ -260,7 +260,7 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
     @router.get("/job/{job_id}", response_model=JobDetail, responses=_NOT_FOUND)
     async def get_job(manager: Manager, state: State, caller: Caller, job_id: int) -> JobDetail:
         record = manager.get(job_id, caller)
-        await manager.receipts.settled(job_id, DETAIL_WAIT_S)  # a reproduction's diff
+        await manager.receipts.reproduction_ready(record, DETAIL_WAIT_S)
         webhook = state.webhooks.info(record) if state.webhooks is not None else None
         return await run_in_threadpool(
             views.detail, record, state.settings.log_tail_lines, state.redactor, webhook

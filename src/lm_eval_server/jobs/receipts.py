@@ -172,6 +172,12 @@ class Receipts:
         if task is not None:
             await asyncio.wait({task}, timeout=timeout_s)
 
+    async def reproduction_ready(self, record: JobRecord, timeout_s: float) -> None:
+        """For a reproduction that has just ended, wait (a bounded time) for its diff; other
+        jobs do not wait for their receipt here."""
+        if record.reproduction_of is not None:
+            await self.settled(record.job_id, timeout_s)
+
     async def receipt(self, record: JobRecord) -> dict[str, Any] | None:
         await self.settled(record.job_id)
         text = await asyncio.to_thread(self._store.get_receipt, record.job_id)
