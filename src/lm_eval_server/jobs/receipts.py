@@ -111,13 +111,23 @@ class Receipts:
             log.error("job %d: receipt not recorded", job_id, exc_info=task.exception())
 
     async def _record(self, record: JobRecord) -> None:
-        base = self._base(record)
-        receipt = await asyncio.to_thread(self._build, record, base)
-        await asyncio.to_thread(self._store.save_receipt, record.job_id, json.dumps(receipt))
-        if record.reproduction_of is not None:
+        # Each part on its own: a receipt that cannot be recorded must not leave a
+        # reproduction pending for ever, nor a failed diff cost the receipt.
+        try:
+            receipt = await asyncio.to_thread(self._build, record, self._base(record))
+            await asyncio.to_thread(self._store.save_receipt, record.job_id, json.dumps(receipt))
+        except Exception:
+            log.exception("job %d: receipt not recorded", record.job_id)
+        of = record.reproduction_of
+        if of is None:
+            return
+        try:
             report = await asyncio.to_thread(self._diff, record)
-            record.reproduction = report
-            await asyncio.to_thread(self._store.save_reproduction, record.job_id, report)
+        except Exception as exc:
+            log.exception("job %d: reproduction diff failed", record.job_id)
+            report = reproduction.unavailable(of, f"the diff failed ({type(exc).__name__})")
+        record.reproduction = report
+        await asyncio.to_thread(self._store.save_reproduction, record.job_id, report)
 
     def _base(self, record: JobRecord) -> dict[str, Any]:
         return {

@@ -210,3 +210,25 @@ def test_the_launcher_writes_facts_only_in_a_job_directory(
     import importlib.metadata
 
     assert facts["versions"]["lm_eval"] == importlib.metadata.version("lm_eval")
+
+
+def test_a_failing_receipt_still_settles_a_reproduction(tmp_path: Path) -> None:
+    class BrokenStore(MemoryJobStore):
+        def launch_inputs(self, job_id: int) -> Any:
+            raise OSError("disk gone")
+
+    store = BrokenStore()
+    a = record(1, tmp_path / "1", status=JobStatus.completed)
+    b = record(2, tmp_path / "2", status=JobStatus.completed, **receipts.reproduction_fields(1))
+    jobs = {1: a, 2: b}
+    for r in (a, b):
+        store.insert(r)
+    recorder = receipts.Receipts(store, Redactor(), jobs.get)
+
+    async def run() -> Any:
+        recorder.job_finished(b)
+        return await recorder.receipt(b)
+
+    assert asyncio.run(run()) is None  # no receipt: GET /receipt answers 404
+    assert b.reproduction is not None and b.reproduction["state"] == "unavailable"
+    assert "has no results file" in b.reproduction["note"]
