@@ -27,6 +27,7 @@ from lm_eval_server.api import compare, dashboard, files, gates, health, hosts, 
 from lm_eval_server.api.deps import FollowerSlots, NotStarted, ServerState
 from lm_eval_server.api.jobs import jobs_router
 from lm_eval_server.api.metrics import AppMetrics
+from lm_eval_server.api.reproduce import reproduce_router
 from lm_eval_server.api.security import (
     BodyLimitMiddleware,
     HttpGuardMiddleware,
@@ -237,6 +238,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(health.secured_router, dependencies=secured)
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
+    app.include_router(reproduce_router(request_model), dependencies=secured)
     app.include_router(files.router, dependencies=secured)
     app.include_router(compare.router, dependencies=secured)
     app.include_router(gates.router, dependencies=secured)

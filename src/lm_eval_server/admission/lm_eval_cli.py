@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model, model_validator
 
 from lm_eval_server.admission import lm_eval_checks
 from lm_eval_server.admission.gate_rules import Gate
@@ -356,6 +356,14 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
             max_length=MAX_CALLBACK_URL_CHARS,
             description="When the job ends, the server POSTs a signed JSON webhook here "
             "(http/https, under one of the server's WEBHOOK_URL_PREFIXES).",
+        ),
+    )
+    fields["response_cache"] = (
+        StrictBool | None,
+        Field(
+            None,
+            description="false: this job neither reads nor writes the server's response "
+            "cache (RESPONSE_CACHE); default true where the server has one.",
         ),
     )
     return create_model(  # type: ignore[call-overload, no-any-return]

@@ -26,6 +26,7 @@ from lm_eval_server.api.security import caller_of
 from lm_eval_server.config import Settings
 from lm_eval_server.jobs import verdicts
 from lm_eval_server.jobs.models import BulkAction, JobAction, JobDetail, JobList, JobStatus
+from lm_eval_server.jobs.receipts import DETAIL_WAIT_S
 from lm_eval_server.team.audit import Action
 from lm_eval_server.team.principals import NAME_PATTERN
 
@@ -261,6 +262,7 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
     @router.get("/job/{job_id}", response_model=JobDetail, responses=_NOT_FOUND)
     async def get_job(manager: Manager, state: State, caller: Caller, job_id: int) -> JobDetail:
         record = manager.get(job_id, caller)
+        await manager.receipts.reproduction_ready(record, DETAIL_WAIT_S)
         webhook = state.webhooks.info(record) if state.webhooks is not None else None
         return await run_in_threadpool(
             views.detail, record, state.settings.log_tail_lines, state.redactor, webhook

@@ -96,4 +96,5 @@ def detail(
         stderr_truncated=err.truncated,
         webhook=webhook,
         verdict=record.verdict,
+        reproduction=record.reproduction,
     )

@@ -33,6 +33,7 @@ from lm_eval_server.errors import (
 from lm_eval_server.jobs import gpus, retention, scheduler, verdicts
 from lm_eval_server.jobs.launch import LaunchPolicy
 from lm_eval_server.jobs.models import JobRecord, JobStatus, utcnow
+from lm_eval_server.jobs.receipts import Receipts, reproduction_fields
 from lm_eval_server.jobs.runner import JobRunner, Live
 from lm_eval_server.jobs.store import JobStore, TerminalStateError
 from lm_eval_server.runtime.executors.base import Executor, JobHandle
@@ -64,6 +65,7 @@ class JobManager:
         self.redactor = self._policy.redactor
         self._runner = JobRunner(settings, executor, self._policy, self, clock)
         self._jobs: dict[int, JobRecord] = {}
+        self.receipts = Receipts(store, self.redactor, self._jobs.get)
         self._queue = scheduler.FairQueue()
         self._gpus = scheduler.GpuPool(gpu_devices or ())
         # Queued jobs' GPU needs count only where this server hands out the devices.
@@ -132,6 +134,7 @@ class JobManager:
                 await self._sweeper
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
+        await self.receipts.drain()
 
     @property
     def shutting_down(self) -> bool:
@@ -198,6 +201,7 @@ class JobManager:
         job: ValidatedJob,
         idempotency: IdempotencyClaim | None = None,
         owner: str = DEFAULT_PRINCIPAL,
+        reproduction_of: int | None = None,
     ) -> JobRecord:
         if self._shutting_down:
             raise ShuttingDown("the server is shutting down; submit the job again shortly")
@@ -231,6 +235,7 @@ class JobManager:
             idempotency_key=idempotency.scope if idempotency else None,
             idempotency_body=idempotency.body_sha256 if idempotency else None,
             owner=owner,
+            **reproduction_fields(reproduction_of),
         )
         try:
             self._policy.claim_write_targets(record)
@@ -450,6 +455,7 @@ class JobManager:
         record.release_launch_inputs()
         self._gpus.release(record.job_id)
         self._count_usage(record)
+        self.receipts.job_finished(record)
         for callback in self.on_finish:
             callback(record)
         self._prune()

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from lm_eval_server.admission.lm_eval_cli import task_list
+from lm_eval_server.jobs.receipt_models import Reproduction
 
 
 class JobStatus(StrEnum):
@@ -62,6 +63,9 @@ class JobRecord:
     gpus: list[str] | None = None
     # The regression gate's verdict (outputs/gates.py), evaluated once when the job ends.
     verdict: dict[str, Any] | None = None
+    # A reproduction (POST /job/{id}/reproduce): the job it repeats and its diff (receipts.py).
+    reproduction_of: int | None = None
+    reproduction: dict[str, Any] | None = None
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
     # The API's JSON for this job once it is finished (it cannot change any more).
@@ -251,6 +255,11 @@ class JobDetail(JobSummary):
         None,
         description="The regression gate's verdict, evaluated when the job completed; null "
         "without a gate (or before the job completes).",
+    )
+    reproduction: Reproduction | None = Field(
+        None,
+        description="For a reproduction (POST /job/{id}/reproduce): its diff against the "
+        "original; null for other jobs.",
     )
 
 

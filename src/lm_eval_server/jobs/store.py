@@ -26,7 +26,7 @@ from lm_eval_server.jobs.models import (
     WebhookDelivery,
 )
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -121,6 +121,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN verdict TEXT;
     ALTER TABLE webhook_deliveries ADD COLUMN verdict_json TEXT;
     """,
+    # Reproduction receipts (jobs/receipts.py): a finished job's receipt (JSON, read on
+    # request, not loaded with the records), the job a reproduction repeats, and its diff.
+    """
+    ALTER TABLE jobs ADD COLUMN receipt TEXT;
+    ALTER TABLE jobs ADD COLUMN reproduction_of INTEGER;
+    ALTER TABLE jobs ADD COLUMN reproduction TEXT;
+    """,
 ]
 
 _COLUMNS = (
@@ -145,6 +152,8 @@ _COLUMNS = (
     "owner",
     "gpus",
     "verdict",
+    "reproduction_of",
+    "reproduction",
 )
 _MUTABLE_COLUMNS = (
     "status",
@@ -158,7 +167,7 @@ _MUTABLE_COLUMNS = (
     "gpus",
     "verdict",
 )
-_JSON_COLUMNS = {"request", "argv", "env_vars", "gpus", "verdict"}
+_JSON_COLUMNS = {"request", "argv", "env_vars", "gpus", "verdict", "reproduction"}
 _TIME_COLUMNS = {"created_at", "started_at", "finished_at"}
 
 
@@ -201,6 +210,11 @@ class JobStore(Protocol):
     def delete(self, job_ids: list[int]) -> None: ...
     def load_all(self) -> list[JobRecord]: ...
     def close(self) -> None: ...
+    # Reproduction receipts (jobs/receipts.py); the request and env_vars as submitted.
+    def launch_inputs(self, job_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None: ...
+    def save_receipt(self, job_id: int, receipt: str) -> None: ...
+    def get_receipt(self, job_id: int) -> str | None: ...
+    def save_reproduction(self, job_id: int, reproduction: dict[str, Any]) -> None: ...
 
 
 class DeliveryStore(Protocol):
@@ -331,6 +345,29 @@ class SqliteJobStore:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY job_id").fetchall()
         return [_from_row(row) for row in rows]
 
+    # ------------------------------------------------------------------ receipts
+    def launch_inputs(self, job_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT request, env_vars FROM jobs WHERE job_id=?", (job_id,)
+            ).fetchone()
+        return (json.loads(row[0]), json.loads(row[1])) if row is not None else None
+
+    def save_receipt(self, job_id: int, receipt: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET receipt=? WHERE job_id=?", (receipt, job_id))
+
+    def get_receipt(self, job_id: int) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT receipt FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+        return row[0] if row is not None else None
+
+    def save_reproduction(self, job_id: int, reproduction: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET reproduction=? WHERE job_id=?", (json.dumps(reproduction), job_id)
+            )
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         self._db.execute("BEGIN IMMEDIATE")
@@ -396,6 +433,9 @@ class MemoryJobStore:
         self._last_id = 0
         self._job_ids: set[int] = set()
         self._deliveries: dict[int, WebhookDelivery] = {}
+        # What a reproduce and a receipt read back (the records drop them after the launch).
+        self._inputs: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._receipts: dict[int, str] = {}
 
     def next_id(self) -> int:
         return self._last_id + 1
@@ -403,6 +443,20 @@ class MemoryJobStore:
     def insert(self, record: JobRecord) -> None:
         self._last_id = max(self._last_id, record.job_id)
         self._job_ids.add(record.job_id)
+        self._inputs[record.job_id] = (dict(record.request), dict(record.env_vars))
+
+    def launch_inputs(self, job_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        return self._inputs.get(job_id)
+
+    def save_receipt(self, job_id: int, receipt: str) -> None:
+        if job_id in self._job_ids:
+            self._receipts[job_id] = receipt
+
+    def get_receipt(self, job_id: int) -> str | None:
+        return self._receipts.get(job_id)
+
+    def save_reproduction(self, job_id: int, reproduction: dict[str, Any]) -> None:
+        return None  # the record holds it; nothing survives a restart
 
     def update(self, record: JobRecord, previous: JobStatus) -> None:
         _check_transition(previous, record.status)
@@ -410,6 +464,8 @@ class MemoryJobStore:
     def delete(self, job_ids: list[int]) -> None:
         for job_id in job_ids:
             self._job_ids.discard(job_id)
+            self._inputs.pop(job_id, None)
+            self._receipts.pop(job_id, None)
             delivery = self._deliveries.get(job_id)
             if delivery is not None and delivery.state is not DeliveryState.pending:
                 del self._deliveries[job_id]

@@ -21,6 +21,8 @@ file exclusively under an unguessable name, so a planted symlink is never writte
       results/                 lm-eval's --output_path when the request names none
       config.yaml              the validated snapshot of a request's `config` file
       job-env.json             a Ray job's environment (0600), removed by the job once read
+      job-facts.json           the job's package versions and environment names (the
+                               launcher writes them; the receipt reads them, bounded)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ TMP = "tmp"
 RESULTS = "results"
 CONFIG_SNAPSHOT = "config.yaml"
 ENV_FILE = "job-env.json"
+JOB_FACTS = "job-facts.json"
 
 PathLike = str | os.PathLike[str]
 # The exit record and the log's cut count are a few dozen bytes.

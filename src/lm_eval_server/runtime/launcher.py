@@ -41,15 +41,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import os
+import platform
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from lm_eval_server.runtime import task_index
+from lm_eval_server.runtime import jobdir, task_index
 
 ENV_INDEX_DIR = "LM_EVAL_SERVER_INDEX_DIR"
 ENV_DISABLE_HOOK = "LM_EVAL_SERVER_DISABLE_HOOK"
@@ -345,6 +347,34 @@ def plain_lm_eval_notice(reason: str) -> None:
     _say(f"running plain lm-eval: {reason}")
 
 
+# The packages a job's reproduction receipt names (outputs.receipts).
+RECEIPT_PACKAGES = ("lm_eval", "torch", "transformers", "datasets")
+
+
+def write_job_facts() -> None:
+    """Write the job's package versions (from its interpreter's metadata: nothing imported) and
+    its environment's names (never values) into its directory, for its receipt. Only in a
+    server job, whose cwd is its directory and HOME that directory's home/."""
+    here = os.getcwd()
+    home = os.environ.get("HOME")
+    # realpath: a sandboxed warm job's directory is a symlink to its worker's slot.
+    if not home or os.path.realpath(home) != os.path.join(os.path.realpath(here), jobdir.HOME):
+        return
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in RECEIPT_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    facts = {"versions": versions, "env_names": sorted(os.environ)}
+    try:
+        jobdir.write_atomic(jobdir.path(here, jobdir.JOB_FACTS), json.dumps(facts))
+    except OSError as err:  # a receipt without versions must not cost the job
+        _say(f"could not write {jobdir.JOB_FACTS} ({err})")
+
+
 def run_lm_eval(argv: list[str]) -> None:
     """lm-eval's CLI with ``argv``, its templates in the sandbox; exits with
     EXIT_NO_TEMPLATE_SANDBOX (SystemExit) if they cannot be."""
@@ -355,6 +385,7 @@ def run_lm_eval(argv: list[str]) -> None:
             "Use the lm-eval version this server supports, or update lm-eval-server"
         )
         raise SystemExit(EXIT_NO_TEMPLATE_SANDBOX)
+    write_job_facts()
     import lm_eval.__main__ as lm_eval_main
 
     # What `python -m lm_eval` puts in argv[0]; HarnessCLI inserts its legacy

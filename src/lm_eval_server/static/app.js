@@ -13,9 +13,10 @@ const FIRST_FIELDS = ["model", "tasks", "model_args", "limit", "num_fewshot"];
 const $ = (id) => document.getElementById(id);
 
 // Extension points for the dashboard's other scripts (team.js, ...), which load after this one:
-// query parameters for the jobs list, cells appended to a job's row, facts on the job page,
-// and what else the job page shows of a job (gates.js: its verdict).
-const hooks = { jobsParams: [], jobCells: [], jobFacts: [], jobRender: [] };
+// query parameters for the jobs list, cells appended to a job's row, facts on the job page, and
+// panels that render themselves from each fresh copy of the job (gates.js: its verdict;
+// reproduce.js: a reproduction's diff).
+const hooks = { jobsParams: [], jobCells: [], jobFacts: [], jobPanels: [] };
 
 // Builds elements with textContent only: job arguments and logs come from any submitter.
 function h(tag, props = {}, ...children) {
@@ -375,7 +376,7 @@ const jobView = {
     $("stop-button").disabled = TERMINAL.has(job.status);
     $("stop-button").hidden = TERMINAL.has(job.status);
     $("delete-button").disabled = false;
-    for (const show of hooks.jobRender) show(job);
+    for (const panel of hooks.jobPanels) panel(job);
     this.renderLog(job, false);
   },
 

@@ -233,4 +233,4 @@ async function compareExtras(data) {
   $("compare-verdicts").replaceChildren(...panels);
 }
 
-hooks.jobRender.push(showJobVerdict);
+hooks.jobPanels.push(showJobVerdict);
