@@ -175,6 +175,12 @@ class Settings(BaseSettings):
         default_factory=lambda: list(job_env.DEFAULT_JOB_ENV_PASSTHROUGH),
         description="Names copied from the server's environment into every job's.",
     )
+    jobs_offline: bool = Field(
+        True,
+        description="Jobs get HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 (models, tokenizers "
+        "and datasets from the cache only), which a request cannot undo; false lets jobs "
+        "reach the Hugging Face Hub.",
+    )
 
     @field_validator("job_env_passthrough", mode="before")
     @classmethod

@@ -4,7 +4,8 @@ A job's environment is built from nothing (never from the server's `os.environ`)
 
 1. what the server chooses: `PATH`, locale, `HOME` and `TMPDIR` inside the job's directory,
    cache locations under `DATA_DIR/cache`, `PYTHONUNBUFFERED`, the task index location;
-2. the names the operator lists in `JOB_ENV_PASSTHROUGH`, copied from the server's environment;
+2. the names the operator lists in `JOB_ENV_PASSTHROUGH`, copied from the server's environment,
+   then Hugging Face's offline switches unless the operator sets `JOBS_OFFLINE=false`;
 3. the request's `env_vars`, each name allowed by `DEFAULT_ALLOWED_ENV_VARS` or the operator's
    `ALLOWED_ENV_VARS` (names or case-sensitive glob patterns).
 
@@ -97,6 +98,15 @@ DEFAULT_JOB_ENV_PASSTHROUGH: tuple[str, ...] = (
     "ROCR_VISIBLE_DEVICES",
 )
 
+# Hugging Face's network switches, on in every job while JOBS_OFFLINE holds (the default):
+# lm-eval then loads datasets, tokenizers and models from the shared cache only, and a job
+# never spends its time retrying a Hub it cannot reach (the dummy model loads a tokenizer when
+# it saves results: 45 s of MaxRetryError offline, without them). Set after the passthrough,
+# and a request's env_vars may not turn them off: the Hub is the operator's to allow.
+OFFLINE_VARS: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+# The values huggingface_hub and datasets read as true (ENV_VARS_TRUE_VALUES, upper-cased).
+OFFLINE_TRUE_VALUES = frozenset({"1", "ON", "YES", "TRUE"})
+
 # Which devices a process sees, and how they are numbered: the server's to set (GPU slots), so
 # refused in env_vars even where ALLOWED_ENV_VARS would allow them.
 DEVICE_VARS = frozenset(
@@ -126,6 +136,7 @@ class JobEnvSettings(Protocol):
     job_env_passthrough: list[str]
     max_env_vars: int
     max_env_value_bytes: int
+    jobs_offline: bool
 
     @property
     def task_index_dir(self) -> Path: ...
@@ -182,6 +193,7 @@ def check_env_vars(
                     f"env_vars: the value of {name} must be a string or a secret reference "
                     '{"secret": "<name>"}'
                 )
+            _check_offline(name, value, settings)
             checked[name] = {"secret": secret}
             continue
         if not isinstance(value, str):
@@ -198,8 +210,23 @@ def check_env_vars(
                 f"{settings.max_env_value_bytes} bytes (MAX_ENV_VALUE_BYTES) or contains a "
                 "NUL byte"
             )
+        _check_offline(name, value, settings)
         checked[name] = value
     return checked
+
+
+def _check_offline(name: str, value: object, settings: JobEnvSettings) -> None:
+    """A request may turn the Hub off, never on while the server keeps jobs offline."""
+    if not settings.jobs_offline or name not in OFFLINE_VARS:
+        return
+    if isinstance(value, str) and value.upper() in OFFLINE_TRUE_VALUES:
+        return
+    shown = repr(value[:20]) if isinstance(value, str) else "a secret"
+    raise EnvVarsRefused(
+        f"env_vars: {name}={shown} would let the job reach the Hugging Face Hub; this server "
+        "keeps jobs offline (JOBS_OFFLINE, on by default): datasets, tokenizers and models "
+        "come from its cache. The operator can allow the Hub with JOBS_OFFLINE=false"
+    )
 
 
 # ----------------------------------------------------------------- settings checks (startup)
@@ -267,6 +294,8 @@ def base_env(
     }
     # The operator's explicit choice, so it may replace a default above (e.g. a shared HF_HOME).
     env.update({n: environ[n] for n in settings.job_env_passthrough if n in environ})
+    if settings.jobs_offline:
+        env.update(dict.fromkeys(OFFLINE_VARS, "1"))
     return env
 
 
