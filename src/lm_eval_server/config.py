@@ -178,8 +178,8 @@ class Settings(BaseSettings):
     jobs_offline: bool = Field(
         True,
         description="Jobs get HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 (models, tokenizers "
-        "and datasets from the cache only), which a request cannot undo; false lets jobs "
-        "reach the Hugging Face Hub.",
+        "and datasets from the cache only) unless their env_vars set them; false: jobs get "
+        "only what JOB_ENV_PASSTHROUGH copies.",
     )
 
     @field_validator("job_env_passthrough", mode="before")

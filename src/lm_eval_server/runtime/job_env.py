@@ -101,11 +101,10 @@ DEFAULT_JOB_ENV_PASSTHROUGH: tuple[str, ...] = (
 # Hugging Face's network switches, on in every job while JOBS_OFFLINE holds (the default):
 # lm-eval then loads datasets, tokenizers and models from the shared cache only, and a job
 # never spends its time retrying a Hub it cannot reach (the dummy model loads a tokenizer when
-# it saves results: 45 s of MaxRetryError offline, without them). Set after the passthrough,
-# and a request's env_vars may not turn them off: the Hub is the operator's to allow.
+# it saves results: 45 s of MaxRetryError on a machine without a network). Set after the
+# passthrough; a request that needs the Hub says so in its env_vars (the original README's
+# example.json sends HF_DATASETS_OFFLINE=0), and JOB_NETWORK=none takes the network away.
 OFFLINE_VARS: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-# The values huggingface_hub and datasets read as true (ENV_VARS_TRUE_VALUES, upper-cased).
-OFFLINE_TRUE_VALUES = frozenset({"1", "ON", "YES", "TRUE"})
 
 # Which devices a process sees, and how they are numbered: the server's to set (GPU slots), so
 # refused in env_vars even where ALLOWED_ENV_VARS would allow them.
@@ -193,7 +192,6 @@ def check_env_vars(
                     f"env_vars: the value of {name} must be a string or a secret reference "
                     '{"secret": "<name>"}'
                 )
-            _check_offline(name, value, settings)
             checked[name] = {"secret": secret}
             continue
         if not isinstance(value, str):
@@ -210,23 +208,8 @@ def check_env_vars(
                 f"{settings.max_env_value_bytes} bytes (MAX_ENV_VALUE_BYTES) or contains a "
                 "NUL byte"
             )
-        _check_offline(name, value, settings)
         checked[name] = value
     return checked
-
-
-def _check_offline(name: str, value: object, settings: JobEnvSettings) -> None:
-    """A request may turn the Hub off, never on while the server keeps jobs offline."""
-    if not settings.jobs_offline or name not in OFFLINE_VARS:
-        return
-    if isinstance(value, str) and value.upper() in OFFLINE_TRUE_VALUES:
-        return
-    shown = repr(value[:20]) if isinstance(value, str) else "a secret"
-    raise EnvVarsRefused(
-        f"env_vars: {name}={shown} would let the job reach the Hugging Face Hub; this server "
-        "keeps jobs offline (JOBS_OFFLINE, on by default): datasets, tokenizers and models "
-        "come from its cache. The operator can allow the Hub with JOBS_OFFLINE=false"
-    )
 
 
 # ----------------------------------------------------------------- settings checks (startup)

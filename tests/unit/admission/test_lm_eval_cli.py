@@ -305,7 +305,7 @@ def test_booleans_reach_the_parser_as_text_and_the_schema_keeps_the_kind(real) -
     assert values["apply_chat_template"] == 1  # a value's text, not a bare flag
     argv = lm_eval_cli.request_to_argv({"device": values["device"]}, specs)
     assert vars(lm_eval_cli.parse_argv(parser, argv))["device"] == "true"
-    with pytest.raises(lm_eval_cli.ArgvError, match="invalid (int|float) value"):
+    with pytest.raises(lm_eval_cli.ArgvError, match=r"invalid (int|float) value"):
         lm_eval_cli.parse_argv(parser, lm_eval_cli.request_to_argv(values, specs))
     schema = model.model_json_schema()["properties"]
     assert {s.get("type") for s in schema["num_fewshot"]["anyOf"]} == {"integer", "null"}
