@@ -1,6 +1,7 @@
-"""The dashboard as a newcomer meets it, in a real browser (Debian's Chromium): the new-job form
+"""The newcomer's path: the dashboard in a real browser (Debian's Chromium), the new-job form
 opened directly (a bookmark, a reload), the README's demo task's multiple-choice samples, dates
-on times, and the pages at phone width.
+on times, and the pages at phone width; and the requests lm-eval would refuse later, refused
+at submission through the HTTP API.
 
 SCREENSHOTS_DIR=imgs uv run pytest tests/e2e/test_dashboard_newcomer.py regenerates
 imgs/samples-mc.png and imgs/jobs-phone.png.
@@ -170,3 +171,32 @@ def test_jobs_job_and_form_pages_fit_a_phone(
             assert widths[0] <= widths[1], f"{hash_}: {widths[0]} px wide on a phone: {wide}"
     finally:
         context.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "detail"),
+    [
+        ({"num_fewshot": True}, "argument --num_fewshot/-f: invalid int value: 'true'"),
+        ({"limit": False}, "argument --limit/-L: invalid float value: 'false'"),
+        ({"max_batch_size": True}, "invalid int value: 'true'"),
+        ({"limit": 0}, "task.build_requests() did not find any docs!"),
+        ({"hf_hub_log_args": {"push": True}}, "unexpected keyword argument 'push'"),
+        ({"wandb_args": "project=x"}, 'pip install "lm-eval[wandb]"'),
+        ({"trackio_args": "project=x"}, 'pip install "lm-eval[trackio]"'),
+        ({"check_integrity": True}, "Unable to find package root"),
+        ({"timeout_s": True}, "valid number"),
+    ],
+)
+def test_what_lm_eval_would_refuse_is_a_422_through_the_api(
+    server: ServerProcess, extra: dict[str, object], detail: str
+) -> None:
+    """The fidelity cases through the HTTP API of a real server: a 422 with lm-eval's reason,
+    and nothing queued."""
+    body = {"model": "dummy", "tasks": "demo_mc", "include_path": str(EXAMPLES_TASKS), **extra}
+    with http(server) as client:
+        before = len(client.get("/jobs", params={"include_completed": "true"}).json()["jobs"])
+        response = client.post("/job", json=body)
+        after = len(client.get("/jobs", params={"include_completed": "true"}).json()["jobs"])
+    assert response.status_code == 422
+    assert detail in json.dumps(response.json()["detail"], ensure_ascii=False).replace('\\"', '"')
+    assert after == before
