@@ -49,7 +49,8 @@ CREDENTIAL_ENV_VARS: tuple[str, ...] = (
 # No glob patterns: a family such as OMP_* or NCCL_* also holds loaders (OMP_TOOL_LIBRARIES,
 # NCCL_NET_PLUGIN) and file paths (NCCL_DEBUG_FILE). docs: the table in the env documentation.
 DEFAULT_ALLOWED_ENV_VARS: tuple[str, ...] = (
-    # Network switches of the Hugging Face libraries: they only stop network use.
+    # Network switches of the Hugging Face libraries: they stop network use, or (set to 0)
+    # undo JOBS_OFFLINE's default for one job; the job's network is still JOB_NETWORK's.
     "HF_DATASETS_OFFLINE",
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
