@@ -21,7 +21,8 @@ from playwright.sync_api import Browser, Page, Request, expect
 from tests.e2e import test_dashboard as dashboard
 from tests.e2e.test_dashboard import API_KEY, CHROMIUM, UI_TIMEOUT_MS
 from tests.e2e.test_dashboard_samples import shots
-from tests.support.jobs import EXAMPLES_TASKS, submit, wait_for
+from tests.support.completions_server import running_stub_server
+from tests.support.jobs import EXAMPLES_TASKS, stub_job, submit, wait_for
 from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
@@ -200,3 +201,18 @@ def test_what_lm_eval_would_refuse_is_a_422_through_the_api(
     assert response.status_code == 422
     assert detail in json.dumps(response.json()["detail"], ensure_ascii=False).replace('\\"', '"')
     assert after == before
+
+
+def test_a_failed_api_jobs_error_ends_with_the_model_servers_reason(server: ServerProcess) -> None:
+    """A real lm-eval job against a completions server that answers 404: the error summary's
+    last line is the server's own answer, not lm-eval's progress bar."""
+    with running_stub_server() as stub, http(server) as client:
+        wrong_path = stub.base_url.replace("/v1/completions", "/v1/nothing")
+        job_id = submit(client, stub_job(wrong_path, "arith_gen", limit=2))
+        job = wait_for(client, job_id, timeout_s=240)
+    assert job["status"] == "Failed"
+    lines = job["error"].splitlines()
+    assert lines[-1].startswith("The model server answered: ")
+    assert "no route for POST /v1/nothing" in lines[-1]
+    assert "404 Client Error" in lines[-2]
+    assert "Requesting API" not in job["error"]
