@@ -165,11 +165,42 @@ CORPUS: list[dict[str, Any]] = [
         ["--metadata", '{"max_seq_lengths": [4096]}'],
     ),
     case("metadata string", {"metadata": "tokenizer=gpt2"}, ["--metadata", "tokenizer=gpt2"]),
-    case("wandb_args", {"wandb_args": "project=x"}, ["--wandb_args", "project=x"]),
+    # lm-eval's loggers import their package when the job starts (admission/run_checks.py);
+    # neither wandb nor trackio is in this project's environment.
+    case(
+        "wandb_args without wandb",
+        {"wandb_args": "project=x"},
+        ["--wandb_args", "project=x"],
+        "refused_later",
+        'lm-eval[wandb]"',
+    ),
+    case(
+        "trackio_args without trackio",
+        {"trackio_args": {"project": "x"}},
+        ["--trackio_args", '{"project": "x"}'],
+        "refused_later",
+        'lm-eval[trackio]"',
+    ),
     case(
         "hf_hub_log_args",
         {"hf_hub_log_args": {"push_results_to_hub": False}},
         ["--hf_hub_log_args", '{"push_results_to_hub": false}'],
+    ),
+    case(
+        "hf_hub_log_args unknown key",
+        {"hf_hub_log_args": "push_results=True"},
+        ["--hf_hub_log_args", "push_results=True"],
+        "refused_later",
+        "unexpected keyword argument 'push_results'",
+    ),
+    case(
+        "hf_hub_log_args unknown key in a config file",
+        {"config": "{TMP}/hub.yaml"},
+        ["--config", "{TMP}/hub.yaml"],
+        "refused_later",
+        "unexpected keyword argument 'repo'",
+        files={"{TMP}/hub.yaml": OK_CONFIG + "hf_hub_log_args:\n  repo: x\n"},
+        base=False,
     ),
     # optional-value options: true, false, a value
     case(
@@ -273,7 +304,10 @@ CORPUS: list[dict[str, Any]] = [
     # numbers
     case("limit int", {"limit": 8}, ["--limit", "8"]),
     case("limit fraction", {"limit": 0.5}, ["--limit", "0.5"]),
-    case("limit zero", {"limit": 0}, ["--limit", "0"]),
+    case("limit zero", {"limit": 0}, ["--limit", "0"], "refused_later", "did not find any docs"),
+    case("limit zero fraction", {"limit": 0.0}, ["--limit", "0.0"], "refused_later", "no doc"),
+    case("limit negative", {"limit": -2}, ["--limit=-2"], "refused_later", "islice"),
+    case("limit tiny fraction", {"limit": 0.01}, ["--limit", "0.01"]),
     case("num_fewshot zero", {"num_fewshot": 0}, ["--num_fewshot", "0"]),
     case("num_fewshot string", {"num_fewshot": "3"}, ["--num_fewshot", "3"]),
     case("num_fewshot fraction", {"num_fewshot": 1.5}, ["--num_fewshot", "1.5"], "parser_refuses"),
@@ -291,10 +325,60 @@ CORPUS: list[dict[str, Any]] = [
     case("log_samples alone", {"log_samples": True}, ["--log_samples"]),
     case("predict_only", {"predict_only": True}, ["--predict_only"]),
     case(
-        "write_out show_config check_integrity",
-        {"write_out": True, "show_config": True, "check_integrity": True},
-        ["--check_integrity", "--write_out", "--show_config"],
+        "write_out show_config",
+        {"write_out": True, "show_config": True},
+        ["--write_out", "--show_config"],
     ),
+    # lm-eval's check_integrity looks for its tests/ beside an lm-eval source checkout.
+    case(
+        "check_integrity in an installed lm-eval",
+        {"check_integrity": True},
+        ["--check_integrity"],
+        "refused_later",
+        "Unable to find package root",
+    ),
+    # JSON booleans where an option takes text: rendered as a person types them (true,
+    # false) and judged by lm-eval's parser, never turned into 1 and 0 first.
+    case("num_fewshot true", {"num_fewshot": True}, ["--num_fewshot", "true"], "parser_refuses"),
+    case("num_fewshot false", {"num_fewshot": False}, ["--num_fewshot", "false"], "parser_refuses"),
+    case("limit true", {"limit": True}, ["--limit", "true"], "parser_refuses", "invalid float"),
+    case("seed true", {"seed": True}, ["--seed", "true"], "parser_refuses"),
+    case("seed list with false", {"seed": [1, False]}, ["--seed", "1,false"], "parser_refuses"),
+    case(
+        "max_batch_size true",
+        {"max_batch_size": True},
+        ["--max_batch_size", "true"],
+        "parser_refuses",
+    ),
+    case(
+        "batch_size true",
+        {"batch_size": True},
+        ["--batch_size", "true"],
+        "refused_later",
+        "'true' is not a batch size",
+    ),
+    case("device true", {"device": True}, ["--device", "true"]),
+    case(
+        "system_instruction false", {"system_instruction": False}, ["--system_instruction", "false"]
+    ),
+    case(
+        "model_args true",
+        {"model_args": True},
+        ["--model_args", "true"],
+        "parser_refuses",
+        "expected `key=value`",
+    ),
+    _tasks("tasks true", True, ["true"]),
+    case(
+        "verbosity false",
+        {"verbosity": False},
+        ["--verbosity", "false"],
+        "refused_later",
+        "Unknown level",
+    ),
+    case("chat template as a number", {"apply_chat_template": 1}, ["--apply_chat_template", "1"]),
+    case("cache_requests 1", {"cache_requests": 1}, ["--cache_requests", "1"], "parser_refuses"),
+    case("timeout_s true", {"timeout_s": True}, None, "unexpressible", "valid number"),
     case("log_samples false", {"log_samples": False}, []),
     case("device", {"device": "cpu"}, ["--device", "cpu"]),
     case(

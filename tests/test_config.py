@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +44,34 @@ def test_defaults_allow_data_dir_and_examples(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
     assert settings.allowed_roots == [tmp_path.resolve(), settings.examples_dir]
     assert (settings.examples_dir / "tasks" / "demo_mc.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"MAX_CONCURRENCY": "0"},
+            "bad setting MAX_CONCURRENCY: Input should be greater than or equal to 1",
+        ),
+        ({"SANDBOX": "maybe"}, "bad setting SANDBOX: Input should be 'auto', 'bwrap' or 'off'"),
+        ({"JOB_ENV_PASSTHROUGH": "API_KEYS"}, "bad setting: JOB_ENV_PASSTHROUGH: API_KEYS is a"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
+    tmp_path: Path, env: dict[str, str], line: str
+) -> None:
+    """The README's launch line, as a real process: it exits 1 with one line on stderr."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "src.main:app", "--port", "0"],
+        cwd=root,
+        env={**os.environ, "DATA_DIR": str(tmp_path / "data"), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), result.stderr
+    assert lines[0].endswith("(settings: docs/configuration.md)")
+    assert "Traceback" not in result.stderr + result.stdout

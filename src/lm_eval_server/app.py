@@ -35,7 +35,7 @@ from lm_eval_server.api.security import (
     listen_host,
     require_api_key,
 )
-from lm_eval_server.config import ExecutorKind, Settings, StoreKind
+from lm_eval_server.config import ExecutorKind, Settings, StoreKind, load_settings
 from lm_eval_server.errors import DomainError
 from lm_eval_server.jobs import gpus
 from lm_eval_server.jobs.jobfiles import JobFiles
@@ -132,7 +132,7 @@ def _setup_logging(level: str) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or load_settings()
     _setup_logging(settings.log_level)
     parser = lm_eval_cli.make_raising(lm_eval_cli.load_parser())
     specs = lm_eval_cli.describe_options(parser)

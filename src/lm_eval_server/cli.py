@@ -349,10 +349,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lm_eval_server.app import create_app
-    from lm_eval_server.config import Settings
+    from lm_eval_server.config import load_settings
 
     # The app warns when it listens beyond loopback without API_KEYS, and allows this host.
-    app = create_app(Settings(host_hint=args.host))
+    app = create_app(load_settings(host_hint=args.host))
     uvicorn.run(
         app,
         host=args.host,

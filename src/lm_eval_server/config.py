@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lm_eval_server.api.hosts import parse_rules
@@ -174,6 +174,12 @@ class Settings(BaseSettings):
     job_env_passthrough: CsvList = Field(
         default_factory=lambda: list(job_env.DEFAULT_JOB_ENV_PASSTHROUGH),
         description="Names copied from the server's environment into every job's.",
+    )
+    jobs_offline: bool = Field(
+        True,
+        description="Jobs get HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 (models, tokenizers "
+        "and datasets from the cache only) unless their env_vars set them; false: jobs get "
+        "only what JOB_ENV_PASSTHROUGH copies.",
     )
 
     @field_validator("job_env_passthrough", mode="before")
@@ -517,3 +523,32 @@ class Settings(BaseSettings):
             db,
             *sidecars,
         ]
+
+
+class SettingsError(SystemExit):
+    """A bad setting at startup: exits with one line per problem, naming the variable, and no
+    traceback (SystemExit prints its message and nothing else)."""
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per problem: the variable (upper case, as it is set) and what is wrong."""
+    lines = []
+    see = " (settings: docs/configuration.md)"
+    for error in exc.errors(include_url=False, include_input=False):
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        loc = [str(part) for part in error.get("loc", ()) if not isinstance(part, int)]
+        name = loc[0].upper() if loc else None
+        # A model check names its variables itself ("JOB_ENV_PASSTHROUGH: ...").
+        if name is None or message.upper().startswith(name):
+            lines.append(f"bad setting: {message}{see}")
+        else:
+            lines.append(f"bad setting {name}: {message}{see}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (and `overrides`), or SettingsError naming what is wrong."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +332,12 @@ def test_file_names_count_and_shape_of_an_upload(keyed: TestClient, make_setting
 def test_reupload_replaces_and_jobs_see_the_new_data(keyed: TestClient) -> None:
     first = upload(keyed, task_yaml(), headers=ALICE)
     assert first.status_code == 201 and first.json()["replaced"] is False
+    # ISO 8601 in UTC, as a job's created_at (not epoch seconds).
+    created = datetime.fromisoformat(first.json()["created_at"])
+    assert created.utcoffset() == timedelta(0)
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 3600
+    detail = keyed.get("/tasks/say_lol", headers=ALICE).json()
+    assert detail["created_at"] == first.json()["created_at"]
     again = upload(keyed, task_yaml(), ("say.jsonl", DATA + DATA), headers=ALICE)
     assert again.status_code == 201
     assert again.json()["replaced"] is True and again.json()["docs"] == 10

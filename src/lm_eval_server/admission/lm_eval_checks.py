@@ -358,3 +358,16 @@ def _runtime_checks(config: dict[str, Any]) -> None:
     limit = config.get("limit")
     if isinstance(limit, float) and not math.isfinite(limit):
         raise LmEvalCheckError(f"limit must be a finite number, got {limit!r}")
+    # lm-eval takes a limit below 1 as a fraction of the documents (rounded up), else as a
+    # count: 0 selects none ("task.build_requests() did not find any docs!"), and a negative
+    # one ends in islice() ("Indices for islice() must be None or an integer: 0 <= x").
+    if isinstance(limit, int | float) and not isinstance(limit, bool) and limit <= 0:
+        reason = (
+            "task.build_requests() did not find any docs!"
+            if limit == 0
+            else "Indices for islice() must be None or an integer: 0 <= x <= sys.maxsize."
+        )
+        raise LmEvalCheckError(
+            f"limit {limit!r} selects no documents, and lm-eval stops with {reason!r}. Use a "
+            "count (limit: 10) or a fraction of each task's documents (limit: 0.1)"
+        )

@@ -17,9 +17,18 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
 
 from lm_eval_server.admission import lm_eval_checks
 from lm_eval_server.admission.gate_rules import Gate
@@ -217,7 +226,8 @@ def describe_options(parser: argparse.ArgumentParser) -> list[OptionSpec]:
 Scalar = str | int | float
 
 
-def _field_annotation(spec: OptionSpec) -> Any:
+def _declared_annotation(spec: OptionSpec) -> Any:
+    """The JSON a field declares (its schema): what the option's kind and type take."""
     enum: Any = Literal[spec.choices] if spec.choices else None  # type: ignore[valid-type]
     match spec.kind:
         case OptionKind.flag:
@@ -239,6 +249,50 @@ def _field_annotation(spec: OptionSpec) -> Any:
             return str | int | float | None
         case _:
             return Scalar | list[Scalar | None] | dict[str, Any] | None
+
+
+def _field_annotation(spec: OptionSpec) -> Any:
+    """What a field accepts: its declared JSON, and also a JSON boolean wherever the option
+    takes text. Pydantic's lax mode would turn `true` into 1 for a number option before
+    anything else looks at it (`"num_fewshot": true` ran 1-shot); accepted as a boolean, it
+    is rendered as the text a person would type (`true`, bools_as_text) and lm-eval's parser
+    judges that: a number option refuses it, a text option gets the word. The schema stays
+    the declared one, so clients (the dashboard's form) see the option's real kind."""
+    declared = _declared_annotation(spec)
+    if spec.kind is OptionKind.flag:
+        return declared  # a flag is a boolean; other JSON is read by truthiness
+    schema = WithJsonSchema(TypeAdapter(declared).json_schema())
+    if spec.kind is OptionKind.optional_value:
+        # A bare flag (true), false, or a value: a number is that value's text, not a bool.
+        return Annotated[StrictBool | declared | int | float, schema]
+    if spec.kind is OptionKind.value and spec.converter is ValueType.custom and not spec.choices:
+        return Annotated[
+            StrictBool | Scalar | list[StrictBool | Scalar | None] | dict[str, Any] | None,
+            schema,
+        ]
+    return Annotated[StrictBool | declared, schema]
+
+
+def bool_text(value: bool) -> str:
+    """A JSON boolean as a person would type it on the command line."""
+    return "true" if value else "false"
+
+
+def bools_as_text(values: dict[str, Any], specs: list[OptionSpec]) -> dict[str, Any]:
+    """`values` with every JSON boolean given to an option that takes text (value, list and
+    key=value options, and a value option's list items) replaced by its text, as a person
+    would type `--num_fewshot true`; flags and optional-value options keep theirs (true and
+    false mean something there). Pure; a new dict."""
+    out = dict(values)
+    for spec in specs:
+        value = out.get(spec.dest)
+        if spec.kind in (OptionKind.flag, OptionKind.optional_value):
+            continue
+        if isinstance(value, bool):
+            out[spec.dest] = bool_text(value)
+        elif isinstance(value, list) and spec.kind is OptionKind.value:
+            out[spec.dest] = [bool_text(v) if isinstance(v, bool) else v for v in value]
+    return out
 
 
 class Resources(BaseModel):
@@ -337,6 +391,7 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
             gt=0,
             le=MAX_TIMEOUT_S,
             allow_inf_nan=False,
+            strict=True,  # a number of seconds: `true` is not 1 s
             description="Stop the job and mark it Failed after this many seconds "
             f"(at most {MAX_TIMEOUT_S:.0f}, 30 days).",
         ),
@@ -379,7 +434,7 @@ def _key_value_string(value: dict[str, Any]) -> str:
 
 def _scalar(value: Any, dest: str) -> str:
     if isinstance(value, bool):
-        raise ArgvError(f"{dest}: true/false is not a value of this option")
+        return bool_text(value)
     if value is None:
         return "None"
     if isinstance(value, float):

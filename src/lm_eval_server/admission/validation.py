@@ -20,7 +20,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lm_eval_server.admission import backends, lm_eval_checks, lm_eval_cli, offload, paths
+from lm_eval_server.admission import (
+    backends,
+    lm_eval_checks,
+    lm_eval_cli,
+    offload,
+    paths,
+    run_checks,
+)
 from lm_eval_server.admission.catalog import (
     Catalog,
     TaskRequestRefused,
@@ -231,6 +238,7 @@ class RequestValidator:
     def _validate(self, request: BaseModel, principal: str | None) -> ValidatedJob:
         values = request.model_dump(exclude_none=True)
         check_text(values, "request")
+        values = lm_eval_cli.bools_as_text(values, self._specs)
         server = {k: values.pop(k) for k in SERVER_FIELDS if k in values}
         self._check_option_text(values)
         program = self._program(server.get("lm_eval_path"))
@@ -281,6 +289,10 @@ class RequestValidator:
         self._check_model(model)
         if missing := backends.missing_extra(model, program, self._settings):
             raise InvalidRequest(missing)
+        if backends.runs_here(program, self._settings) and (
+            refused := run_checks.refusal(configured)
+        ):
+            raise InvalidRequest(refused)
         uploaded = self._uploads.names(principal) if principal and self._uploads else {}
         self._check_tasks(names, include_paths, uploaded)
         if used := {t: str(uploaded[t]) for t in names if t in uploaded}:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Query, UploadFile
@@ -41,7 +42,7 @@ class TaskDetail(TaskEntry):
     config: dict[str, Any]  # the YAML's main fields
     files: list[dict[str, Any]] | None = None  # uploads: the stored files and their sizes
     docs: int | None = None  # uploads: documents lm-eval read when it checked the upload
-    created_at: float | None = None
+    created_at: datetime | None = None  # uploads: ISO 8601 in UTC, as jobs' times are
 
 
 class TaskCreated(TaskDetail):
@@ -83,8 +84,15 @@ def _upload_detail(task: UploadedTask, config: dict[str, Any]) -> dict[str, Any]
         "config": task_rules.summary(config),
         "files": task.files,
         "docs": task.docs,
-        "created_at": task.created_at,
+        "created_at": _utc(task.created_at),
     }
+
+
+def _utc(epoch_s: float | None) -> datetime | None:
+    # Stored as epoch seconds in the upload's meta file; served as jobs serve their times.
+    if not isinstance(epoch_s, int | float) or isinstance(epoch_s, bool):
+        return None
+    return datetime.fromtimestamp(epoch_s, UTC)
 
 
 Entry = tuple[str, str, str | None, str, str | None]

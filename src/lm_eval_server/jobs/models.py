@@ -328,6 +328,19 @@ class AuditPage(BaseModel):
 # ---- samples you can read, and comparing runs (issue 16)
 
 
+class Choice(BaseModel):
+    text: str = Field(description="The continuation lm-eval scored (the choice text).")
+    loglikelihood: float
+    greedy: bool | None = Field(None, description="Whether greedy decoding gives this choice.")
+
+
+class MultipleChoice(BaseModel):
+    choices: list[Choice]
+    pick: int = Field(description="The model's pick: the highest log-likelihood (acc).")
+    pick_norm: int | None = Field(None, description="The pick by log-likelihood per character.")
+    target: int | None = Field(None, description="The right choice; null if it cannot be told.")
+
+
 class SampleView(BaseModel):
     doc_id: int | None
     filter: str | None = Field(description="lm-eval's filter this line was scored under.")
@@ -343,6 +356,9 @@ class SampleView(BaseModel):
     )
     correct: bool | None = Field(
         None, description="Primary metric true/1: true; false/0: false; else null."
+    )
+    multiple_choice: MultipleChoice | None = Field(
+        None, description="A loglikelihood multiple-choice sample, read per choice."
     )
     error: str | None = Field(None, description="Why this line cannot be shown as JSON.")
 

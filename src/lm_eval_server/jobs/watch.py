@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import re
 from pathlib import Path
 
 from lm_eval_server.outputs import joblogs
@@ -54,17 +55,50 @@ class ProgressWatcher:
         return self._tracker.progress
 
 
-def failure_reason(work_dir: Path, code: int | None) -> str:
-    """The exit code and the lines of stderr that explain it: the last Python traceback (its
-    head and its end, if long), or else the last lines. Reads the log: call it in a thread."""
-    tail = joblogs.tail_lines(Path(jobdir.stderr_log(work_dir)), FAILURE_TAIL_LINES)
-    lines = [line.rstrip("\n") for line in tail.lines]
+# A tqdm bar as it is redrawn ("Requesting API:  0%|     | 0/4 [00:01<?, ?it/s]"): it says
+# how far the job got, never why it failed, and tqdm redraws it after the traceback.
+_TQDM_BAR = re.compile(r"^[^\n]*\d+%\|[^|]*\|\s*\d+(?:\.\d+)?[kM]?/\S+\s*\[[^\]]*\]\s*$")
+# What an API model was told by the model server, as lm-eval's api_models logs it before it
+# retries (the traceback then ends in a bare HTTPError: "404 Client Error: Not Found").
+_SERVER_SAID = re.compile(
+    r"(?:API request failed with error message|Response text): (.*?)\.? Retrying\.\.\."
+)
+MAX_SERVER_REASON_CHARS = 500
+
+
+def _is_progress_line(line: str) -> bool:
+    return bool(_TQDM_BAR.match(line.rsplit("\r", 1)[-1])) or not line.replace("\r", "").strip()
+
+
+def server_reason(lines: list[str]) -> str | None:
+    """The last reason a model server gave lm-eval for refusing a request, or None."""
+    for line in reversed(lines):
+        if found := _SERVER_SAID.findall(line):
+            reason = found[-1].strip()
+            if len(reason) > MAX_SERVER_REASON_CHARS:
+                reason = reason[:MAX_SERVER_REASON_CHARS] + "..."
+            return reason
+    return None
+
+
+def summarize_failure(lines: list[str], code: int | None) -> str:
+    """The exit code and the lines of stderr that explain it (pure): the last Python traceback
+    (its head and its end, if long), or else the last lines; progress bars left out, and the
+    model server's own reason last when lm-eval logged one."""
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
     if starts:
-        block = lines[starts[-1] :]
+        block = [line for line in lines[starts[-1] :] if not _is_progress_line(line)]
         if len(block) > 40:
             block = [block[0], "  ...", *block[-30:]]
     else:
-        block = lines[-15:]
+        block = [line for line in lines if not _is_progress_line(line)][-15:]
     head = f"exit code {code}" if code is not None else "no exit code was recorded"
+    if reason := server_reason(lines):
+        block.append(f"The model server answered: {reason}")
     return "\n".join([head, *block]).strip()
+
+
+def failure_reason(work_dir: Path, code: int | None) -> str:
+    """summarize_failure over the end of the job's stderr. Reads the log: call it in a thread."""
+    tail = joblogs.tail_lines(Path(jobdir.stderr_log(work_dir)), FAILURE_TAIL_LINES)
+    return summarize_failure([line.rstrip("\n") for line in tail.lines], code)

@@ -103,6 +103,87 @@ def sample_view(sample: dict[str, Any]) -> dict[str, Any]:
         "metrics": {name: sample.get(name) for name in names},
         "primary_metric": primary_metric(sample),
         "correct": verdict(sample),
+        "multiple_choice": multiple_choice(sample),
+    }
+
+
+def _number(value: Any) -> float | None:
+    # lm-eval writes a response's numbers as text ("-16.2"); NaN reads as null.
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+_GREEDY = {"True": True, "False": False}
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _target_index(target: Any, texts: list[str], pick: int, correct: bool | None) -> int | None:
+    """Which choice is right. lm-eval writes `target` as text: a choice's index ("1") when the
+    task's doc_to_target gives one, else the choice's own text. Where both readings fit, the
+    sample's 0/1 metric (right when the pick is the target) decides."""
+    text = str(target).strip() if isinstance(target, str | int) else None
+    if text is None or isinstance(target, bool):
+        return None
+    readings = []
+    if text.isdigit() and int(text) < len(texts):
+        readings.append(int(text))
+    readings += [i for i, choice in enumerate(texts) if choice.strip() == text]
+    readings = list(dict.fromkeys(readings))
+    if len(readings) > 1 and correct is not None:
+        fitting = [i for i in readings if (i == pick) == correct]
+        readings = fitting or readings
+    return readings[0] if readings else None
+
+
+def multiple_choice(sample: dict[str, Any]) -> dict[str, Any] | None:
+    """A loglikelihood multiple-choice sample read as a person reads it: each choice with its
+    log-likelihood, the model's pick (the highest, as lm-eval's `acc` picks; `pick_norm` by
+    log-likelihood per character, as `acc_norm`), and the right choice. None for any other
+    sample: one request per choice (`gen_args_<i>` with a context and a continuation), each
+    answered by a (log-likelihood, is-greedy) pair."""
+    arguments, responses = sample.get("arguments"), sample.get("filtered_resps")
+    if not isinstance(arguments, dict) or not isinstance(responses, list):
+        return None
+    if len(arguments) < 2 or len(arguments) != len(responses):
+        return None
+    texts: list[str] = []
+    for i in range(len(arguments)):
+        request = arguments.get(f"gen_args_{i}")
+        if not isinstance(request, dict) or not isinstance(request.get("arg_1"), str):
+            return None
+        texts.append(request["arg_1"])
+    scores: list[float] = []
+    greedy: list[bool | None] = []
+    for response in responses:
+        if not isinstance(response, list) or len(response) != 2:
+            return None
+        score = _number(response[0])
+        if score is None:
+            return None
+        scores.append(score)
+        greedy.append(_GREEDY.get(str(response[1])))
+    pick = _argmax(scores)
+    names = sample.get("metrics")
+    names = names if isinstance(names, list) else []
+    norm = [score / max(len(text), 1) for score, text in zip(scores, texts, strict=True)]
+    # acc is 1 exactly when the pick is the target: it settles an ambiguous target.
+    correct = verdict({"metrics": ["acc"], "acc": sample.get("acc")}) if "acc" in names else None
+    return {
+        "choices": [
+            {"text": text, "loglikelihood": score, "greedy": flag}
+            for text, score, flag in zip(texts, scores, greedy, strict=True)
+        ],
+        "pick": pick,
+        "pick_norm": _argmax(norm) if "acc_norm" in names else None,
+        "target": _target_index(sample.get("target"), texts, pick, correct),
     }
 
 
@@ -120,6 +201,7 @@ def unreadable_view(reason: str) -> dict[str, Any]:
         "metrics": {},
         "primary_metric": None,
         "correct": None,
+        "multiple_choice": None,
         "error": f"{reason}; read it from the raw file (format=jsonl)",
     }
 

@@ -4,7 +4,8 @@ A job's environment is built from nothing (never from the server's `os.environ`)
 
 1. what the server chooses: `PATH`, locale, `HOME` and `TMPDIR` inside the job's directory,
    cache locations under `DATA_DIR/cache`, `PYTHONUNBUFFERED`, the task index location;
-2. the names the operator lists in `JOB_ENV_PASSTHROUGH`, copied from the server's environment;
+2. the names the operator lists in `JOB_ENV_PASSTHROUGH`, copied from the server's environment,
+   then Hugging Face's offline switches unless the operator sets `JOBS_OFFLINE=false`;
 3. the request's `env_vars`, each name allowed by `DEFAULT_ALLOWED_ENV_VARS` or the operator's
    `ALLOWED_ENV_VARS` (names or case-sensitive glob patterns).
 
@@ -48,7 +49,8 @@ CREDENTIAL_ENV_VARS: tuple[str, ...] = (
 # No glob patterns: a family such as OMP_* or NCCL_* also holds loaders (OMP_TOOL_LIBRARIES,
 # NCCL_NET_PLUGIN) and file paths (NCCL_DEBUG_FILE). docs: the table in the env documentation.
 DEFAULT_ALLOWED_ENV_VARS: tuple[str, ...] = (
-    # Network switches of the Hugging Face libraries: they only stop network use.
+    # Network switches of the Hugging Face libraries: they stop network use, or (set to 0)
+    # undo JOBS_OFFLINE's default for one job; the job's network is still JOB_NETWORK's.
     "HF_DATASETS_OFFLINE",
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
@@ -97,6 +99,14 @@ DEFAULT_JOB_ENV_PASSTHROUGH: tuple[str, ...] = (
     "ROCR_VISIBLE_DEVICES",
 )
 
+# Hugging Face's network switches, on in every job while JOBS_OFFLINE holds (the default):
+# lm-eval then loads datasets, tokenizers and models from the shared cache only, and a job
+# never spends its time retrying a Hub it cannot reach (the dummy model loads a tokenizer when
+# it saves results: 45 s of MaxRetryError on a machine without a network). Set after the
+# passthrough; a request that needs the Hub says so in its env_vars (the original README's
+# example.json sends HF_DATASETS_OFFLINE=0), and JOB_NETWORK=none takes the network away.
+OFFLINE_VARS: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
 # Which devices a process sees, and how they are numbered: the server's to set (GPU slots), so
 # refused in env_vars even where ALLOWED_ENV_VARS would allow them.
 DEVICE_VARS = frozenset(
@@ -126,6 +136,7 @@ class JobEnvSettings(Protocol):
     job_env_passthrough: list[str]
     max_env_vars: int
     max_env_value_bytes: int
+    jobs_offline: bool
 
     @property
     def task_index_dir(self) -> Path: ...
@@ -267,6 +278,8 @@ def base_env(
     }
     # The operator's explicit choice, so it may replace a default above (e.g. a shared HF_HOME).
     env.update({n: environ[n] for n in settings.job_env_passthrough if n in environ})
+    if settings.jobs_offline:
+        env.update(dict.fromkeys(OFFLINE_VARS, "1"))
     return env
 
 

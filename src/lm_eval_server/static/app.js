@@ -140,11 +140,15 @@ function flash(message, kind = "info") {
   flash.timer = setTimeout(() => (el.hidden = true), 6000);
 }
 
+// Local time with its date, e.g. "2026-12-02 06:40:12": a job list spans days, and a time
+// without a date ("6:40:12 AM") cannot be placed.
 function formatTime(iso) {
   if (!iso) return "—";
   const date = new Date(iso);
-  const sameDay = date.toDateString() === new Date().toDateString();
-  return sameDay ? date.toLocaleTimeString() : date.toLocaleString();
+  if (Number.isNaN(date.getTime())) return String(iso);
+  const pad = (n) => String(n).padStart(2, "0");
+  const day = `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}`;
+  return `${day} ${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`;
 }
 
 function formatDuration(seconds) {
@@ -448,16 +452,24 @@ const jobView = {
 
 const formView = {
   fields: [], // {name, kind, input}
-  loaded: false,
+  loading: null, // the one load in flight or done: route() and /me's answer both ask for it
 
-  async load() {
-    if (this.loaded) return;
+  load() {
+    // Opened directly (/#/new), the form is asked for twice at once; building it twice drew
+    // every field twice and sent two POST /job per click.
+    this.loading ??= this.build().then((ok) => {
+      if (!ok) this.loading = null; // try again on the next visit
+    });
+    return this.loading;
+  },
+
+  async build() {
     let spec;
     try {
       spec = await api("openapi.json");
     } catch (err) {
       $("form-loading").textContent = `Could not load the request schema: ${err.message}`;
-      return;
+      return false;
     }
     const schema = spec.components.schemas.JobRequest;
     const post = spec.paths["/job"].post;
@@ -481,7 +493,7 @@ const formView = {
     $("job-form").addEventListener("reset", () => this.showErrors(null));
     $("form-loading").hidden = true;
     $("job-form").hidden = false;
-    this.loaded = true;
+    return true;
   },
 
   collect() {

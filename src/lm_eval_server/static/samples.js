@@ -89,16 +89,51 @@ function sampleRow(s) {
   const metrics = Object.entries(s.metrics)
     .map(([name, value]) => `${name}=${typeof value === "number" ? formatNumber(value) : clip(value)}`)
     .join(" ");
+  const mc = s.multiple_choice;
   return h(
     "tr",
     { "data-testid": "sample-row", dataset: { docId: s.doc_id ?? "", correct: String(s.correct) } },
     h("td", { class: "num mono" }, s.doc_id ?? "—"),
     h("td", {}, h("pre", { class: "sample-text", title: clip(s.doc) }, clip(s.prompt ?? s.doc ?? s.error))),
-    h("td", { class: "mono", "data-testid": "sample-target" }, clip(s.target)),
-    h("td", { class: "mono", "data-testid": "sample-response" }, clip(s.responses)),
+    h("td", { class: "mono", "data-testid": "sample-target" }, mc ? mcTarget(mc, s.target) : clip(s.target)),
+    h("td", { class: "mono", "data-testid": "sample-response" }, mc ? mcChoices(mc) : clip(s.responses)),
     h("td", { class: "mono small" }, metrics),
     h("td", {}, verdictBadge(s.correct)),
   );
+}
+
+// A multiple-choice sample: lm-eval scored each choice by its log-likelihood; its pick is the
+// highest (acc), the target is the right one.
+function mcTarget(mc, target) {
+  if (mc.target === null) return clip(target);
+  return h(
+    "span",
+    { title: `lm-eval's target: ${clip(target)}` },
+    h("strong", {}, clip(mc.choices[mc.target].text.trim())),
+    h("span", { class: "muted" }, ` (choice ${mc.target})`),
+  );
+}
+
+function mcChoices(mc) {
+  const items = mc.choices.map((choice, i) => {
+    const marks = [];
+    if (i === mc.pick) marks.push("picked");
+    if (i === mc.pick_norm && mc.pick_norm !== mc.pick) marks.push("picked by acc_norm");
+    if (i === mc.target) marks.push("right");
+    const kind = i === mc.pick ? (i === mc.target ? "mc-hit" : "mc-miss") : i === mc.target ? "mc-right" : "";
+    return h(
+      "li",
+      {
+        class: `mc-choice ${kind}`,
+        "data-testid": "mc-choice",
+        dataset: { pick: String(i === mc.pick), target: String(i === mc.target) },
+      },
+      h("span", { class: "mc-text" }, clip(choice.text.trim()) || "␣"),
+      h("span", { class: "mc-ll num", "data-testid": "mc-ll" }, choice.loglikelihood.toFixed(3)),
+      marks.length ? h("span", { class: "mc-mark" }, marks.join(", ")) : null,
+    );
+  });
+  return h("ol", { class: "mc-choices", start: 0, title: "log-likelihood of each choice" }, items);
 }
 
 // ---------------------------------------------------------------- compare (jobs table + view)

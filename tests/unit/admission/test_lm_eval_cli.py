@@ -283,9 +283,38 @@ def test_values_become_cli_text() -> None:
     assert render(8.0, "batch_size") == "8"
     assert render([0, None, 8, 52], "seed") == "0,None,8,52"
     assert render({"arc_easy": [0, 1]}, "samples") == '{"arc_easy": [0, 1]}'
-    for bad in (True, float("nan"), float("inf")):
+    # A JSON boolean is the text a person types; lm-eval's parser then judges it.
+    assert render(True, "num_fewshot") == "true"
+    assert render([1, False], "seed") == "1,false"
+    for bad in (float("nan"), float("inf")):
         with pytest.raises(lm_eval_cli.ArgvError):
             render(bad, "x")
+
+
+def test_booleans_reach_the_parser_as_text_and_the_schema_keeps_the_kind(real) -> None:  # type: ignore[no-untyped-def]
+    """Pydantic's lax mode once turned `true` into 1 for number options (a 1-shot run for
+    `"num_fewshot": true`): the model keeps the boolean, bools_as_text writes it as text, the
+    schema still says what the option takes."""
+    parser, specs, model = real
+    request = model(
+        num_fewshot=True, limit=False, device=True, seed=[1, True], apply_chat_template=1
+    )
+    values = lm_eval_cli.bools_as_text(request.model_dump(exclude_none=True), specs)
+    assert values["num_fewshot"] == "true" and values["limit"] == "false"
+    assert values["device"] == "true" and values["seed"] == [1, "true"]
+    assert values["apply_chat_template"] == 1  # a value's text, not a bare flag
+    argv = lm_eval_cli.request_to_argv({"device": values["device"]}, specs)
+    assert vars(lm_eval_cli.parse_argv(parser, argv))["device"] == "true"
+    with pytest.raises(lm_eval_cli.ArgvError, match=r"invalid (int|float) value"):
+        lm_eval_cli.parse_argv(parser, lm_eval_cli.request_to_argv(values, specs))
+    schema = model.model_json_schema()["properties"]
+    assert {s.get("type") for s in schema["num_fewshot"]["anyOf"]} == {"integer", "null"}
+    assert "boolean" not in json.dumps(schema["device"])
+    assert {s.get("type") for s in schema["apply_chat_template"]["anyOf"]} == {
+        "boolean",
+        "string",
+        "null",
+    }
 
 
 def test_items_that_look_like_options_are_refused(real) -> None:  # type: ignore[no-untyped-def]

@@ -132,3 +132,68 @@ def test_pages_mask_known_secret_values_but_not_a_datasets_own_fields(tmp_path: 
     [view] = samples.read_page(path, index, [0], redact=redactor.json_values_only)
     assert view["doc"] == {"answerKey": "B", "api_key": "plain", "text": "say ***"}
     assert view["responses"] == ["***"] and view["correct"] is True
+
+
+def _mc_sample(target: Any, scores: list[float], choices: list[str], **metrics: Any) -> dict:
+    """A line as lm-eval 0.4.13 writes it for a multiple_choice task (numbers as text)."""
+    return {
+        "doc_id": 0,
+        "target": target,
+        "arguments": {
+            f"gen_args_{i}": {"arg_0": "Question: 6 + 3?\nAnswer:", "arg_1": f" {c}"}
+            for i, c in enumerate(choices)
+        },
+        "resps": [[[str(s), "False"]] for s in scores],
+        "filtered_resps": [[str(s), "True" if s == max(scores) else "False"] for s in scores],
+        "filter": "none",
+        "metrics": list(metrics),
+        **metrics,
+    }
+
+
+def test_multiple_choice_view_shows_choices_pick_and_target() -> None:
+    view = samples.sample_view(
+        _mc_sample("1", [-0.26, -0.8, -0.55, -0.01], ["10", "9", "8", "11"], acc=0.0)
+    )
+    mc = view["multiple_choice"]
+    assert [c["text"] for c in mc["choices"]] == [" 10", " 9", " 8", " 11"]
+    assert [c["loglikelihood"] for c in mc["choices"]] == [-0.26, -0.8, -0.55, -0.01]
+    assert [c["greedy"] for c in mc["choices"]] == [False, False, False, True]
+    assert (mc["pick"], mc["target"], mc["pick_norm"]) == (3, 1, None)
+    # acc_norm picks by log-likelihood per character: the long choice wins here.
+    normed = _mc_sample(0, [-3.0, -1.0], ["a much longer choice", "b"], acc=0.0, acc_norm=1.0)
+    mc = samples.sample_view(normed)["multiple_choice"]
+    assert (mc["pick"], mc["pick_norm"], mc["target"]) == (1, 0, 0)
+
+
+def test_multiple_choice_target_as_text_and_ambiguous_digits() -> None:
+    by_text = _mc_sample("Paris", [-2.0, -1.0], ["London", "Paris"], acc=1.0)
+    assert samples.sample_view(by_text)["multiple_choice"]["target"] == 1
+    # Choices that are digits themselves: "1" is index 1 or the choice "1" (index 0); acc
+    # says the pick (index 0) was right, so the target is the choice "1".
+    digits = _mc_sample("1", [-0.5, -2.0], ["1", "2"], acc=1.0)
+    assert samples.sample_view(digits)["multiple_choice"]["target"] == 0
+    digits_wrong = _mc_sample("1", [-0.5, -2.0], ["1", "2"], acc=0.0)
+    assert samples.sample_view(digits_wrong)["multiple_choice"]["target"] == 1
+    assert (
+        samples.sample_view(_mc_sample("7", [-1.0, -2.0], ["a", "b"]))["multiple_choice"]["target"]
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        {
+            "arguments": {"gen_args_0": {"arg_0": "Q", "arg_1": {"until": ["\n"]}}},
+            "filtered_resps": ["x"],
+        },
+        {"arguments": {"gen_args_0": {"arg_0": "text"}}, "filtered_resps": [["-1.0", "False"]]},
+        {"arguments": "not a mapping", "filtered_resps": []},
+        _mc_sample(0, [-1.0, -2.0], ["a", "b"]) | {"filtered_resps": [["-1.0", "False"]]},
+        _mc_sample(0, [-1.0, -2.0], ["a", "b"])
+        | {"filtered_resps": [["x", "False"], ["-1", "False"]]},
+    ],
+)
+def test_other_samples_have_no_multiple_choice_view(sample: dict[str, Any]) -> None:
+    assert samples.sample_view(sample)["multiple_choice"] is None

@@ -166,12 +166,28 @@ def test_job_environment_is_built_from_nothing(tmp_path: Path) -> None:
         "PYTHONNOUSERSITE": "1",
         "LM_EVAL_SERVER_INDEX_DIR": str(config.task_index_dir),
         "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",  # JOBS_OFFLINE, on by default
         "HF_TOKEN": "hf_caller",  # the request's own token wins over the operator's
     }
     for path in (work_dir / "home", work_dir / "tmp", data_dir / "cache" / "huggingface"):
         assert path.is_dir() and stat.S_IMODE(path.stat().st_mode) == 0o700
     for name in ("XDG_CACHE_HOME", "HF_HOME", "LM_HARNESS_CACHE_PATH"):
         assert not Path(env[name]).is_relative_to(sys.prefix)  # never the virtualenv
+
+
+def test_jobs_are_offline_unless_the_request_or_the_operator_says_otherwise(tmp_path: Path) -> None:
+    online = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    config = settings(tmp_path)
+    env = job_env.job_environment(config, tmp_path / "j", {}, online)
+    assert env["HF_HUB_OFFLINE"] == env["HF_DATASETS_OFFLINE"] == "1"
+    # A request that needs the Hub says so (the original README's example.json does).
+    env = job_env.job_environment(config, tmp_path / "j", {"HF_DATASETS_OFFLINE": "0"}, online)
+    assert env["HF_DATASETS_OFFLINE"] == "0" and env["HF_HUB_OFFLINE"] == "1"
+
+    allowed = settings(tmp_path, jobs_offline=False)
+    env = job_env.job_environment(allowed, tmp_path / "j", {}, online)
+    assert env["HF_HUB_OFFLINE"] == env["HF_DATASETS_OFFLINE"] == "0"  # the passthrough
+    assert "HF_HUB_OFFLINE" not in job_env.job_environment(allowed, tmp_path / "k", {}, {})
 
 
 def test_passthrough_may_replace_a_default_cache(tmp_path: Path) -> None:
