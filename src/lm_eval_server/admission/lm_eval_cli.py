@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model, model_validator
 
 from lm_eval_server.admission import lm_eval_checks
 
@@ -302,6 +302,16 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
             _field_annotation(spec),
             Field(None, description=_description(spec), json_schema_extra=extra or None),
         )
+    fields["max_attempts"] = (
+        int | None,
+        Field(
+            None,
+            ge=1,
+            description="Runs the job may make by itself: a failed, killed or lost run is "
+            "retried with backoff until one succeeds (default 1; at most the server's "
+            "MAX_ATTEMPTS). A stop is never retried.",
+        ),
+    )
     fields["env_vars"] = (
         dict[str, str | SecretRef] | None,
         Field(
@@ -345,6 +355,14 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
             max_length=MAX_CALLBACK_URL_CHARS,
             description="When the job ends, the server POSTs a signed JSON webhook here "
             "(http/https, under one of the server's WEBHOOK_URL_PREFIXES).",
+        ),
+    )
+    fields["response_cache"] = (
+        StrictBool | None,
+        Field(
+            None,
+            description="false: this job neither reads nor writes the server's response "
+            "cache (RESPONSE_CACHE); default true where the server has one.",
         ),
     )
     return create_model(  # type: ignore[call-overload, no-any-return]

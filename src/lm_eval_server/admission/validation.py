@@ -73,6 +73,10 @@ class ValidatedJob:
     config_snapshot: str | None = None
     # Where the job's webhook goes (webhooks.callback_target), or None.
     callback_url: str | None = None
+    # The model and model_args as lm-eval holds them (request and config file merged): what
+    # the response cache's fingerprint is made of (admission.fingerprint).
+    model: str | None = None
+    model_args: Any = None
 
 
 def job_lm_args(job: ValidatedJob, work_dir: Path) -> list[str]:
@@ -238,6 +242,7 @@ class RequestValidator:
         ):
             raise InvalidRequest(refused)
         callback_url = self._callback_url(server.get("callback_url"))
+        self._check_max_attempts(values.get("max_attempts"))
         base = Path.cwd()
         self._absolute_paths(values, base)
         try:
@@ -293,6 +298,8 @@ class RequestValidator:
             resources=server.get("resources") or {},
             config_snapshot=snapshot,
             callback_url=callback_url,
+            model=model,
+            model_args=configured.get("model_args"),
         )
 
     def _run_uploaded(
@@ -325,6 +332,14 @@ class RequestValidator:
             raise InvalidRequest(
                 f"{what}: {path} is inside the server's uploaded tasks (DATA_DIR/tasks); "
                 "name an uploaded task in tasks instead"
+            )
+
+    def _check_max_attempts(self, max_attempts: int | None) -> None:
+        limit = self._settings.max_attempts
+        if max_attempts is not None and max_attempts > limit:
+            raise InvalidRequest(
+                f"max_attempts: {max_attempts} is more than this server allows (MAX_ATTEMPTS="
+                f"{limit}); ask for at most {limit}, or POST /job/{{id}}/resume a failed job"
             )
 
     def _check_option_text(self, values: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from lm_eval_server.runtime import task_index
+from lm_eval_server.runtime import response_cache, task_index
 
 ENV_INDEX_DIR = "LM_EVAL_SERVER_INDEX_DIR"
 ENV_DISABLE_HOOK = "LM_EVAL_SERVER_DISABLE_HOOK"
@@ -355,6 +355,13 @@ def run_lm_eval(argv: list[str]) -> None:
             "Use the lm-eval version this server supports, or update lm-eval-server"
         )
         raise SystemExit(EXIT_NO_TEMPLATE_SANDBOX)
+    try:
+        done = response_cache.install()
+    except Exception as err:  # the response cache never costs a job
+        _say(f"running without the response cache ({type(err).__name__}: {err})")
+    else:
+        if done:
+            _debug(done)
     import lm_eval.__main__ as lm_eval_main
 
     # What `python -m lm_eval` puts in argv[0]; HarnessCLI inserts its legacy
