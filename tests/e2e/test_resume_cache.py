@@ -1,0 +1,277 @@
+"""Resume and reuse end to end: the server's response cache, POST /job/{id}/resume and automatic
+retries, with real `lm_eval` jobs against local completions servers that count the requests
+they answer (tests/support/completions_server.py). One server process for the module; each
+scenario has its own completions server, so its counts are its own, and independent scenarios
+run at the same time."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from lm_eval_server.admission.fingerprint import model_fingerprint
+from tests.support.completions_server import (
+    CompletionsStubServer,
+    model_args_for,
+    running_stub_server,
+)
+from tests.support.jobs import TEST_TASKS, wait_for
+from tests.support.server import ServerProcess
+
+KEYS = {"alice": "resume-alice-key-0001", "bob": "resume-bob-key-00002"}
+DOCS = 20  # arith_gen_tiny: one generate_until request per doc
+TASK = "arith_gen_tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, index_dir: Path) -> Iterator[ServerProcess]:
+    data_dir = tmp_path_factory.mktemp("resume") / "data"
+    process = ServerProcess(
+        data_dir,
+        index_dir,
+        API_KEYS=",".join(f"{name}:{key}" for name, key in KEYS.items()),
+        MAX_CONCURRENCY="4",
+        MAX_ATTEMPTS="3",
+        RETRY_BACKOFF_MAX_S="1",
+    ).start()
+    yield process
+    process.stop_jobs_and_terminate()
+
+
+def http(server: ServerProcess, owner: str = "alice") -> httpx.Client:
+    return httpx.Client(
+        base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {KEYS[owner]}"}
+    )
+
+
+def job_body(stub: CompletionsStubServer, model: str = "stub", **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "local-completions",
+        "model_args": model_args_for(stub.base_url, model=model),
+        "tasks": TASK,
+        "include_path": str(TEST_TASKS),
+        "log_samples": True,
+        **extra,
+    }
+
+
+def submit(client: httpx.Client, body: dict[str, Any]) -> int:
+    response = client.post("/job", json=body)
+    assert response.status_code == 200, response.text
+    return int(response.json()["job_id"])
+
+
+def finished(client: httpx.Client, job_id: int) -> dict[str, Any]:
+    job = wait_for(client, job_id, timeout_s=240)
+    return job
+
+
+def completed(client: httpx.Client, job_id: int) -> dict[str, Any]:
+    job = finished(client, job_id)
+    assert job["status"] == "Completed", job["error"]
+    return job
+
+
+def metrics(client: httpx.Client, job_id: int) -> list[dict[str, Any]]:
+    return client.get(f"/job/{job_id}/results").json()["metrics"]
+
+
+def answers(client: httpx.Client, job_id: int) -> dict[int, Any]:
+    """Each document's model answers and scores, from the job's samples."""
+    page = client.get(f"/job/{job_id}/samples", params={"task": TASK, "limit": 100}).json()
+    assert page["total"] == DOCS, page
+    return {
+        s["doc_id"]: (s["raw_responses"], s["responses"], s["metrics"]) for s in page["samples"]
+    }
+
+
+def wait_until(condition: Any, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(server: ServerProcess) -> Iterator[tuple[int, CompletionsStubServer]]:
+    """An uninterrupted first run (alice), whose answers later runs are held to."""
+    with running_stub_server() as stub, http(server) as client:
+        job_id = submit(client, job_body(stub))
+        job = completed(client, job_id)
+        assert stub.request_count == DOCS
+        assert job["cache"] == {"hits": 0, "misses": DOCS}
+        assert job["attempt"] == 1 and job["max_attempts"] == 1
+        yield job_id, stub
+
+
+def test_a_repeat_sends_nothing_and_changing_model_base_url_or_owner_sends_everything(
+    server: ServerProcess, reference: tuple[int, CompletionsStubServer]
+) -> None:
+    first, stub = reference
+    with http(server) as alice, http(server, "bob") as bob:
+        before = stub.request_count
+        repeat = submit(alice, job_body(stub))
+        job = completed(alice, repeat)
+        assert stub.request_count == before, "a repeat reached the model server"
+        assert job["cache"] == {"hits": DOCS, "misses": 0}
+        assert metrics(alice, repeat) == metrics(alice, first)
+        assert answers(alice, repeat) == answers(alice, first)
+
+        with running_stub_server() as other_url:
+            other_model = submit(alice, job_body(stub, model="stub-2"))
+            other_owner = submit(bob, job_body(stub))
+            other_base = submit(alice, job_body(other_url))
+            jobs = [
+                completed(alice, other_model),
+                completed(bob, other_owner),
+                completed(alice, other_base),
+            ]
+            assert other_url.request_count == DOCS
+        # Both jobs against the first server sent every request again.
+        assert stub.request_count == before + 2 * DOCS
+        assert [j["cache"] for j in jobs] == [{"hits": 0, "misses": DOCS}] * 3
+        assert metrics(bob, other_owner) == metrics(alice, first)
+
+
+def test_sampled_generations_reach_the_model_every_time(server: ServerProcess) -> None:
+    with running_stub_server() as stub, http(server) as client:
+        body = job_body(stub, gen_kwargs="temperature=0.7")
+        for _ in range(2):
+            job = completed(client, submit(client, body))
+            assert job["cache"] == {"hits": 0, "misses": DOCS}
+        assert stub.request_count == 2 * DOCS
+
+
+def cache_files(data_dir: Path, fingerprint: str) -> list[Path]:
+    return sorted(data_dir.rglob(f"{fingerprint}.sqlite*"))
+
+
+def test_a_corrupt_cache_file_is_set_aside_and_the_job_runs_without_it(
+    server: ServerProcess,
+) -> None:
+    with running_stub_server() as stub, http(server) as client:
+        body = job_body(stub)
+        completed(client, submit(client, body))
+        fingerprint = model_fingerprint(
+            "alice", "local-completions", body["model_args"], importlib.metadata.version("lm_eval")
+        )
+        files = [p for p in cache_files(server.data_dir, fingerprint) if p.suffix == ".sqlite"]
+        assert len(files) == 1, files  # named by the fingerprint, one file
+        files[0].write_bytes(b"this is not a SQLite database" * 100)
+        job_id = submit(client, body)
+        job = completed(client, job_id)
+        assert stub.request_count == 2 * DOCS
+        assert job["cache"] is None  # ran without the cache
+        stderr = client.get(f"/job/{job_id}/logs").text
+        assert "cannot be read" in stderr and "running without it" in stderr
+        assert list(files[0].parent.glob(f"{fingerprint}.sqlite.corrupt-*"))
+        # The next run starts a fresh cache, and the one after is answered from it.
+        completed(client, submit(client, body))
+        repeat = completed(client, submit(client, body))
+        assert repeat["cache"] == {"hits": DOCS, "misses": 0}
+        assert stub.request_count == 3 * DOCS
+
+
+def test_response_cache_false_neither_reads_nor_writes(server: ServerProcess) -> None:
+    with running_stub_server() as stub, http(server) as client:
+        body = job_body(stub, response_cache=False)
+        for _ in range(2):
+            job = completed(client, submit(client, body))
+            assert job["cache"] is None
+        assert stub.request_count == 2 * DOCS
+        refused = client.post("/job", json=job_body(stub, response_cache="no"))
+        assert refused.status_code == 422
+
+
+def test_a_job_stopped_halfway_and_resumed_sends_only_what_was_not_answered(
+    server: ServerProcess, reference: tuple[int, CompletionsStubServer]
+) -> None:
+    first, _ = reference
+    with running_stub_server(delay_s=0.2) as stub, http(server) as client:
+        job_id = submit(client, job_body(stub))
+        wait_until(lambda: stub.request_count >= DOCS // 2)
+        assert client.post(f"/job/{job_id}/stop").status_code == 200
+        assert client.get(f"/job/{job_id}").json()["status"] == "Stopped"
+        answered = stub.request_count
+        assert answered < DOCS
+        # Completed, queued and running jobs cannot be resumed.
+        assert client.post(f"/job/{first}/resume").status_code == 409
+        resumed = client.post(f"/job/{job_id}/resume")
+        assert resumed.status_code == 200, resumed.text
+        assert client.post(f"/job/{job_id}/resume").status_code == 409  # queued or running
+        job = completed(client, job_id)
+        assert job["attempt"] == 2
+        hits, misses = job["cache"]["hits"], job["cache"]["misses"]
+        assert hits + misses == DOCS
+        # At most the one request in flight when the stop came was answered and not stored.
+        assert answered - 1 <= hits <= answered
+        assert stub.request_count == answered + misses
+        assert metrics(client, job_id) == metrics(client, first)
+        assert answers(client, job_id) == answers(client, first)
+        first_log = client.get(f"/job/{job_id}/logs", params={"attempt": 1}).text
+        assert "Requesting API" in first_log
+        assert "answered from the response cache" not in first_log
+        assert "answered from the response cache" in client.get(f"/job/{job_id}/logs").text
+        assert client.get(f"/job/{job_id}/logs", params={"attempt": 3}).status_code == 404
+        assert client.post("/job/999999/resume").status_code == 404
+    with http(server, "bob") as bob:
+        assert bob.post(f"/job/{job_id}/resume").status_code == 404  # not bob's job
+
+
+def test_a_job_killed_halfway_retries_by_itself_and_completes(
+    server: ServerProcess, reference: tuple[int, CompletionsStubServer]
+) -> None:
+    first, _ = reference
+    with running_stub_server(delay_s=0.2) as stub, http(server) as client:
+        job_id = submit(client, job_body(stub, max_attempts=2))
+        wait_until(lambda: stub.request_count >= DOCS // 2)
+        work_dir = server.data_dir / "jobs" / str(job_id)
+        pid = int((work_dir / "child.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        answered = stub.request_count
+        job = completed(client, job_id)
+        assert job["attempt"] == 2 and job["max_attempts"] == 2
+        assert job["cache"]["hits"] >= answered - 1
+        assert job["cache"]["hits"] + job["cache"]["misses"] == DOCS
+        assert metrics(client, job_id) == metrics(client, first)
+        assert answers(client, job_id) == answers(client, first)
+        assert (work_dir / "attempt-1" / "exit.json").is_file()
+        exit_record = json.loads((work_dir / "attempt-1" / "exit.json").read_text())
+        assert exit_record["exit_code"] != 0
+        refused = client.post("/job", json=job_body(stub, max_attempts=4))
+        assert refused.status_code == 422 and "MAX_ATTEMPTS" in refused.text
+
+
+def test_metrics_count_hits_and_misses(
+    server: ServerProcess, reference: tuple[int, CompletionsStubServer]
+) -> None:
+    with http(server) as client:
+        text = client.get("/metrics").text
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("lm_eval_server_response_cache_")
+    }
+    assert values["lm_eval_server_response_cache_misses_total"] >= DOCS
+    assert values["lm_eval_server_response_cache_hits_total"] >= 0
+
+
+def cached_rows(path: Path) -> int:
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(db.execute("SELECT count(*) FROM responses").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
