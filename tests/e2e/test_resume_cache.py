@@ -202,6 +202,9 @@ def test_a_job_stopped_halfway_and_resumed_sends_only_what_was_not_answered(
         wait_until(lambda: stub.request_count >= DOCS // 2)
         assert client.post(f"/job/{job_id}/stop").status_code == 200
         assert client.get(f"/job/{job_id}").json()["status"] == "Stopped"
+        # The stub counts a request once its delay is over, even when the client went away
+        # meanwhile: let the request in flight at the stop be counted first.
+        time.sleep(4 * stub.delay_s)
         answered = stub.request_count
         assert answered < DOCS
         # Completed, queued and running jobs cannot be resumed.
@@ -238,6 +241,7 @@ def test_a_job_killed_halfway_retries_by_itself_and_completes(
         work_dir = server.data_dir / "jobs" / str(job_id)
         pid = int((work_dir / "child.pid").read_text())
         os.kill(pid, signal.SIGKILL)
+        time.sleep(4 * stub.delay_s)  # as above: the request in flight is counted
         answered = stub.request_count
         job = completed(client, job_id)
         assert job["attempt"] == 2 and job["max_attempts"] == 2

@@ -353,11 +353,13 @@ def install(environ: dict[str, str] | os._Environ[str] | None = None) -> str | N
     if getattr(original, "_lm_eval_server_cache", False):
         return "already installed"
     stats = Stats(environ.get(ENV_STATS))
-    stats.write()
 
     def wrap(lm: Any) -> Any:
         store = open_store(Path(path))
-        return lm if store is None else ServerCachedLM(lm, store, stats)
+        if store is None:
+            return lm  # no stats file: the job reports no cache counts
+        stats.write()
+        return ServerCachedLM(lm, store, stats)
 
     def get_model(model_name: str) -> Any:
         return _wrapping_factory(original(model_name), wrap)
