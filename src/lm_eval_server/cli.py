@@ -429,6 +429,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         ("started", fmt_time(job.get("started_at"))),
         ("finished", fmt_time(job.get("finished_at"))),
         ("duration", fmt_duration(job.get("duration_s"))),
+        ("attempt", f"{job.get('attempt', 1)} of {job.get('max_attempts', 1)}"),
+        ("cache", fmt_cache(job.get("cache"))),
         ("command", job["argument"]),
     ]
     print(f"Job {job['job_id']}")
@@ -441,10 +443,18 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def fmt_cache(cache: dict[str, Any] | None) -> str:
+    if not cache:
+        return "-"
+    return f"{cache['hits']} hits, {cache['misses']} misses"
+
+
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"stream": args.stream, "follow": str(args.follow).lower()}
     if args.tail is not None:
         params["tail"] = args.tail
+    if getattr(args, "attempt", None) is not None:
+        params["attempt"] = args.attempt
     client.stream_text(f"/job/{args.job_id}/logs", params, sys.stdout.buffer)
     return EXIT_OK
 
@@ -519,6 +529,11 @@ def compare_table(data: dict[str, Any]) -> str:
 
 def cmd_stop(client: Client, args: argparse.Namespace) -> int:
     print(client.request("POST", f"/job/{args.job_id}/stop")["message"])
+    return EXIT_OK
+
+
+def cmd_resume(client: Client, args: argparse.Namespace) -> int:
+    print(client.request("POST", f"/job/{args.job_id}/resume")["message"])
     return EXIT_OK
 
 
@@ -630,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
     logs.add_argument("--stream", choices=["stderr", "stdout"], default="stderr")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    logs.add_argument("--attempt", type=int, metavar="N", help="an earlier attempt's log")
     with_id("results", "print a Completed job's metrics").add_argument(
         "--json", action="store_true", help="the full results JSON"
     )
@@ -645,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_id("stop", "stop a job (dequeue it if queued)")
     with_id("delete", "delete a job and its files")
+    with_id("resume", "run a Failed or Stopped job again (cached answers are not recomputed)")
     wait = with_id(
         "wait",
         "wait for a job to end; exit 0 Completed, 1 Failed, 3 Stopped, 4 timeout",
@@ -717,6 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "compare": cmd_compare,
             "stop": cmd_stop,
             "delete": cmd_delete,
+            "resume": cmd_resume,
             "wait": cmd_wait,
             "whoami": cmd_whoami,
         }[args.command]
