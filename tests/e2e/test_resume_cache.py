@@ -7,6 +7,7 @@ run at the same time."""
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import signal
@@ -279,3 +280,66 @@ def cached_rows(path: Path) -> int:
             db.close()
     except sqlite3.Error:
         return 0
+
+
+# ---------------------------------------------------------------- the tiny hf model
+
+HF_TASK = "arith_gen"
+HF_DOCS = 60  # limit: each doc one generate_until request of at most 8 tokens
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="torch is not installed (install the hf extra: uv sync --extra hf)",
+)
+def test_hf_tiny_model_stopped_halfway_and_resumed_equals_an_uninterrupted_run(
+    server: ServerProcess,
+) -> None:
+    from tests.support.tiny_model import build_model
+
+    model_dir = server.signals / "tiny-gpt2"  # an ALLOWED_PATHS directory the sandbox shows
+    model_dir.mkdir(parents=True, exist_ok=True)
+    build_model(model_dir)
+    body = {
+        "model": "hf",
+        "model_args": f"pretrained={model_dir},dtype=float32",
+        "device": "cpu",
+        "tasks": HF_TASK,
+        "include_path": str(TEST_TASKS),
+        "limit": HF_DOCS,
+        "log_samples": True,
+    }
+    fingerprint = model_fingerprint(
+        "bob", "hf", body["model_args"], importlib.metadata.version("lm_eval")
+    )
+    with http(server, "bob") as client:
+        # The uninterrupted run computes everything itself, at the same time.
+        uninterrupted = submit(client, {**body, "response_cache": False})
+        job_id = submit(client, body)
+
+        def rows() -> int:
+            files = [p for p in cache_files(server.data_dir, fingerprint) if p.suffix == ".sqlite"]
+            return cached_rows(files[0]) if files else 0
+
+        wait_until(lambda: rows() >= HF_DOCS // 4, timeout_s=300)
+        assert client.post(f"/job/{job_id}/stop").status_code == 200
+        stopped = client.get(f"/job/{job_id}").json()
+        assert stopped["status"] == "Stopped"
+        stored = rows()
+        assert 0 < stored < HF_DOCS, "the job was not stopped halfway"
+        assert client.post(f"/job/{job_id}/resume").status_code == 200
+        job = completed(client, job_id)
+        reference = completed(client, uninterrupted)
+        assert reference["cache"] is None
+        assert job["attempt"] == 2
+        assert job["cache"] == {"hits": stored, "misses": HF_DOCS - stored}
+        assert metrics(client, job_id) == metrics(client, uninterrupted)
+
+        def hf_answers(jid: int) -> dict[int, Any]:
+            page = client.get(
+                f"/job/{jid}/samples", params={"task": HF_TASK, "limit": HF_DOCS}
+            ).json()
+            assert page["total"] == HF_DOCS
+            return {s["doc_id"]: (s["raw_responses"], s["metrics"]) for s in page["samples"]}
+
+        assert hf_answers(job_id) == hf_answers(uninterrupted)
