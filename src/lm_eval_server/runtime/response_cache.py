@@ -198,6 +198,9 @@ class Stats:
         self.path = path
         self.hits = 0
         self.misses = 0
+        # Seconds spent answering requests (lookups, the model's calls, stores): what
+        # bench/resume_cache.py compares between a fresh run, a repeat and a resume.
+        self.answer_s = 0.0
 
     def write(self) -> None:
         if not self.path:
@@ -205,7 +208,7 @@ class Stats:
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump({"hits": self.hits, "misses": self.misses}, f)
+                json.dump({"hits": self.hits, "misses": self.misses, "answer_s": self.answer_s}, f)
             os.replace(tmp, self.path)
         except OSError:
             pass
@@ -302,6 +305,14 @@ class ServerCachedLM:
             self._disable(err)
 
     def _answer(self, attr: str, requests: list[Any]) -> list[Any]:
+        started = time.perf_counter()
+        try:
+            return self._answer_all(attr, requests)
+        finally:
+            self.stats.answer_s += time.perf_counter() - started
+            self.stats.write()
+
+    def _answer_all(self, attr: str, requests: list[Any]) -> list[Any]:
         results: list[Any] = [None] * len(requests)
         remaining: list[int] = []
         for i, request in enumerate(requests):
