@@ -343,3 +343,28 @@ def test_hf_tiny_model_stopped_halfway_and_resumed_equals_an_uninterrupted_run(
             return {s["doc_id"]: (s["raw_responses"], s["metrics"]) for s in page["samples"]}
 
         assert hf_answers(job_id) == hf_answers(uninterrupted)
+
+
+def test_jobs_forked_from_warm_workers_use_the_cache_too(tmp_path: Path, index_dir: Path) -> None:
+    from lm_eval_server.runtime.executors.warm_protocol import FORKED_MARKER
+
+    warm = ServerProcess(tmp_path / "data", index_dir, WARM_WORKERS="1").start()
+    try:
+        with running_stub_server() as stub, httpx.Client(base_url=warm.url, timeout=60) as client:
+            ids = []
+            for _ in range(2):
+                # A job only runs warm when a worker is ready for it (else cold, as designed).
+                wait_until(lambda: client.get("/ready").json()["warm_workers"]["ready"] >= 1)
+                job_id = submit(client, job_body(stub))
+                ids.append(job_id)
+                completed(client, job_id)
+            jobs = [client.get(f"/job/{i}").json() for i in ids]
+            assert [j["cache"] for j in jobs] == [
+                {"hits": 0, "misses": DOCS},
+                {"hits": DOCS, "misses": 0},
+            ]
+            assert stub.request_count == DOCS
+            for job_id in ids:
+                assert FORKED_MARKER in client.get(f"/job/{job_id}/logs").text
+    finally:
+        warm.stop_jobs_and_terminate()
