@@ -24,6 +24,10 @@ indexes every other path with the original ``build`` each time, and merges the
 per-path results exactly like the original (later paths override earlier ones,
 with lm-eval's own override warning on lm-eval's own logger).
 
+Response cache: ``run_lm_eval`` also installs the server's response cache
+(``lm_eval_server.runtime.response_cache``) when the job's environment names a file for it;
+whatever goes wrong there, the job runs without it.
+
 Environment:
 
 * ``LM_EVAL_SERVER_INDEX_DIR``: the data dir holding the cache; unset -> plain lm-eval.
