@@ -470,12 +470,12 @@ class JobManager:
         previous = record.status
         if previous.is_terminal():
             return
-        self._count_cache(record)
+        if previous is JobStatus.running:
+            self._count_cache(record)
         if (
             retry
             and status is JobStatus.failed
             and attempts.may_retry(record.attempt, record.max_attempts)
-            and not self._shutting_down
         ):
             self._retry(record, previous, code, error)
             return
@@ -546,6 +546,8 @@ class JobManager:
 
     def _wait_for_retry(self, record: JobRecord) -> None:
         assert record.retry_at is not None
+        if self._shutting_down:
+            return  # stored as Queued with its retry_at: the next server process waits for it
         delay_s = max(0.0, (record.retry_at - self._clock()).total_seconds())
         loop = asyncio.get_running_loop()
         self._retry_timers[record.job_id] = loop.call_later(delay_s, self._retry_due, record.job_id)

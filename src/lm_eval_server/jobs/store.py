@@ -461,6 +461,8 @@ class MemoryJobStore:
 
     def update(self, record: JobRecord, previous: JobStatus) -> None:
         _check_transition(previous, record.status)
+        if record.status is JobStatus.completed:
+            self._inputs.pop(record.job_id, None)  # never launched again
 
     def delete(self, job_ids: list[int]) -> None:
         for job_id in job_ids:
