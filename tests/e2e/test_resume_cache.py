@@ -368,3 +368,25 @@ def test_jobs_forked_from_warm_workers_use_the_cache_too(tmp_path: Path, index_d
                 assert FORKED_MARKER in client.get(f"/job/{job_id}/logs").text
     finally:
         warm.stop_jobs_and_terminate()
+
+
+def test_owners_share_answers_only_when_the_operator_allows_it(
+    tmp_path: Path, index_dir: Path
+) -> None:
+    shared = ServerProcess(
+        tmp_path / "data",
+        index_dir,
+        API_KEYS=",".join(f"{name}:{key}" for name, key in KEYS.items()),
+        RESPONSE_CACHE_SHARED="true",
+    ).start()
+    try:
+        with running_stub_server() as stub, http(shared) as alice, http(shared, "bob") as bob:
+            first = completed(alice, submit(alice, job_body(stub)))
+            second = completed(bob, submit(bob, job_body(stub)))
+            assert first["cache"] == {"hits": 0, "misses": DOCS}
+            assert second["cache"] == {"hits": DOCS, "misses": 0}
+            assert stub.request_count == DOCS
+        # One file, in the shared directory every owner's sandbox mounts.
+        assert len(list((shared.data_dir / "shared-responses").glob("*.sqlite"))) == 1
+    finally:
+        shared.stop_jobs_and_terminate()
