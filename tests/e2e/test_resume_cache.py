@@ -144,15 +144,6 @@ def test_a_repeat_sends_nothing_and_changing_model_base_url_or_owner_sends_every
         assert metrics(bob, other_owner) == metrics(alice, first)
 
 
-def test_sampled_generations_reach_the_model_every_time(server: ServerProcess) -> None:
-    with running_stub_server() as stub, http(server) as client:
-        body = job_body(stub, gen_kwargs="temperature=0.7")
-        for _ in range(2):
-            job = completed(client, submit(client, body))
-            assert job["cache"] == {"hits": 0, "misses": DOCS}
-        assert stub.request_count == 2 * DOCS
-
-
 def cache_files(data_dir: Path, fingerprint: str) -> list[Path]:
     return sorted(data_dir.rglob(f"{fingerprint}.sqlite*"))
 
@@ -183,14 +174,21 @@ def test_a_corrupt_cache_file_is_set_aside_and_the_job_runs_without_it(
         assert stub.request_count == 3 * DOCS
 
 
-def test_response_cache_false_neither_reads_nor_writes(server: ServerProcess) -> None:
-    with running_stub_server() as stub, http(server) as client:
-        body = job_body(stub, response_cache=False)
-        for _ in range(2):
-            job = completed(client, submit(client, body))
-            assert job["cache"] is None
-        assert stub.request_count == 2 * DOCS
-        refused = client.post("/job", json=job_body(stub, response_cache="no"))
+def test_sampled_generations_and_response_cache_false_reach_the_model_every_time(
+    server: ServerProcess,
+) -> None:
+    with (
+        running_stub_server() as sampled,
+        running_stub_server() as uncached,
+        http(server) as client,
+    ):
+        bodies = [job_body(sampled, gen_kwargs="temperature=0.7")] * 2
+        bodies += [job_body(uncached, response_cache=False)] * 2
+        jobs = [completed(client, job_id) for job_id in [submit(client, b) for b in bodies]]
+        assert [j["cache"] for j in jobs[:2]] == [{"hits": 0, "misses": DOCS}] * 2
+        assert [j["cache"] for j in jobs[2:]] == [None, None]
+        assert (sampled.request_count, uncached.request_count) == (2 * DOCS, 2 * DOCS)
+        refused = client.post("/job", json=job_body(uncached, response_cache="no"))
         assert refused.status_code == 422
 
 
@@ -257,18 +255,28 @@ def test_a_job_killed_halfway_retries_by_itself_and_completes(
         assert refused.status_code == 422 and "MAX_ATTEMPTS" in refused.text
 
 
+def cache_counters(client: httpx.Client) -> dict[str, float]:
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("lm_eval_server_response_cache_")
+    }
+
+
 def test_metrics_count_hits_and_misses(
     server: ServerProcess, reference: tuple[int, CompletionsStubServer]
 ) -> None:
+    _, stub = reference
     with http(server) as client:
-        text = client.get("/metrics").text
-    values = {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith("lm_eval_server_response_cache_")
-    }
-    assert values["lm_eval_server_response_cache_misses_total"] >= DOCS
-    assert values["lm_eval_server_response_cache_hits_total"] >= 0
+        before = cache_counters(client)
+        completed(client, submit(client, job_body(stub)))  # a repeat: all hits
+        after = cache_counters(client)
+    hits, misses = (
+        "lm_eval_server_response_cache_hits_total",
+        "lm_eval_server_response_cache_misses_total",
+    )
+    assert after[hits] - before[hits] == DOCS
+    assert after[misses] == before[misses] >= DOCS  # the reference run's, at least
 
 
 def cached_rows(path: Path) -> int:
