@@ -38,9 +38,19 @@ def lm_eval_version() -> str:
         return "unknown"
 
 
-def wanted(settings: Settings, request: dict[str, Any]) -> bool:
-    """Whether a job with this request uses the cache: on for the server, not refused by it."""
-    return settings.response_cache is OnOff.on and request.get("response_cache") is not False
+# Models whose answers are not a function of the request: lm-eval's `dummy` draws random
+# numbers, so a cached answer would differ from the one a fresh run computes.
+UNCACHEABLE_MODELS = frozenset({"dummy"})
+
+
+def wanted(settings: Settings, request: dict[str, Any], model: str | None) -> bool:
+    """Whether a job with this request uses the cache: on for the server, not refused by the
+    request, and a model whose answers a cache can stand for."""
+    return (
+        settings.response_cache is OnOff.on
+        and request.get("response_cache") is not False
+        and model not in UNCACHEABLE_MODELS
+    )
 
 
 def fingerprint(

@@ -240,7 +240,7 @@ class JobManager:
             max_attempts=job.values.get("max_attempts") or 1,
             cache_fingerprint=(
                 cache_policy.fingerprint(self._settings, owner, job.model, job.model_args)
-                if cache_policy.wanted(self._settings, job.values)
+                if cache_policy.wanted(self._settings, job.values, job.model)
                 else None
             ),
         )
