@@ -53,7 +53,8 @@ hooks.jobFacts.push((job) => {
   const attempt = job.attempt ?? 1;
   const max = job.max_attempts ?? 1;
   const facts = [
-    ["Attempt", `${attempt} of ${Math.max(attempt, max)}`],
+    // "of N" only where the job may retry by itself (a resume may go past max_attempts).
+    ["Attempt", max > 1 ? `${attempt} of ${max}` : String(attempt)],
     ["Cache", cacheText(job.cache)],
   ];
   if (job.retry_at) facts.push(["Retry at", formatTime(job.retry_at)]);
