@@ -429,7 +429,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         ("started", fmt_time(job.get("started_at"))),
         ("finished", fmt_time(job.get("finished_at"))),
         ("duration", fmt_duration(job.get("duration_s"))),
-        ("attempt", f"{job.get('attempt', 1)} of {job.get('max_attempts', 1)}"),
+        ("attempt", fmt_attempt(job)),
         ("cache", fmt_cache(job.get("cache"))),
         ("command", job["argument"]),
     ]
@@ -441,6 +441,12 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         for line in str(job["error"]).splitlines():
             print(f"    {line}")
     return EXIT_OK
+
+
+def fmt_attempt(job: dict[str, Any]) -> str:
+    # "of N" only where the job retries by itself (a resume may go past max_attempts).
+    attempt, most = job.get("attempt", 1), job.get("max_attempts", 1)
+    return f"{attempt} of {most}" if most > 1 else str(attempt)
 
 
 def fmt_cache(cache: dict[str, Any] | None) -> str:
