@@ -398,3 +398,38 @@ def test_owners_share_answers_only_when_the_operator_allows_it(
         assert len(list((shared.data_dir / "shared-responses").glob("*.sqlite"))) == 1
     finally:
         shared.stop_jobs_and_terminate()
+
+
+def test_a_job_lost_in_a_server_restart_is_retried_by_the_next_server(
+    tmp_path: Path, index_dir: Path, reference: tuple[int, CompletionsStubServer], server: Any
+) -> None:
+    from tests.support.jobs import group_members
+
+    first_id, _ = reference
+    with http(server) as client:
+        expected = metrics(client, first_id)
+    data_dir = tmp_path / "data"
+    with running_stub_server(delay_s=0.2) as stub:
+        doomed = ServerProcess(data_dir, index_dir).start()
+        with httpx.Client(base_url=doomed.url, timeout=60) as client:
+            job_id = submit(client, job_body(stub, max_attempts=2))
+            wait_until(lambda: stub.request_count >= DOCS // 2)
+        doomed.kill()
+        # The machine goes with it: the job's whole process group, before any exit record.
+        db = sqlite3.connect(data_dir / "jobs.db")
+        pid = int(db.execute("SELECT pid FROM jobs WHERE job_id=?", (job_id,)).fetchone()[0])
+        db.close()
+        os.killpg(pid, signal.SIGKILL)
+        wait_until(lambda: not group_members(pid))
+        time.sleep(4 * stub.delay_s)  # the request in flight is counted
+        answered = stub.request_count
+        restarted = ServerProcess(data_dir, index_dir).start()
+        try:
+            with httpx.Client(base_url=restarted.url, timeout=60) as client:
+                job = completed(client, job_id)
+                assert job["attempt"] == 2
+                assert job["cache"]["hits"] >= answered - 1
+                assert stub.request_count == answered + job["cache"]["misses"]
+                assert metrics(client, job_id) == expected
+        finally:
+            restarted.stop_jobs_and_terminate()
