@@ -126,3 +126,33 @@ def test_quick_sandbox_bench_measures_both_modes(tmp_path: Path, index_dir: Path
         for side in ("bwrap", "off"):
             assert math.isfinite(row[side]) and row[side] > 0, (name, row)
         assert name in proc.stdout
+
+
+RESUME_BENCH = ROOT / "bench" / "resume_cache.py"
+
+
+def test_quick_resume_cache_bench_measures_a_repeat_and_a_resume(
+    tmp_path: Path, index_dir: Path
+) -> None:
+    out = tmp_path / "resume_cache.json"
+    argv = [sys.executable, str(RESUME_BENCH), "--quick", "--out", str(out)]
+    proc = subprocess.run(
+        [*argv, "--index-dir", str(index_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["mode"] == "quick"
+    assert list(results["figures"]) == ["completions_repeat", "completions_resume"]
+    repeat, resume = results["figures"].values()
+    docs = results["docs"]
+    # The counts, not the times, are what a quick run can vouch for.
+    assert (repeat["hits"], repeat["misses"]) == (docs, 0)
+    assert resume["hits"] + resume["misses"] == docs and resume["hits"] >= docs // 2 - 1
+    assert results["runs"]["completions"]["model_requests"]["first"] == docs
+    for name, row in results["figures"].items():
+        assert math.isfinite(row["model_ratio"]) and row["fresh_model_s"] > 0, (name, row)
+        assert name in proc.stdout

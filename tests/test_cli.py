@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -299,3 +300,20 @@ def test_verdict_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.verdict_exit(passed) == cli.GATE_PASSED
     assert cli.verdict_exit({**failed, "error": "the baseline job 1 no longer exists"}) == 2
     assert cli.verdict_exit(None) == cli.GATE_ERROR
+
+
+def test_resume_status_and_logs_of_an_earlier_attempt(server: ServerProcess) -> None:
+    job_id = ok(run(server, "submit", *sleeper_args())).strip()
+    deadline = time.monotonic() + 120
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        while "sleeping 600" not in http.get(f"/job/{job_id}/logs").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    ok(run(server, "stop", job_id))
+    assert ok(run(server, "resume", job_id)).strip() == f"Job {job_id} queued again as attempt 2."
+    conflict = run(server, "resume", job_id)  # queued or running now
+    assert conflict.returncode == 1 and "HTTP 409" in conflict.stderr
+    status = ok(run(server, "status", job_id))
+    assert re.search(r"attempt:\s+2\n", status) and re.search(r"cache:\s+-\n", status)
+    assert "sleeping 600" in ok(run(server, "logs", job_id, "--attempt", "1"))
+    ok(run(server, "stop", job_id))

@@ -450,6 +450,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         ("started", fmt_time(job.get("started_at"))),
         ("finished", fmt_time(job.get("finished_at"))),
         ("duration", fmt_duration(job.get("duration_s"))),
+        ("attempt", fmt_attempt(job)),
+        ("cache", fmt_cache(job.get("cache"))),
         ("command", job["argument"]),
     ]
     print(f"Job {job['job_id']}")
@@ -462,10 +464,24 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def fmt_attempt(job: dict[str, Any]) -> str:
+    # "of N" only where the job retries by itself (a resume may go past max_attempts).
+    attempt, most = job.get("attempt", 1), job.get("max_attempts", 1)
+    return f"{attempt} of {most}" if most > 1 else str(attempt)
+
+
+def fmt_cache(cache: dict[str, Any] | None) -> str:
+    if not cache:
+        return "-"
+    return f"{cache['hits']} hits, {cache['misses']} misses"
+
+
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"stream": args.stream, "follow": str(args.follow).lower()}
     if args.tail is not None:
         params["tail"] = args.tail
+    if getattr(args, "attempt", None) is not None:
+        params["attempt"] = args.attempt
     client.stream_text(f"/job/{args.job_id}/logs", params, sys.stdout.buffer)
     return EXIT_OK
 
@@ -658,6 +674,11 @@ def cmd_stop(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_resume(client: Client, args: argparse.Namespace) -> int:
+    print(client.request("POST", f"/job/{args.job_id}/resume")["message"])
+    return EXIT_OK
+
+
 def cmd_delete(client: Client, args: argparse.Namespace) -> int:
     print(client.request("DELETE", f"/job/{args.job_id}")["message"])
     return EXIT_OK
@@ -766,6 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
     logs.add_argument("--stream", choices=["stderr", "stdout"], default="stderr")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    logs.add_argument("--attempt", type=int, metavar="N", help="an earlier attempt's log")
     with_id("results", "print a Completed job's metrics").add_argument(
         "--json", action="store_true", help="the full results JSON"
     )
@@ -799,6 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--json", action="store_true", help="print the verdict's JSON")
     with_id("stop", "stop a job (dequeue it if queued)")
     with_id("delete", "delete a job and its files")
+    with_id("resume", "run a Failed or Stopped job again (cached answers are not recomputed)")
     wait = with_id(
         "wait",
         "wait for a job to end; exit 0 Completed, 1 Failed, 3 Stopped, 4 timeout",
@@ -871,6 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "compare": cmd_compare,
             "stop": cmd_stop,
             "delete": cmd_delete,
+            "resume": cmd_resume,
             "wait": cmd_wait,
             "whoami": cmd_whoami,
             "gate": cmd_gate,

@@ -31,6 +31,11 @@ class ExecutorKind(StrEnum):
     ray = "ray"
 
 
+class OnOff(StrEnum):
+    on = "on"
+    off = "off"
+
+
 class JobNetwork(StrEnum):
     host = "host"
     none = "none"
@@ -473,6 +478,43 @@ class Settings(BaseSettings):
             return [Path(p).resolve() for p in self.allowed_paths]
         return [self.data_dir.resolve(), self.examples_dir]
 
+    # Resume and reuse (docs/resume-and-cache.md): the server's response cache, and retries.
+    response_cache: OnOff = Field(
+        OnOff.on,
+        description="on: jobs answer requests already computed for the same model fingerprint "
+        "from the server's response cache, and store what they compute.",
+    )
+    response_cache_shared: bool = Field(
+        False,
+        description="Owners share one cache per model fingerprint (otherwise each owner has "
+        "their own): one owner's jobs can then answer another's.",
+    )
+    response_cache_max_bytes: int = Field(
+        10 * 1024**3,
+        ge=0,
+        description="Bytes all response cache files may hold; the least recently used "
+        "fingerprint's file goes first.",
+    )
+    max_attempts: int = Field(
+        5, ge=1, le=100, description="The most a request's max_attempts may ask for."
+    )
+    retry_backoff_max_s: float = Field(
+        300.0,
+        ge=0,
+        description="An automatic retry waits 2^(attempt-1) s, at most this long.",
+    )
+
+    @property
+    def response_cache_dir(self) -> Path:
+        """Where jobs see the response cache: DATA_DIR/cache/responses (their owner's cache
+        in the sandbox, or the shared one with RESPONSE_CACHE_SHARED)."""
+        return self.cache_dir / "responses"
+
+    @property
+    def shared_response_cache_dir(self) -> Path:
+        """The owners' shared response cache (RESPONSE_CACHE_SHARED with the sandbox on)."""
+        return self.data_dir.resolve() / "shared-responses"
+
     @property
     def task_index_dir(self) -> Path:
         return (self.index_dir or self.data_dir / "index").resolve()
@@ -518,6 +560,7 @@ class Settings(BaseSettings):
             self.task_index_dir,
             self.cache_dir,
             self.owner_caches_dir,
+            self.shared_response_cache_dir,
             self.warm_dir,
             self.tasks_dir,
             db,

@@ -47,6 +47,12 @@ class JobNotCompleted(DomainError):
     status_code = 409
 
 
+class JobNotResumable(DomainError):
+    """POST /job/{id}/resume on a job that is queued, running or completed."""
+
+    status_code = 409
+
+
 class _RetryLater(DomainError):
     retry_after_s: ClassVar[int] = RETRY_AFTER_S
 

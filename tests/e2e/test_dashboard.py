@@ -218,3 +218,30 @@ def test_static_assets_need_no_key_and_docs_work_offline(page: Page, server: Ser
     expect(page.locator(".opblock-summary-path", has_text="/job/{job_id}/results")).to_be_visible()
     outside = [u for u in requested if not u.startswith((server.url, "data:"))]
     assert not outside, outside
+
+
+def test_resume_a_stopped_job_from_the_job_page(page: Page, server: ServerProcess) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {
+        "model": "dummy",
+        "tasks": "demo_mc",
+        "include_path": str(EXAMPLES_TASKS),
+        "lm_eval_path": FAKE_LM_EVAL,
+        "env_vars": {"FAKE_SLEEP_S": "600"},
+    }
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+        job_id = http.post("/job", json=body).json()["job_id"]
+        assert http.post(f"/job/{job_id}/stop").status_code == 200
+        page.goto(f"{server.url}/#/job/{job_id}")
+        expect(page.get_by_test_id("job-status")).to_have_text("Stopped")
+        expect(page.locator("[data-fact=Attempt]")).to_have_text("1")
+        page.get_by_test_id("resume-button").click()
+        expect(page.get_by_test_id("flash")).to_have_text(
+            f"Job {job_id} queued again as attempt 2."
+        )
+        expect(page.get_by_test_id("job-status")).to_have_text("Running")
+        expect(page.get_by_test_id("resume-button")).to_be_hidden()
+        expect(page.locator("[data-fact=Attempt]")).to_have_text("2")
+        assert http.get(f"/job/{job_id}").json()["attempt"] == 2
+        assert http.post(f"/job/{job_id}/stop").status_code == 200
+        expect(page.get_by_test_id("resume-button")).to_be_visible()

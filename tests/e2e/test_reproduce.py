@@ -180,7 +180,8 @@ def test_the_receipt_records_what_the_job_ran_with_and_no_secret(
     }
     assert receipt["model"]["name"] == "local-completions"
     assert "base_url=" in receipt["model"]["model_args"]
-    assert receipt["model"]["fingerprint"] is None  # wired with issue 21's fingerprint
+    # The response cache's key for this job's answers (docs/resume-and-cache.md).
+    assert re.fullmatch(r"[0-9a-f]{64}", receipt["model"]["fingerprint"])
     assert receipt["reproduction_of"] is None
 
     # The stored receipt holds no value of the secret either (the database, as bytes).
@@ -220,6 +221,8 @@ def test_a_reproduction_of_a_deterministic_job_is_identical(
     with client(server, ALICE) as alice:
         first = alice.get(f"/job/{runs['original']}/receipt").json()
     assert _without_output(receipt["argv"]) == _without_output(first["argv"])
+    # The reproduction ran without the response cache, yet names the same model.
+    assert receipt["model"]["fingerprint"] == first["model"]["fingerprint"]
 
 
 def _without_output(argv: list[str]) -> list[str]:

@@ -367,6 +367,17 @@ def build_request_model(specs: list[OptionSpec]) -> type[BaseModel]:
             "verdict (docs/gates.md).",
         ),
     )
+    fields["max_attempts"] = (
+        int | None,
+        Field(
+            None,
+            ge=1,
+            strict=True,  # a JSON integer: true or "2" is a typo, not a count
+            description="Runs the job may make by itself: a failed, killed or lost run is "
+            "retried with backoff until one succeeds (default 1; at most the server's "
+            "MAX_ATTEMPTS). A stop is never retried.",
+        ),
+    )
     fields["env_vars"] = (
         dict[str, str | SecretRef] | None,
         Field(

@@ -82,6 +82,10 @@ class ValidatedJob:
     callback_url: str | None = None
     # The regression gate (gate_rules.Gate as a dict) evaluated when the job ends, or None.
     gate: dict[str, Any] | None = None
+    # The model and model_args as lm-eval holds them (request and config file merged): what
+    # the response cache's fingerprint is made of (admission.fingerprint).
+    model: str | None = None
+    model_args: Any = None
 
 
 def job_lm_args(job: ValidatedJob, work_dir: Path) -> list[str]:
@@ -248,6 +252,7 @@ class RequestValidator:
         ):
             raise InvalidRequest(refused)
         callback_url = self._callback_url(server.get("callback_url"))
+        self._check_max_attempts(values.get("max_attempts"))
         base = Path.cwd()
         self._absolute_paths(values, base)
         try:
@@ -308,6 +313,8 @@ class RequestValidator:
             config_snapshot=snapshot,
             callback_url=callback_url,
             gate=server.get("gate"),
+            model=model,
+            model_args=configured.get("model_args"),
         )
 
     def _run_uploaded(
@@ -340,6 +347,14 @@ class RequestValidator:
             raise InvalidRequest(
                 f"{what}: {path} is inside the server's uploaded tasks (DATA_DIR/tasks); "
                 "name an uploaded task in tasks instead"
+            )
+
+    def _check_max_attempts(self, max_attempts: int | None) -> None:
+        limit = self._settings.max_attempts
+        if max_attempts is not None and max_attempts > limit:
+            raise InvalidRequest(
+                f"max_attempts: {max_attempts} is more than this server allows (MAX_ATTEMPTS="
+                f"{limit}); ask for at most {limit}, or POST /job/{{id}}/resume a failed job"
             )
 
     def _check_option_text(self, values: dict[str, Any]) -> None:

@@ -153,8 +153,14 @@ async def get_logs(
     stream: Stream = Stream.stderr,
     tail: Annotated[int | None, Query(ge=0, le=1_000_000)] = None,
     follow: bool = False,
+    attempt: Annotated[
+        int | None,
+        Query(ge=1, description="An earlier attempt's log (default: the current attempt)."),
+    ] = None,
 ) -> StreamingResponse:
-    path = files.log_path(job_id, stream.value, caller)
+    path = files.log_path(job_id, stream.value, caller, attempt)
+    if attempt is not None:
+        follow = False  # an earlier attempt's log is complete
     inode, size = joblogs.current_size(path)
     # What a job printed, with the secrets the server injected masked (also across chunks).
     redactor = state.redactor.stream()

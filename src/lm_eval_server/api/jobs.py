@@ -308,6 +308,21 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
                 deprecated=name == "dequeue",
             )
 
+    @router.post(
+        "/job/{job_id}/resume",
+        response_model=JobAction,
+        responses={**_NOT_FOUND, 409: {"description": "The job is queued, running or completed."}},
+        summary="Run a Failed or Stopped job again as its next attempt (same id and request); "
+        "answers already in the response cache are not computed again",
+    )
+    async def resume_job(
+        manager: Manager, caller: Caller, trail: AuditTrail, job_id: int
+    ) -> JobAction:
+        record = manager.resume(job_id, caller)
+        message = f"Job {job_id} queued again as attempt {record.attempt}."
+        trail.record(caller, Action.resume, [job_id], message)
+        return JobAction(message=message, job_id=job_id)
+
     @router.delete("/job/{job_id}", response_model=JobAction, responses=_NOT_FOUND)
     async def delete_job(
         manager: Manager, caller: Caller, trail: AuditTrail, job_id: int

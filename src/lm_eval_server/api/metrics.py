@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lm_eval_server.jobs.models import JobRecord, JobStatus
@@ -22,7 +22,7 @@ class _JobCollector(Collector):
     def __init__(self, manager: JobManager) -> None:
         self._manager = manager
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         by_status = GaugeMetricFamily(
             "lm_eval_server_jobs", "Jobs known to the server, by status", labels=["status"]
         )
@@ -45,6 +45,22 @@ class _JobCollector(Collector):
             "GPU devices held by running jobs",
             value=self._manager.gpus_in_use,
         )
+        yield from _cache_counters(self._manager)
+
+
+def _cache_counters(manager: JobManager) -> Iterator[CounterMetricFamily]:
+    # Counted by the manager as each attempt ends (docs/resume-and-cache.md).
+    counts = manager.cache_counts
+    yield CounterMetricFamily(
+        "lm_eval_server_response_cache_hits",
+        "Model requests answered from the server's response cache",
+        value=counts["hits"],
+    )
+    yield CounterMetricFamily(
+        "lm_eval_server_response_cache_misses",
+        "Model requests computed by the model (not in the response cache)",
+        value=counts["misses"],
+    )
 
 
 class AppMetrics:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lm_eval_server.jobs.models import (
+    CacheCounts,
     JobDetail,
     JobRecord,
     JobStatus,
@@ -61,7 +62,20 @@ def summary(record: JobRecord, redactor: Redactor) -> JobSummary:
         duration_s=record.duration_s,
         error=redactor.text(record.error),
         gpus=record.gpus,
+        **attempt_fields(record),
     )
+
+
+def attempt_fields(record: JobRecord) -> dict[str, object]:
+    cache = None
+    if record.cache_hits is not None and record.cache_misses is not None:
+        cache = CacheCounts(hits=record.cache_hits, misses=record.cache_misses)
+    return {
+        "attempt": record.attempt,
+        "max_attempts": record.max_attempts,
+        "retry_at": record.retry_at,
+        "cache": cache,
+    }
 
 
 def summary_json(record: JobRecord, redactor: Redactor) -> bytes:

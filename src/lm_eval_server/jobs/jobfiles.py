@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval_server.errors import FileNotAvailable, JobNotCompleted
+from lm_eval_server.jobs import attempts
 from lm_eval_server.jobs.comparisons import ComparisonCache, compare_records
 from lm_eval_server.jobs.manager import JobManager
 from lm_eval_server.jobs.models import JobRecord, JobStatus
@@ -35,9 +36,22 @@ class JobFiles:
         self._building: dict[_IndexKey, asyncio.Future[samples.SampleIndex]] = {}
         self._comparisons = ComparisonCache()
 
-    def log_path(self, job_id: int, stream: str, viewer: Principal | None) -> Path:
+    def log_path(
+        self, job_id: int, stream: str, viewer: Principal | None, attempt: int | None = None
+    ) -> Path:
+        """The log of the current attempt, or of an earlier one (kept in attempt-N/)."""
         record = self._manager.get(job_id, viewer)
-        return Path(jobdir.log_path(record.work_dir, stream))
+        if attempt is None or attempt == record.attempt:
+            return Path(jobdir.log_path(record.work_dir, stream))
+        directory = None
+        if attempt < record.attempt:
+            directory = attempts.archived_dir(Path(record.work_dir), attempt)
+        if directory is None:
+            raise FileNotAvailable(
+                f"job {job_id} has no logs of attempt {attempt}; it is at attempt "
+                f"{record.attempt} (attempts 1 to {record.attempt} have logs)"
+            )
+        return Path(jobdir.log_path(directory, stream))
 
     async def results(self, job_id: int, viewer: Principal | None) -> tuple[dict[str, Any], Path]:
         """The results JSON as served: known secret values and credential-named keys masked

@@ -3,6 +3,7 @@ warm worker may run it. The manager asks this module; executors receive its `Lau
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import importlib.util
@@ -17,6 +18,7 @@ from typing import Any
 from lm_eval_server.admission.validation import ValidatedJob, job_lm_args
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import InvalidRequest
+from lm_eval_server.jobs import cache_policy
 from lm_eval_server.jobs.models import JobRecord
 from lm_eval_server.runtime import job_env, jobdir, sandbox
 from lm_eval_server.runtime.executors.base import LaunchSpec
@@ -101,7 +103,21 @@ class LaunchPolicy:
         every stored job when the server starts)."""
         self.redactor.learn(injected_values(argv, env_vars))
 
-    def spec(self, record: JobRecord) -> LaunchSpec:
+    def cache_for(self, record: JobRecord) -> cache_policy.CacheFile | None:
+        """The job's response cache file; None when the job runs without the cache."""
+        if record.cache_fingerprint is None or self._settings.response_cache.value == "off":
+            return None
+        return cache_policy.cache_file(
+            self._settings, record.owner, record.cache_fingerprint, self.sandbox.enabled
+        )
+
+    def keep_cache_bound(self, cache: cache_policy.CacheFile) -> None:
+        """RESPONSE_CACHE_MAX_BYTES, this job's file kept (file work: off the event loop).
+        A failure is made good at the next launch: the cache never costs a job."""
+        with contextlib.suppress(OSError):
+            cache_policy.evict(self._settings, cache.host)
+
+    def spec(self, record: JobRecord, cache: cache_policy.CacheFile | None = None) -> LaunchSpec:
         """The job's launch. Reads its secrets now (SecretUnavailable if one is gone: the job
         must not run with an empty value) and tells the redactor every secret's value."""
         work_dir = Path(record.work_dir)
@@ -116,7 +132,10 @@ class LaunchPolicy:
             job_id=record.job_id,
             argv=record.argv,
             # Built from nothing at each start: never the server's own environment.
-            env=job_env.job_environment(self._settings, work_dir, env_vars, gpus=record.gpus),
+            env={
+                **job_env.job_environment(self._settings, work_dir, env_vars, gpus=record.gpus),
+                **cache_policy.job_env(cache, work_dir),
+            },
             work_dir=work_dir,
             num_gpus=resources.get("num_gpus"),
             num_cpus=resources.get("num_cpus"),

@@ -26,11 +26,12 @@ from lm_eval_server.errors import (
     IdempotencyConflict,
     InvalidRequest,
     JobNotFound,
+    JobNotResumable,
     QueueFull,
     QuotaExceeded,
     ShuttingDown,
 )
-from lm_eval_server.jobs import gpus, retention, scheduler, verdicts
+from lm_eval_server.jobs import attempts, cache_policy, gpus, retention, scheduler, verdicts
 from lm_eval_server.jobs.launch import LaunchPolicy
 from lm_eval_server.jobs.models import JobRecord, JobStatus, utcnow
 from lm_eval_server.jobs.receipts import Receipts, reproduction_fields
@@ -81,6 +82,10 @@ class JobManager:
         self._sweeper: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
         self.on_finish: list[Callable[[JobRecord], None]] = []
+        # Jobs waiting out a retry's backoff (Queued, not yet in the fair queue).
+        self._retry_timers: dict[int, asyncio.TimerHandle] = {}
+        # Requests answered from the response cache and computed, since this process started.
+        self.cache_counts: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -117,6 +122,8 @@ class JobManager:
         self._shutting_down = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for timer in self._retry_timers.values():
+            timer.cancel()  # retry_at is stored: the next server process keeps the wait
         live = list(self._live.values())
         for state in live:
             # A stop (or timeout) already under way is carried out, not forgotten: its caller
@@ -236,6 +243,12 @@ class JobManager:
             idempotency_body=idempotency.body_sha256 if idempotency else None,
             owner=owner,
             **reproduction_fields(reproduction_of),
+            max_attempts=job.values.get("max_attempts") or 1,
+            cache_fingerprint=(
+                cache_policy.fingerprint(self._settings, owner, job.model, job.model_args)
+                if cache_policy.wanted(self._settings, job.values, job.model)
+                else None
+            ),
         )
         try:
             self._policy.claim_write_targets(record)
@@ -326,10 +339,15 @@ class JobManager:
 
     # ------------------------------------------------------------------ the queue
     def _dequeue(self, record: JobRecord) -> bool:
-        """Stopped at once when it is still waiting in the queue (no await: atomic)."""
-        if record.status is not JobStatus.queued or record.job_id not in self._queue:
+        """Stopped at once when it is still waiting in the queue, or for a retry (no await:
+        atomic)."""
+        timer = self._retry_timers.pop(record.job_id, None)
+        if timer is not None:
+            timer.cancel()
+        elif record.status is not JobStatus.queued or record.job_id not in self._queue:
             return False
-        self._queue.remove(record.job_id)
+        else:
+            self._queue.remove(record.job_id)
         self.finish(record, JobStatus.stopped, None, None)
         return True
 
@@ -348,8 +366,12 @@ class JobManager:
         return scheduler.Waiting(record.job_id, record.owner, need, record.created_at)
 
     def _requeue(self, record: JobRecord) -> None:
-        """A job that was queued when the server stopped waits again, in its place."""
+        """A job that was queued when the server stopped waits again, in its place (after
+        what is left of its retry's backoff)."""
         record.gpus = None  # given at dispatch, never before
+        if record.retry_at is not None and record.retry_at > self._clock():
+            self._wait_for_retry(record)
+            return
         entry = self._waiting(record)
         if entry.gpus > self._gpus.total:
             self.finish(
@@ -412,9 +434,10 @@ class JobManager:
             await self._runner.run(record, live, handle)
         finally:
             # The slot (and its GPUs) is free whatever happened, and the next job starts at
-            # once.
-            self._live.pop(record.job_id, None)
-            self._gpus.release(record.job_id)
+            # once; unless this job's next attempt already holds them (a retry without wait).
+            if self._live.get(record.job_id) is live:
+                self._live.pop(record.job_id, None)
+                self._gpus.release(record.job_id)
             self._schedule()
 
     async def _sweep(self) -> None:
@@ -441,10 +464,26 @@ class JobManager:
 
     # ------------------------------------------------------------------ state and storage
     def finish(
-        self, record: JobRecord, status: JobStatus, code: int | None, error: str | None
+        self,
+        record: JobRecord,
+        status: JobStatus,
+        code: int | None,
+        error: str | None,
+        retry: bool = False,
     ) -> None:
+        """`retry`: the run failed by itself (its process failed, was killed or was lost),
+        so it is retried if the job has attempts left (attempts.py)."""
         previous = record.status
         if previous.is_terminal():
+            return
+        if previous is JobStatus.running:
+            self._count_cache(record)
+        if (
+            retry
+            and status is JobStatus.failed
+            and attempts.may_retry(record.attempt, record.max_attempts)
+        ):
+            self._retry(record, previous, code, error)
             return
         record.status = status
         record.exit_code = code
@@ -463,6 +502,104 @@ class JobManager:
     async def judge(self, record: JobRecord) -> None:
         """A completed job's gate verdict, before its end is recorded (verdicts.py)."""
         record.verdict = await verdicts.judge(record, self._jobs.get, self.redactor)
+
+    # ------------------------------------------------------------------ resume and retry
+    def _count_cache(self, record: JobRecord) -> None:
+        """The attempt's cache hits and misses, from the stats file its job wrote."""
+        if record.cache_fingerprint is None:
+            return
+        counts = cache_policy.stats(Path(record.work_dir))
+        if counts is None:
+            return
+        record.cache_hits, record.cache_misses = counts["hits"], counts["misses"]
+        self.cache_counts["hits"] += counts["hits"]
+        self.cache_counts["misses"] += counts["misses"]
+
+    def _reload_inputs(self, record: JobRecord) -> None:
+        """The stored request and env_vars, which the record dropped after its launch."""
+        inputs = self._store.launch_inputs(record.job_id)
+        if inputs is not None:
+            record.request, record.env_vars = inputs
+
+    def _next_attempt(self, record: JobRecord) -> None:
+        record.attempt += 1
+        record.status = JobStatus.queued
+        record.exit_code = None
+        record.pid = None
+        record.executor_ref = None
+        record.results_file = None
+        record.progress = None
+        record.summary_json = None
+        record.gpus = None
+        self._reload_inputs(record)
+
+    def _retry(
+        self, record: JobRecord, previous: JobStatus, code: int | None, error: str | None
+    ) -> None:
+        """Back to Queued for its next attempt, after its backoff."""
+        log.info(
+            "job %d: attempt %d of %d failed (exit code %s); retrying",
+            record.job_id,
+            record.attempt,
+            record.max_attempts,
+            code,
+        )
+        self._gpus.release(record.job_id)
+        delay_to = attempts.retry_at(
+            self._clock(), record.attempt, self._settings.retry_backoff_max_s
+        )
+        # What the failed attempt said stays visible while the next one waits.
+        record.error = self.redactor.text(error)
+        self._next_attempt(record)
+        record.retry_at = delay_to
+        self.persist(record, previous)
+        self._wait_for_retry(record)
+
+    def _wait_for_retry(self, record: JobRecord) -> None:
+        assert record.retry_at is not None
+        if self._shutting_down:
+            return  # stored as Queued with its retry_at: the next server process waits for it
+        delay_s = max(0.0, (record.retry_at - self._clock()).total_seconds())
+        loop = asyncio.get_running_loop()
+        self._retry_timers[record.job_id] = loop.call_later(delay_s, self._retry_due, record.job_id)
+
+    def _retry_due(self, job_id: int) -> None:
+        self._retry_timers.pop(job_id, None)
+        record = self._jobs.get(job_id)
+        if record is None or record.status is not JobStatus.queued or self._shutting_down:
+            return
+        record.retry_at = None
+        self.persist(record, JobStatus.queued)
+        self._requeue(record)
+        self._schedule()
+
+    def resume(self, job_id: int, viewer: Principal | None = None) -> JobRecord:
+        """A Failed or Stopped job back in the queue as its next attempt: same id, owner and
+        request; answers its earlier attempts computed come from the response cache."""
+        record = self.get(job_id, viewer)
+        if self._shutting_down:
+            raise ShuttingDown("the server is shutting down; resume the job again shortly")
+        if record.status not in (JobStatus.failed, JobStatus.stopped):
+            raise JobNotResumable(
+                f"job {job_id} is {record.status.value}; only a Failed or Stopped job can be "
+                "resumed"
+                + (
+                    " (submit it again to run it anew)"
+                    if record.status is JobStatus.completed
+                    else ""
+                )
+            )
+        if record.job_id in self._live:
+            raise JobNotResumable(f"job {job_id} is still finishing; resume it in a moment")
+        previous = record.status
+        self._next_attempt(record)
+        record.error = None
+        record.finished_at = None
+        record.retry_at = None
+        self._store.reopen(record, previous)
+        self._requeue(record)
+        self._schedule()
+        return record
 
     def transition(self, record: JobRecord, status: JobStatus) -> None:
         previous = record.status

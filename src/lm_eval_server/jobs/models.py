@@ -66,6 +66,15 @@ class JobRecord:
     # A reproduction (POST /job/{id}/reproduce): the job it repeats and its diff (receipts.py).
     reproduction_of: int | None = None
     reproduction: dict[str, Any] | None = None
+    # Resume and reuse (jobs/attempts.py): this run's number, how many automatic runs the
+    # request allows, when a retry waiting in its backoff is due, the response cache file's
+    # fingerprint (None: no cache) and the last attempt's cache hits and misses.
+    attempt: int = 1
+    max_attempts: int = 1
+    retry_at: datetime | None = None
+    cache_fingerprint: str | None = None
+    cache_hits: int | None = None
+    cache_misses: int | None = None
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
     # The API's JSON for this job once it is finished (it cannot change any more).
@@ -127,7 +136,29 @@ class ProgressInfo(BaseModel):
     )
 
 
-class JobSummary(BaseModel):
+class CacheCounts(BaseModel):
+    hits: int = Field(description="Requests of the last attempt answered from the cache.")
+    misses: int = Field(description="Requests of the last attempt the model computed.")
+
+
+class JobAttempts(BaseModel):
+    """Fields of resume and reuse (docs/resume-and-cache.md), on every job summary."""
+
+    attempt: int = Field(1, description="This run's number: 1, then +1 per resume or retry.")
+    max_attempts: int = Field(
+        1, description="Runs the job may make by itself (automatic retries after a failure)."
+    )
+    retry_at: datetime | None = Field(
+        None, description="When a Queued job waiting to be retried goes back into the queue."
+    )
+    cache: CacheCounts | None = Field(
+        None,
+        description="The server's response cache for the last attempt; null without one "
+        "(RESPONSE_CACHE=off, response_cache: false) or before the attempt has counted.",
+    )
+
+
+class JobSummary(JobAttempts):
     job_id: int
     owner: str = Field(description="The principal (named API key) that submitted the job.")
     argument: str = Field(description="The lm_eval command line, shell-quoted.")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lm_eval_server.admission import fingerprint
 from lm_eval_server.jobs.launch import launcher_command
 from lm_eval_server.jobs.models import JobRecord, JobStatus, utcnow
 from lm_eval_server.outputs import receipts as receipt_files
@@ -40,9 +41,15 @@ def server_version() -> str:
         return "unknown"
 
 
-def model_fingerprint(record: JobRecord, lm_eval_version: str | None) -> str | None:
-    """The one call site of the model fingerprint in a receipt."""
-    return None  # filled by admission.fingerprint after merge with issue 21
+def model_fingerprint(record: JobRecord, model_args: Any, lm_eval_version: str | None) -> str:
+    """The model fingerprint in a receipt: the response cache's key when the job used the
+    cache (exactly the answers it could be served), else the same function over the owner,
+    the model, its model_args and the lm-eval version the job ran with."""
+    if record.cache_fingerprint is not None:
+        return record.cache_fingerprint
+    return fingerprint.model_fingerprint(
+        record.owner, record.model or "", model_args, lm_eval_version or "unknown"
+    )
 
 
 def pending(of: int) -> dict[str, Any]:
@@ -153,7 +160,9 @@ class Receipts:
             request_env_names=list(env_vars),
         )
         receipt["model"]["model_args"] = request.get("model_args")
-        receipt["model"]["fingerprint"] = model_fingerprint(record, receipt["versions"]["lm_eval"])
+        receipt["model"]["fingerprint"] = model_fingerprint(
+            record, request.get("model_args"), receipt["versions"]["lm_eval"]
+        )
         # Masked when recorded, and again when served (a secret learned since then).
         return self._redactor.json(receipt)  # type: ignore[no-any-return]
 

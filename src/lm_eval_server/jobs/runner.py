@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lm_eval_server.config import Settings
-from lm_eval_server.jobs import watch
+from lm_eval_server.jobs import attempts, watch
 from lm_eval_server.jobs.launch import LaunchPolicy
 from lm_eval_server.jobs.models import JobRecord, JobStatus
 from lm_eval_server.outputs import results
@@ -65,6 +65,7 @@ class JobRunner:
         self._policy = policy
         self._states = states
         self._clock = clock
+        self._background: set[asyncio.Future[None]] = set()
 
     async def run(self, record: JobRecord, live: Live, handle: JobHandle | None) -> None:
         """Runs the job to its end; never raises but for a cancellation."""
@@ -86,24 +87,39 @@ class JobRunner:
                 with contextlib.suppress(Exception):
                     await handle.stop(self._settings.stop_grace_s)
             self._states.finish(
-                record, JobStatus.failed, None, f"the server lost track of the job: {exc!r}"
+                record,
+                JobStatus.failed,
+                None,
+                f"the server lost track of the job: {exc!r}",
+                retry=True,
             )
 
     async def _launch(self, record: JobRecord) -> JobHandle | None:
         try:
-            spec = self._policy.spec(record)
+            cache = self._policy.cache_for(record)
+            spec = self._policy.spec(record, cache)
         except SecretUnavailable as exc:
             # Never started with an empty or stale value in place of the secret.
             self._states.finish(record, JobStatus.failed, None, str(exc))
             return None
         record.started_at = self._clock()
+        record.cache_hits = record.cache_misses = None  # counted anew for this attempt
         self._states.transition(record, JobStatus.running)
         try:
+            if record.attempt > 1:
+                # The earlier attempt's logs and exit record move to attempt-N/ (GET
+                # /job/{id}/logs?attempt=N): this attempt writes its own.
+                await asyncio.to_thread(attempts.archive, Path(record.work_dir), record.attempt - 1)
             handle = await self._executor.start(spec)
         except Exception as exc:
             log.exception("job %d could not start", record.job_id)
             self._states.finish(record, JobStatus.failed, None, f"the job could not start: {exc}")
             return None
+        if cache is not None:
+            # In the background: no job waits for a directory walk to start.
+            evict = asyncio.ensure_future(asyncio.to_thread(self._policy.keep_cache_bound, cache))
+            self._background.add(evict)
+            evict.add_done_callback(self._background.discard)
         record.pid = handle.pid
         record.executor_ref = handle.ref
         self._states.persist(record, JobStatus.running)
@@ -186,4 +202,4 @@ class JobRunner:
         if not self._policy.redactor.ready:
             # The manager redacts the error it stores; compiling the matcher is thread work.
             await asyncio.to_thread(self._policy.redactor.prepare)
-        self._states.finish(record, JobStatus.failed, code, error)
+        self._states.finish(record, JobStatus.failed, code, error, retry=True)

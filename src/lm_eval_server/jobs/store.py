@@ -26,7 +26,7 @@ from lm_eval_server.jobs.models import (
     WebhookDelivery,
 )
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # Each entry migrates the schema from version N-1 to N; append, never edit.
 MIGRATIONS: list[str] = [
@@ -128,6 +128,18 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN reproduction_of INTEGER;
     ALTER TABLE jobs ADD COLUMN reproduction TEXT;
     """,
+    # Resume and reuse (issue 21): a job's attempt number and how many it may make by itself,
+    # when a retry in its backoff is due (so a restart does not forget it), its response
+    # cache's fingerprint and the last attempt's cache hits and misses. Earlier jobs made one
+    # attempt, without a cache.
+    """
+    ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN max_attempts INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN retry_at TEXT;
+    ALTER TABLE jobs ADD COLUMN cache_fingerprint TEXT;
+    ALTER TABLE jobs ADD COLUMN cache_hits INTEGER;
+    ALTER TABLE jobs ADD COLUMN cache_misses INTEGER;
+    """,
 ]
 
 _COLUMNS = (
@@ -154,6 +166,12 @@ _COLUMNS = (
     "verdict",
     "reproduction_of",
     "reproduction",
+    "attempt",
+    "max_attempts",
+    "retry_at",
+    "cache_fingerprint",
+    "cache_hits",
+    "cache_misses",
 )
 _MUTABLE_COLUMNS = (
     "status",
@@ -166,9 +184,15 @@ _MUTABLE_COLUMNS = (
     "executor_ref",
     "gpus",
     "verdict",
+    "attempt",
+    "retry_at",
+    "cache_hits",
+    "cache_misses",
 )
 _JSON_COLUMNS = {"request", "argv", "env_vars", "gpus", "verdict", "reproduction"}
-_TIME_COLUMNS = {"created_at", "started_at", "finished_at"}
+_TIME_COLUMNS = {"created_at", "started_at", "finished_at", "retry_at"}
+# A resume (POST /job/{id}/resume) is the one way out of a terminal state: back to the queue.
+RESUMABLE_STATUSES = frozenset({JobStatus.failed, JobStatus.stopped})
 
 
 _DELIVERY_COLUMNS = tuple(f.name for f in fields(WebhookDelivery))
@@ -210,11 +234,12 @@ class JobStore(Protocol):
     def delete(self, job_ids: list[int]) -> None: ...
     def load_all(self) -> list[JobRecord]: ...
     def close(self) -> None: ...
-    # Reproduction receipts (jobs/receipts.py); the request and env_vars as submitted.
+    # The request and env_vars as submitted (resume, retry, reproduce, receipts), receipts.
     def launch_inputs(self, job_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None: ...
     def save_receipt(self, job_id: int, receipt: str) -> None: ...
     def get_receipt(self, job_id: int) -> str | None: ...
     def save_reproduction(self, job_id: int, reproduction: dict[str, Any]) -> None: ...
+    def reopen(self, record: JobRecord, previous: JobStatus) -> None: ...
 
 
 class DeliveryStore(Protocol):
@@ -224,6 +249,11 @@ class DeliveryStore(Protocol):
     def get_delivery(self, job_id: int) -> WebhookDelivery | None: ...
     def pending_deliveries(self) -> list[WebhookDelivery]: ...
     def ended_without_delivery(self) -> list[JobRecord]: ...
+
+
+def _check_reopen(previous: JobStatus, new: JobStatus) -> None:
+    if previous not in RESUMABLE_STATUSES or new is not JobStatus.queued:
+        raise TerminalStateError(f"a {previous.value} job cannot be resumed as {new.value}")
 
 
 def _check_transition(previous: JobStatus, new: JobStatus) -> None:
@@ -329,6 +359,28 @@ class SqliteJobStore:
                 (*_to_row(record, _MUTABLE_COLUMNS), record.job_id),
             )
 
+    def reopen(self, record: JobRecord, previous: JobStatus) -> None:
+        """A Failed or Stopped job back to Queued (a resume); every other move out of a
+        terminal state is still refused."""
+        _check_reopen(previous, record.status)
+        assignments = ",".join(f"{name}=?" for name in _MUTABLE_COLUMNS)
+        with self._lock:
+            self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE job_id=?",
+                (*_to_row(record, _MUTABLE_COLUMNS), record.job_id),
+            )
+
+    def launch_inputs(self, job_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The request and env_vars a job was submitted with (the record in memory drops
+        them after its launch): what a resume or retry launches from again."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT request, env_vars FROM jobs WHERE job_id=?", (job_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return json.loads(row["request"]), json.loads(row["env_vars"])
+
     def delete(self, job_ids: list[int]) -> None:
         if not job_ids:
             return
@@ -346,13 +398,6 @@ class SqliteJobStore:
         return [_from_row(row) for row in rows]
 
     # ------------------------------------------------------------------ receipts
-    def launch_inputs(self, job_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT request, env_vars FROM jobs WHERE job_id=?", (job_id,)
-            ).fetchone()
-        return (json.loads(row[0]), json.loads(row[1])) if row is not None else None
-
     def save_receipt(self, job_id: int, receipt: str) -> None:
         with self._lock:
             self._db.execute("UPDATE jobs SET receipt=? WHERE job_id=?", (receipt, job_id))
@@ -433,9 +478,10 @@ class MemoryJobStore:
         self._last_id = 0
         self._job_ids: set[int] = set()
         self._deliveries: dict[int, WebhookDelivery] = {}
-        # What a reproduce and a receipt read back (the records drop them after the launch).
-        self._inputs: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        # What a resume, a retry or a reproduce launches from (the record drops them after its
+        # launch), and receipts.
         self._receipts: dict[int, str] = {}
+        self._inputs: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     def next_id(self) -> int:
         return self._last_id + 1
@@ -444,9 +490,6 @@ class MemoryJobStore:
         self._last_id = max(self._last_id, record.job_id)
         self._job_ids.add(record.job_id)
         self._inputs[record.job_id] = (dict(record.request), dict(record.env_vars))
-
-    def launch_inputs(self, job_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        return self._inputs.get(job_id)
 
     def save_receipt(self, job_id: int, receipt: str) -> None:
         if job_id in self._job_ids:
@@ -457,6 +500,13 @@ class MemoryJobStore:
 
     def save_reproduction(self, job_id: int, reproduction: dict[str, Any]) -> None:
         return None  # the record holds it; nothing survives a restart
+
+    def reopen(self, record: JobRecord, previous: JobStatus) -> None:
+        _check_reopen(previous, record.status)
+
+    def launch_inputs(self, job_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        inputs = self._inputs.get(job_id)
+        return None if inputs is None else (dict(inputs[0]), dict(inputs[1]))
 
     def update(self, record: JobRecord, previous: JobStatus) -> None:
         _check_transition(previous, record.status)

@@ -15,6 +15,10 @@ each redraw as a line of its own: same records). lm-eval 0.4.13 prints, in order
   (hf, vllm) or `Requesting API` bars (API models; with num_concurrent > 1 they count batches).
 - `Saving results aggregated` (loggers/evaluation_tracker.py): "writing results".
 
+The server's response cache prints `... response_cache: <type>: H of N requests answered from
+the response cache` before the model is called; the type's bar then counts the N - H others,
+and H is added to the type's done and total.
+
 Before any of these the job is "starting" (interpreter, imports, lm-eval's task index).
 
 The whole job's total counts requests of every type. A type's count is exact once its bar
@@ -55,6 +59,10 @@ _BUILD_LINE = re.compile(r"\bBuilding contexts for (\S+) on rank (\d+)\.\.\.")
 _GEN_LINE = re.compile(r"(?:^|\]\s)(\S+): Using gen_kwargs:")
 _COUNT_LINE = re.compile(r"\bTask: (\S+); number of requests on this rank: (\d+)")
 _SAVE_LINE = re.compile(r"\b(?:Saving|skipping saving) results aggregated")
+# The server's response cache (runtime/response_cache.py), before the model is called: the
+# type's bar then counts only the requests the model computes.
+_CACHED = "requests answered from the response cache"
+_CACHE_LINE = re.compile(rf"\bresponse_cache: ({_TYPES}): (\d+) of \d+ {_CACHED}")
 # `skip` finds marker lines in a flood with str.find, then checks the candidate in place
 # (C speed both), so a flood of near-misses ("Running 3 shards") costs no parsing.
 _SKIP_MARKERS = tuple(
@@ -66,6 +74,7 @@ _SKIP_MARKERS = tuple(
         (": Using gen_kwargs:", ""),
         ("; number of requests on this rank: ", r"\d+"),
         ("results aggregated", ""),
+        (_CACHED, ""),
     )
 )
 # How many bars `skip` reads back from the end of a segment: enough to see the latest
@@ -157,6 +166,7 @@ class _Phase:
     # inside the undescribed bar over documents).
     kind: str | None = None
     rate_per_s: float | None = None
+    cached: int = 0  # requests of this type answered from the server's response cache
 
 
 @dataclass
@@ -258,6 +268,14 @@ class ProgressTracker:
             self._tasks.requests[match[1]] = int(match[2])
         elif "results aggregated" in record and _SAVE_LINE.search(record):
             self._enter(WRITING_RESULTS)
+        elif _CACHED in record and (match := _CACHE_LINE.search(record)):
+            self._enter(match[1])
+            phase = self._current
+            if phase.name == match[1]:
+                hits = int(match[2])
+                phase.cached += hits
+                phase.done += hits
+                phase.total = (phase.total or 0) + hits
 
     def _enter(self, name: str) -> None:
         current = self._current
@@ -293,7 +311,8 @@ class ProgressTracker:
             phase.kind = kind
         if kind != phase.kind:
             return
-        phase.done, phase.total, phase.rate_per_s = bar.done, bar.total, bar.rate_per_s
+        phase.done, phase.total = bar.done + phase.cached, bar.total + phase.cached
+        phase.rate_per_s = bar.rate_per_s
 
     def _pending_requests(self) -> int:
         """Requests of the request types whose bar has not drawn yet, from their tasks."""

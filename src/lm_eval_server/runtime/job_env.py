@@ -122,7 +122,10 @@ DEVICE_VARS = frozenset(
 
 # Set per job (its own directory); everything else in a job's environment is the same for
 # every job of a server that has no env_vars, which is what lets a warm worker run it.
-PER_JOB_NAMES = frozenset({"HOME", "TMPDIR"})
+# The response cache's variables (runtime.response_cache) name the job's own file and stats.
+PER_JOB_NAMES = frozenset(
+    {"HOME", "TMPDIR", "LM_EVAL_SERVER_RESPONSE_CACHE", "LM_EVAL_SERVER_RESPONSE_STATS"}
+)
 SAFE_PATH_DIRS = ("/usr/local/bin", "/usr/bin", "/bin")
 LOCALE = "C.UTF-8"
 INDEX_DIR_NAME = "LM_EVAL_SERVER_INDEX_DIR"  # lm_eval_server.runtime.launcher.ENV_INDEX_DIR

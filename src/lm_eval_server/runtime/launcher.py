@@ -24,6 +24,10 @@ indexes every other path with the original ``build`` each time, and merges the
 per-path results exactly like the original (later paths override earlier ones,
 with lm-eval's own override warning on lm-eval's own logger).
 
+Response cache: ``run_lm_eval`` also installs the server's response cache
+(``lm_eval_server.runtime.response_cache``) when the job's environment names a file for it;
+whatever goes wrong there, the job runs without it.
+
 Environment:
 
 * ``LM_EVAL_SERVER_INDEX_DIR``: the data dir holding the cache; unset -> plain lm-eval.
@@ -51,7 +55,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from lm_eval_server.runtime import jobdir, task_index
+from lm_eval_server.runtime import jobdir, response_cache, task_index
 
 ENV_INDEX_DIR = "LM_EVAL_SERVER_INDEX_DIR"
 ENV_DISABLE_HOOK = "LM_EVAL_SERVER_DISABLE_HOOK"
@@ -386,6 +390,13 @@ def run_lm_eval(argv: list[str]) -> None:
         )
         raise SystemExit(EXIT_NO_TEMPLATE_SANDBOX)
     write_job_facts()
+    try:
+        done = response_cache.install()
+    except Exception as err:  # the response cache never costs a job
+        _say(f"running without the response cache ({type(err).__name__}: {err})")
+    else:
+        if done:
+            _debug(done)
     import lm_eval.__main__ as lm_eval_main
 
     # What `python -m lm_eval` puts in argv[0]; HarnessCLI inserts its legacy

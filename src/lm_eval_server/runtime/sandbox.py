@@ -338,8 +338,17 @@ class ViewSettings(Protocol):
 
     def owner_cache_dir(self, owner: str) -> Path: ...
 
+    @property
+    def response_cache_shared(self) -> bool: ...
 
-CACHE_SUBDIRS = ("huggingface", "lm_eval")  # job_env's HF_HOME and LM_HARNESS_CACHE_PATH
+    @property
+    def shared_response_cache_dir(self) -> Path: ...
+
+
+# job_env's HF_HOME and LM_HARNESS_CACHE_PATH, and the server's response cache (its
+# RESPONSE_CACHE_DIR_NAME, where the shared one is mounted with RESPONSE_CACHE_SHARED).
+CACHE_SUBDIRS = ("huggingface", "lm_eval", "responses")
+RESPONSE_CACHE_DIR_NAME = "responses"
 
 
 class Views:
@@ -414,6 +423,16 @@ class Views:
         target.mkdir(mode=0o700, parents=True, exist_ok=True)
         return str(source), str(target)
 
+    def cache_remaps(self, owner: str) -> tuple[tuple[str, str], ...]:
+        """The owner's cache at the cache directory; with RESPONSE_CACHE_SHARED, the owners'
+        shared response cache over its responses/ (mounted after it, so inside it)."""
+        source, target = self.owner_cache(owner)
+        if not self._settings.response_cache_shared:
+            return ((source, target),)
+        shared = self._settings.shared_response_cache_dir
+        shared.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return ((source, target), (str(shared), os.path.join(target, RESPONSE_CACHE_DIR_NAME)))
+
     def job(
         self,
         owner: str,
@@ -445,6 +464,6 @@ class Views:
                 )
             ),
             aliases=(*self._root_aliases, *aliases),
-            remaps=(self.owner_cache(owner),),
+            remaps=self.cache_remaps(owner),
             network=self.network if network is None else network,
         )

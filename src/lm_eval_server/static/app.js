@@ -35,6 +35,22 @@ function h(tag, props = {}, ...children) {
   return el;
 }
 
+// The same for SVG (gates.js's charts, reproduce.js's bar): attributes, text as text nodes.
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs = {}, ...children) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined) continue;
+    el.setAttribute(key === "className" ? "class" : key, String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
 // ---------------------------------------------------------------- API access
 
 class ApiError extends Error {

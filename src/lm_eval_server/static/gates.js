@@ -2,25 +2,11 @@
 // the paired significant differences marked), the compare view's warnings and gate verdicts,
 // and a job page's verdict. The SVG is built here, element by element (no charting library,
 // nothing from a CDN), with textContent only: task and metric names come from any submitter.
-// Uses h, api, $, hooks and formatNumber from app.js; samples.js's compareView calls
+// Uses h, svg, api, $, hooks and formatNumber from app.js; samples.js's compareView calls
 // compareExtras.
 "use strict";
 
-const SVG_NS = "http://www.w3.org/2000/svg";
 const Z95 = 1.96;
-
-function svg(tag, attrs = {}, ...children) {
-  const el = document.createElementNS(SVG_NS, tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === null || value === undefined) continue;
-    el.setAttribute(key === "className" ? "class" : key, String(value));
-  }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined) continue;
-    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return el;
-}
 
 function isNumber(v) {
   return typeof v === "number" && Number.isFinite(v);

@@ -1,17 +1,8 @@
 // The job page's reproduction: a Reproduce button on finished jobs, and on a reproduction its
 // per-sample diff against the original (a bar of identical / differing / unpaired samples, the
-// metric deltas and the first differing samples). Uses h, api, $, flash, formatNumber, hooks,
+// metric deltas and the first differing samples). Uses h, svg, api, $, flash, formatNumber, hooks,
 // TERMINAL and jobView from app.js.
 "use strict";
-
-const SVG_NS = "http://www.w3.org/2000/svg";
-
-function svg(tag, attrs = {}, ...children) {
-  const el = document.createElementNS(SVG_NS, tag);
-  for (const [key, value] of Object.entries(attrs)) el.setAttribute(key, String(value));
-  for (const child of children) el.append(child);
-  return el;
-}
 
 function shown(value) {
   const text = typeof value === "string" ? value : JSON.stringify(value);

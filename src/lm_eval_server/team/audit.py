@@ -41,6 +41,7 @@ class Action(StrEnum):
     delete = "delete"
     stop_all = "stop_all"
     delete_all = "delete_all"
+    resume = "resume"
 
 
 ACTION_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from lm_eval_server.admission import fingerprint
 from lm_eval_server.jobs import receipts
 from lm_eval_server.jobs.launch import launcher_command
 from lm_eval_server.jobs.models import JobRecord, JobStatus
@@ -170,7 +171,11 @@ def test_receipts_are_recorded_masked_and_a_reproduction_is_diffed(tmp_path: Pat
     assert first["model"]["model_args"] == "api_key=***"
     assert first["env_names"] == ["HF_TOKEN", "OPENAI_API_KEY"]  # names only, from the request
     assert first["tasks"]["t"]["task_hash"] == "th" and first["seeds"]["random_seed"] == 0
-    assert first["model"]["fingerprint"] is None
+    # No cache file for these records: the fingerprint is computed as the cache's would be,
+    # and the api_key in model_args (a credential) is not part of it.
+    assert first["model"]["fingerprint"] == fingerprint.model_fingerprint(
+        a.owner, a.model or "", "", first["versions"]["lm_eval"] or "unknown"
+    )
     assert second["reproduction_of"] == 1
     assert b.reproduction["state"] == "done"
     assert (b.reproduction["identical"], b.reproduction["differing"]) == (2, 1)

@@ -363,3 +363,31 @@ def test_arbitrary_text_never_crashes(text: str) -> None:
     lines = terminal_lines(text)
     assert all("\r" not in line for line in lines)
     assert all("\n" not in line[:-1] for line in lines)
+
+
+RUN_GEN = "2026-11-21:23:21:54 INFO     [evaluator:589] Running generate_until requests\n"
+
+
+def cached_line(hits: int, of: int) -> str:
+    return (
+        f"lm_eval_server.response_cache: generate_until: {hits} of {of} requests answered "
+        "from the response cache\n"
+    )
+
+
+def test_requests_answered_from_the_response_cache_count_as_done() -> None:
+    tracker = ProgressTracker()
+    tracker.feed(RUN_GEN + cached_line(20, 200))
+    assert (tracker.progress.done, tracker.progress.total) == (20, 20)
+    tracker.feed("Requesting API:  50%|█████     | 90/180 [00:09<00:09, 10.0it/s]\r")
+    assert (tracker.progress.done, tracker.progress.total) == (110, 200)
+    tracker.feed("Requesting API: 100%|██████████| 180/180 [00:18<00:00, 10.0it/s]\n")
+    assert (tracker.progress.done, tracker.progress.total, tracker.progress.pct) == (200, 200, 100)
+    # A repeat: every request from the cache, the model never called (no bar at all).
+    repeat = ProgressTracker()
+    repeat.feed(RUN_GEN + cached_line(200, 200))
+    assert (repeat.progress.done, repeat.progress.total, repeat.progress.pct) == (200, 200, 100)
+    # The cheap path for floods reads the line too.
+    skipped = ProgressTracker()
+    skipped.skip(RUN_GEN + "noise\n" * 100 + cached_line(200, 200))
+    assert (skipped.progress.done, skipped.progress.total) == (200, 200)
