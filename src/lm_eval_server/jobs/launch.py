@@ -76,6 +76,8 @@ class LaunchPolicy:
         self._secrets = settings.secret_policy()
         self.redactor = redactor if redactor is not None else Redactor()
         self._default_program = shlex.split(settings.default_lm_eval_path)
+        # Resolved once (realpath per root): settings do not change while the server runs.
+        self._roots = settings.allowed_roots
         self._launcher = settings.use_launcher and (
             importlib.util.find_spec(LAUNCHER_MODULE) is not None
         )
@@ -154,9 +156,7 @@ class LaunchPolicy:
         )
 
     def write_targets(self, record: JobRecord) -> list[Path]:
-        return write_targets(
-            record.argv, record.output_path, Path(record.work_dir), self._settings.allowed_roots
-        )
+        return write_targets(record.argv, record.output_path, Path(record.work_dir), self._roots)
 
     def claim_write_targets(self, record: JobRecord) -> None:
         """Records where this job writes outside its directory; InvalidRequest when another

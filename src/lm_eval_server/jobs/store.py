@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -139,6 +139,7 @@ _COLUMNS = (
     "owner",
     "gpus",
 )
+_INSERT_JOB = f"INSERT INTO jobs ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
 _MUTABLE_COLUMNS = (
     "status",
     "started_at",
@@ -186,9 +187,13 @@ class TerminalStateError(RuntimeError):
     """A write tried to move a job out of a terminal state."""
 
 
+# SQL run in the transaction of a job's insert (the audit row of its submission).
+JoinedWrites = Sequence[tuple[str, Sequence[Any]]]
+
+
 class JobStore(Protocol):
     def next_id(self) -> int: ...
-    def insert(self, record: JobRecord) -> None: ...
+    def insert(self, record: JobRecord, joined: JoinedWrites = ()) -> None: ...
     def update(self, record: JobRecord, previous: JobStatus) -> None: ...
     def delete(self, job_ids: list[int]) -> None: ...
     def load_all(self) -> list[JobRecord]: ...
@@ -287,13 +292,17 @@ class SqliteJobStore:
             row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='jobs'").fetchone()
         return (row[0] if row else 0) + 1
 
-    def insert(self, record: JobRecord) -> None:
-        placeholders = ",".join("?" * len(_COLUMNS))
+    def insert(self, record: JobRecord, joined: JoinedWrites = ()) -> None:
+        """The job's row and `joined` (its audit row) in one transaction: one commit, and on
+        disk together or not at all."""
         with self._lock:
-            self._db.execute(
-                f"INSERT INTO jobs ({','.join(_COLUMNS)}) VALUES ({placeholders})",
-                _to_row(record),
-            )
+            if not joined:
+                self._db.execute(_INSERT_JOB, _to_row(record))
+                return
+            with self._transaction():
+                self._db.execute(_INSERT_JOB, _to_row(record))
+                for sql, params in joined:
+                    self._db.execute(sql, params)
 
     def update(self, record: JobRecord, previous: JobStatus) -> None:
         _check_transition(previous, record.status)
@@ -392,7 +401,10 @@ class MemoryJobStore:
     def next_id(self) -> int:
         return self._last_id + 1
 
-    def insert(self, record: JobRecord) -> None:
+    def insert(self, record: JobRecord, joined: JoinedWrites = ()) -> None:
+        if joined:
+            # Nothing here could hold them: the caller would lose them silently.
+            raise ValueError("a memory store cannot run SQL writes; store them elsewhere")
         self._last_id = max(self._last_id, record.job_id)
         self._job_ids.add(record.job_id)
 
