@@ -307,10 +307,11 @@ async def measure(args: argparse.Namespace, sizes: Sizes, tmp: Path) -> dict[str
         page_ms: list[float] = []
         get_ms: list[float] = []
         cpu_list: list[float] = []
-        for _ in range(sizes.rounds):
+        for round_index in range(sizes.rounds):
             floor_ms += await sequential_ms(floor.http, "/health", sizes.get_requests)
             cpu_before = run.cpu_s(srv.pid)[0]
-            list_ms += await sequential_ms(srv.http, "/jobs", sizes.list_requests)
+            async with profile.phase(f"list-{round_index + 1}", srv.pid):
+                list_ms += await sequential_ms(srv.http, "/jobs", sizes.list_requests)
             cpu_list.append((run.cpu_s(srv.pid)[0] - cpu_before) / sizes.list_requests * 1000)
             page_ms += await sequential_ms(srv.http, page, sizes.get_requests)
             get_ms += await sequential_ms(srv.http, f"/job/{sleeper}", sizes.get_requests)
