@@ -129,7 +129,8 @@ class LaunchPolicy:
             view=self.view(record),
             bwrap=self.sandbox.bwrap or "bwrap",
             owner=record.owner,
-            owner_view=self.owner_view(record),
+            # Only the sandboxed warm pool reads it: a second mount table per job otherwise.
+            owner_view=self.owner_view(record) if self._settings.warm_workers else None,
         )
 
     def owner_view(self, record: JobRecord) -> sandbox.View | None:

@@ -265,6 +265,7 @@ class SqliteJobStore:
         # per commit, which is the failure this store is for.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        self._last_id: int | None = None  # the highest job id inserted (next_id)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -289,8 +290,14 @@ class SqliteJobStore:
 
     def next_id(self) -> int:
         with self._lock:
-            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='jobs'").fetchone()
-        return (row[0] if row else 0) + 1
+            if self._last_id is None:
+                # Read once: from then on this store is the table's only writer (the server
+                # owns its DATA_DIR) and follows its inserts itself.
+                row = self._db.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name='jobs'"
+                ).fetchone()
+                self._last_id = row[0] if row else 0
+            return self._last_id + 1
 
     def insert(self, record: JobRecord, joined: JoinedWrites = ()) -> None:
         """The job's row and `joined` (its audit row) in one transaction: one commit, and on
@@ -298,11 +305,14 @@ class SqliteJobStore:
         with self._lock:
             if not joined:
                 self._db.execute(_INSERT_JOB, _to_row(record))
-                return
-            with self._transaction():
-                self._db.execute(_INSERT_JOB, _to_row(record))
-                for sql, params in joined:
-                    self._db.execute(sql, params)
+            else:
+                with self._transaction():
+                    self._db.execute(_INSERT_JOB, _to_row(record))
+                    for sql, params in joined:
+                        self._db.execute(sql, params)
+            if self._last_id is not None:
+                # AUTOINCREMENT never hands out an id below the highest ever inserted.
+                self._last_id = max(self._last_id, record.job_id)
 
     def update(self, record: JobRecord, previous: JobStatus) -> None:
         _check_transition(previous, record.status)
