@@ -76,8 +76,13 @@ class JobRecord:
         # Any field, including ones added later, makes the cached summary stale: the rule is
         # "assigned", not a list of the fields the summary happens to show. Assigning the
         # same object (the progress watcher's unchanged Progress) changes nothing.
-        if name not in _CACHE_FIELDS and self.__dict__.get(name, _UNSET) is not value:
-            self.__dict__["summary_json"] = None
+        state = self.__dict__
+        if (
+            state.get("summary_json") is not None  # first: nothing to drop while __init__ runs
+            and name not in _CACHE_FIELDS
+            and state.get(name, _UNSET) is not value
+        ):
+            state["summary_json"] = None
         object.__setattr__(self, name, value)
 
     def release_launch_inputs(self) -> None:
