@@ -234,6 +234,7 @@ async def drain(
     name: str,
     **env: str,
 ) -> Any:
+    """n trivial jobs through MAX_CONCURRENCY=4 on a fresh server (bench/run.py's drain)."""
     srv = run.Server(ctx_root, index_dir, paths, MAX_CONCURRENCY="4", **env)
     await srv.start()
     try:
