@@ -70,3 +70,36 @@ def test_the_middleware_leaves_the_principal_of_a_valid_key_only() -> None:
     assert _run(keys, []) == {}
     # A server without keys: everyone is the open server's principal.
     assert _run({}, []) == {"principal": OPEN_SERVER}
+
+
+def test_the_host_guard_remembers_allowed_hosts_only_and_a_bounded_number() -> None:
+    from lm_eval_server.api import hosts, security
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    guard = security.HttpGuardMiddleware(app, hosts.parse_rules(["localhost", "*.example.com"]))
+    statuses: list[int] = []
+
+    async def send(message):  # type: ignore[no-untyped-def]
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    def get(host: str) -> int:
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "headers": [(b"host", host.encode())],
+        }
+        asyncio.run(guard(scope, None, send))  # type: ignore[arg-type]
+        return statuses[-1]
+
+    assert get("localhost:8000") == 200
+    assert get("evil.test") == 400
+    assert get("evil.test") == 400  # refused again, and never remembered
+    assert "evil.test" not in guard._allowed and "localhost:8000" in guard._allowed
+    for i in range(security.HOST_MEMO_SIZE + 50):
+        assert get(f"h{i}.example.com") == 200
+    assert len(guard._allowed) == security.HOST_MEMO_SIZE
+    assert get(f"h{security.HOST_MEMO_SIZE + 10}.example.com") == 200  # allowed, not remembered
