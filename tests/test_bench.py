@@ -156,3 +156,42 @@ def test_quick_resume_cache_bench_measures_a_repeat_and_a_resume(
     for name, row in results["figures"].items():
         assert math.isfinite(row["model_ratio"]) and row["fresh_model_s"] > 0, (name, row)
         assert name in proc.stdout
+
+
+HOT_PATHS = ROOT / "bench" / "hot_paths.py"
+
+
+def test_quick_hot_paths_bench_prints_every_figure_beside_the_floor(
+    tmp_path: Path, index_dir: Path
+) -> None:
+    out = tmp_path / "hot_paths.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(HOT_PATHS),
+            "--quick",
+            "--out",
+            str(out),
+            "--index-dir",
+            str(index_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["mode"] == "quick"
+    figures = results["figures"]
+    for name in ("post_ratio", "health_ratio", "docs_ratio"):
+        assert math.isfinite(figures[name]) and figures[name] > 0, (name, figures[name])
+    for name in ("list_all_p50_ms", "list_page_p50_ms", "get_job_p50_ms", "floor_bytes_p50_ms"):
+        assert math.isfinite(figures[name]) and figures[name] > 0, name
+    assert figures["drain_jobs_per_s"] > 0 and figures["drain_off_jobs_per_s"] > 0
+    # The listing ran over finished and queued jobs both.
+    by_status = results["raw"]["listed"]["by_status"]
+    assert by_status.get("Stopped", 0) >= 1 and by_status.get("Queued", 0) >= 1, by_status
+    assert isinstance(results["loadavg_before"], list) and len(results["loadavg_before"]) == 3
+    for label in ("POST /job", "GET /health (trivial route)", "GET /jobs, all, p50"):
+        assert label in proc.stdout

@@ -29,6 +29,7 @@ from lm_eval_server.api.jobs import jobs_router
 from lm_eval_server.api.metrics import AppMetrics
 from lm_eval_server.api.reproduce import reproduce_router
 from lm_eval_server.api.security import (
+    ApiKeyMiddleware,
     BodyLimitMiddleware,
     HttpGuardMiddleware,
     is_loopback,
@@ -254,6 +255,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Task uploads carry data files: their own cap, in place of MAX_BODY_BYTES.
         routes={("POST", "/tasks"): (settings.max_upload_bytes, "MAX_UPLOAD_BYTES")},
     )
+    app.add_middleware(ApiKeyMiddleware, keys=lambda: state.keys)
     # Outermost: a request for a foreign Host or from a foreign site touches nothing else.
     app.add_middleware(HttpGuardMiddleware, rules=_host_rules(settings))
     return app
@@ -340,6 +342,10 @@ class HttpMetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: AppMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Each (method, route, status)'s counter and histogram children, looked up once:
+        # prometheus_client's labels() checks and locks on every call. Route templates and
+        # methods are the app's own, so the table stays small.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -358,6 +364,19 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"]
-            self.metrics.http_requests.labels(method, path, str(status_code)).inc()
-            self.metrics.http_latency.labels(method, path).observe(time.perf_counter() - started)
+            key = (scope["method"], path, status_code)
+            children = self._children.get(key)
+            if children is None:
+                method = scope["method"]
+                children = (
+                    self.metrics.http_requests.labels(method, path, str(status_code)),
+                    self.metrics.http_latency.labels(method, path),
+                )
+                if len(self._children) < METRIC_CHILDREN_MEMO:
+                    self._children[key] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
+
+
+# Methods x routes x statuses; beyond this (made-up methods), labels() is asked each time.
+METRIC_CHILDREN_MEMO = 4096

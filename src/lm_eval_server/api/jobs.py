@@ -25,12 +25,23 @@ from lm_eval_server.api.request_body import BodyLimits, BodyRefused, screen_job_
 from lm_eval_server.api.security import caller_of
 from lm_eval_server.config import Settings
 from lm_eval_server.jobs import verdicts
-from lm_eval_server.jobs.models import BulkAction, JobAction, JobDetail, JobList, JobStatus
+from lm_eval_server.jobs.models import (
+    BulkAction,
+    JobAction,
+    JobDetail,
+    JobList,
+    JobRecord,
+    JobStatus,
+)
 from lm_eval_server.jobs.receipts import DETAIL_WAIT_S
-from lm_eval_server.team.audit import Action
+from lm_eval_server.team.audit import Action, Entry, SqlWrite
 from lm_eval_server.team.principals import NAME_PATTERN
 
 _NOT_FOUND = {404: {"description": "No job has this id."}}
+
+
+def _queued(job_id: int) -> str:
+    return f"Job {job_id} successfully queued."
 
 
 def parse_statuses(text: str | None) -> set[JobStatus] | None:
@@ -187,12 +198,22 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             # a key later given to another principal never reaches the first one's jobs.
             raw = await request.body()  # already read and cached by FastAPI
             claim = idempotency.claim(idempotency_key, f"{caller.name}\0{caller_of(request)}", raw)
-        retried = claim is not None and manager.claimed_job(claim) is not None
-        record = manager.submit(job, claim, owner=caller.name)
-        message = f"Job {record.job_id} successfully queued."
-        outcome = "Idempotency-Key retry: no new job." if retried else message
-        trail.record(caller, Action.submit, [record.job_id], outcome)
-        return JobAction(message=message, job_id=record.job_id)
+        entry: Entry | None = None
+
+        def audit_row(new: JobRecord) -> list[SqlWrite]:
+            # Committed with the job's row: one transaction per submission.
+            nonlocal entry
+            entry = trail.entry(caller, Action.submit, [new.job_id], _queued(new.job_id))
+            write = trail.joined_write(entry)
+            return [write] if write is not None else []
+
+        record = manager.submit(job, claim, owner=caller.name, joined=audit_row)
+        if entry is not None:
+            trail.joined(entry)
+        else:  # an Idempotency-Key retry: the first job, nothing stored
+            outcome = "Idempotency-Key retry: no new job."
+            trail.record(caller, Action.submit, [record.job_id], outcome)
+        return JobAction(message=_queued(record.job_id), job_id=record.job_id)
 
     router.add_api_route(
         "/job",

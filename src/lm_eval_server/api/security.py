@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lm_eval_server.admission.idempotency import ANONYMOUS, caller_id
@@ -21,34 +21,82 @@ from lm_eval_server.team.principals import OPEN_SERVER, Principal
 
 log = logging.getLogger(__name__)
 
-_bearer = HTTPBearer(auto_error=False, description="One of the server's API_KEYS.")
+
+class _DocumentedBearer(HTTPBearer):
+    """Declares the bearer scheme in /openapi.json (the docs' Authorize button); the header
+    itself is read once, by ApiKeyMiddleware, before routing."""
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        return None
 
 
-async def require_api_key(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """The caller's principal; 401 without a valid key. FastAPI caches a dependency per
-    request, so a route that also asks for `Caller` gets this same check's answer."""
-    keys: dict[bytes, Principal] = request.app.state.server.keys
-    if not keys:
-        request.state.principal = OPEN_SERVER
-        return OPEN_SERVER
-    supplied = credentials.credentials.encode() if credentials is not None else b""
-    # Compare against every key so the time taken does not say which key came close.
+_bearer = _DocumentedBearer(auto_error=False, description="One of the server's API_KEYS.")
+
+# Where ApiKeyMiddleware leaves its answer, in the request's scope["state"] (request.state).
+_PRINCIPAL = "principal"
+_API_KEY = "api_key"
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of `Authorization: Bearer <token>`, read as FastAPI's HTTPBearer reads it
+    (scheme case-insensitive, the token stripped); None for anything else."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if not scheme or not token or scheme.lower() != "bearer":
+        return None
+    return token
+
+
+def match_key(keys: dict[bytes, Principal], supplied: bytes) -> bytes | None:
+    """The key `supplied` is, or None. Compared against every key, so the time taken does
+    not say which key came close."""
     matched: bytes | None = None
     for key in keys:
         if hmac.compare_digest(supplied, key):
             matched = key
-    if matched is None:
+    return matched
+
+
+class ApiKeyMiddleware:
+    """Resolves the caller's API key to a principal once per request, before routing (pure
+    ASGI: no Request object, no dependency). The secured routes' `require_api_key` refuses a
+    request it left without a principal; open routes (/health, the dashboard) ignore it."""
+
+    def __init__(self, app: ASGIApp, keys: Callable[[], dict[bytes, Principal]]) -> None:
+        self.app = app
+        self.keys = keys  # read per request: the server's table (ServerState.keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            state = scope.setdefault("state", {})
+            keys = self.keys()
+            if not keys:
+                state[_PRINCIPAL] = OPEN_SERVER
+            else:
+                raw = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+                token = bearer_token(raw.decode("latin-1") if raw is not None else None)
+                matched = match_key(keys, token.encode() if token is not None else b"")
+                if matched is not None:
+                    state[_API_KEY] = matched
+                    state[_PRINCIPAL] = keys[matched]
+        await self.app(scope, receive, send)
+
+
+async def require_api_key(
+    request: Request, _: Annotated[None, Depends(_bearer)] = None
+) -> Principal:
+    """The caller's principal (ApiKeyMiddleware found it); 401 without a valid key. FastAPI
+    caches a dependency per request, so a route that also asks for `Caller` gets this same
+    check's answer."""
+    principal: Principal | None = request.scope.get("state", {}).get(_PRINCIPAL)
+    if principal is None:
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="Missing or invalid API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    request.state.api_key = matched
-    principal = keys[matched]
-    request.state.principal = principal
     return principal
 
 
@@ -71,7 +119,7 @@ Admin = Annotated[Principal, Depends(require_admin)]
 
 def caller_of(request: Request) -> str:
     """Who sent the request, as idempotency keys are scoped: the API key used, or nobody."""
-    key: bytes | None = getattr(request.state, "api_key", None)
+    key: bytes | None = request.scope.get("state", {}).get(_API_KEY)
     return caller_id(key) if key is not None else ANONYMOUS
 
 
@@ -134,8 +182,10 @@ class BodyLimitMiddleware:
             (scope["method"], scope.get("path", "").rstrip("/") or "/"),
             (self.max_bytes, "MAX_BODY_BYTES"),
         )
+        has_body = False
         for name, value in scope.get("headers", []):
             if name == b"content-length":
+                has_body = True
                 try:
                     declared = int(value)
                 except ValueError:
@@ -143,6 +193,13 @@ class BodyLimitMiddleware:
                 if declared > max_bytes:
                     await _json_response(413, self._message(max_bytes, setting))(send)
                     return
+            elif name == b"transfer-encoding":
+                has_body = True
+        if not has_body:
+            # Neither Content-Length nor Transfer-Encoding: HTTP/1.1 says there is no body
+            # (uvicorn hands over an empty one at once), so nothing to bound or time.
+            await self.app(scope, receive, send)
+            return
         received = 0
         complete = False
         deadline = time.monotonic() + self.timeout_s
@@ -181,6 +238,9 @@ class BodyLimitMiddleware:
         return f"Request body is larger than the server's limit of {max_bytes} bytes ({setting})"
 
 
+HOST_MEMO_SIZE = 256
+
+
 class HttpGuardMiddleware:
     """Outermost guard for requests a browser was tricked into sending.
 
@@ -194,19 +254,16 @@ class HttpGuardMiddleware:
     def __init__(self, app: ASGIApp, rules: list[hosts.HostRule] | None) -> None:
         self.app = app
         self.rules = rules
+        self._allowed: set[str] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        host_values = [v for k, v in scope.get("headers", []) if k == b"host"]
-        headers = {
-            k.decode("latin-1"): v.decode("latin-1")
-            for k, v in scope.get("headers", [])
-            if k in (b"origin", b"sec-fetch-site", b"referer")
-        }
+        raw_headers = scope.get("headers", [])
+        host_values = [v for k, v in raw_headers if k == b"host"]
         host = host_values[0].decode("latin-1") if len(host_values) == 1 else None
-        if not hosts.host_allowed(host, self.rules):
+        if not self._host_allowed(host):
             shown = "no Host header" if host is None else f"Host {host[:100]!r}"
             if len(host_values) > 1:
                 shown = "several Host headers"
@@ -217,6 +274,11 @@ class HttpGuardMiddleware:
             await _json_response(400, detail)(send)
             return
         if hosts.is_state_changing(scope["method"], scope.get("path", "")):
+            headers = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in raw_headers
+                if k in (b"origin", b"sec-fetch-site", b"referer")
+            }
             reason = hosts.cross_site_reason(headers, host or "")
             if reason is not None:
                 detail = (
@@ -228,13 +290,28 @@ class HttpGuardMiddleware:
                 return
 
         async def send_relative(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and any(
+                k.lower() == b"location" for k, _ in message.get("headers", ())
+            ):
                 message["headers"] = [
                     (k, hosts.relative_location(v.decode("latin-1")).encode("latin-1"))
                     if k.lower() == b"location"
                     else (k, v)
-                    for k, v in message.get("headers", [])
+                    for k, v in message["headers"]
                 ]
             await send(message)
 
         await self.app(scope, receive, send_relative)
+
+    def _host_allowed(self, host: str | None) -> bool:
+        """hosts.host_allowed, remembered per Host value: clients send a handful of them.
+        Refusals are not remembered, so a flood of made-up names cannot fill the memo."""
+        if host is None:
+            return hosts.host_allowed(None, self.rules)
+        if host in self._allowed:
+            return True
+        if not hosts.host_allowed(host, self.rules):
+            return False
+        if len(self._allowed) < HOST_MEMO_SIZE:
+            self._allowed.add(host)
+        return True

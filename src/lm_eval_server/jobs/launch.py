@@ -78,6 +78,8 @@ class LaunchPolicy:
         self._secrets = settings.secret_policy()
         self.redactor = redactor if redactor is not None else Redactor()
         self._default_program = shlex.split(settings.default_lm_eval_path)
+        # Resolved once (realpath per root): settings do not change while the server runs.
+        self._roots = settings.allowed_roots
         self._launcher = settings.use_launcher and (
             importlib.util.find_spec(LAUNCHER_MODULE) is not None
         )
@@ -146,7 +148,8 @@ class LaunchPolicy:
             view=self.view(record),
             bwrap=self.sandbox.bwrap or "bwrap",
             owner=record.owner,
-            owner_view=self.owner_view(record),
+            # Only the sandboxed warm pool reads it: a second mount table per job otherwise.
+            owner_view=self.owner_view(record) if self._settings.warm_workers else None,
         )
 
     def owner_view(self, record: JobRecord) -> sandbox.View | None:
@@ -173,9 +176,7 @@ class LaunchPolicy:
         )
 
     def write_targets(self, record: JobRecord) -> list[Path]:
-        return write_targets(
-            record.argv, record.output_path, Path(record.work_dir), self._settings.allowed_roots
-        )
+        return write_targets(record.argv, record.output_path, Path(record.work_dir), self._roots)
 
     def claim_write_targets(self, record: JobRecord) -> None:
         """Records where this job writes outside its directory; InvalidRequest when another

@@ -36,7 +36,7 @@ from lm_eval_server.jobs.launch import LaunchPolicy
 from lm_eval_server.jobs.models import JobRecord, JobStatus, utcnow
 from lm_eval_server.jobs.receipts import Receipts, reproduction_fields
 from lm_eval_server.jobs.runner import JobRunner, Live
-from lm_eval_server.jobs.store import JobStore, TerminalStateError
+from lm_eval_server.jobs.store import JobStore, JoinedWrites, TerminalStateError
 from lm_eval_server.runtime.executors.base import Executor, JobHandle
 from lm_eval_server.runtime.sandbox import OFF, Sandbox
 from lm_eval_server.team.principals import DEFAULT_PRINCIPAL, Principal
@@ -76,6 +76,8 @@ class JobManager:
             max_running_per_owner=settings.max_running_per_key,
             reserve_after_s=settings.gpu_reserve_after_s,
         )
+        # Resolved once: a job's directory is a plain child of it, named by the job's id.
+        self._jobs_root = settings.jobs_dir.resolve()
         self._live: dict[int, Live] = {}
         self._idempotency: dict[str, int] = {}
         self._shutting_down = False
@@ -209,7 +211,11 @@ class JobManager:
         idempotency: IdempotencyClaim | None = None,
         owner: str = DEFAULT_PRINCIPAL,
         reproduction_of: int | None = None,
+        joined: Callable[[JobRecord], JoinedWrites] | None = None,
     ) -> JobRecord:
+        """Queues the job (or returns the job an earlier request with this idempotency claim
+        queued). `joined` gives the writes to commit with the new job's row, e.g. its audit
+        entry; it is called only when a job is stored."""
         if self._shutting_down:
             raise ShuttingDown("the server is shutting down; submit the job again shortly")
         if idempotency is not None and (first := self._first_claimed(idempotency)) is not None:
@@ -221,7 +227,7 @@ class JobManager:
             )
         self._check_quota(owner)
         job_id = self._store.next_id()
-        work_dir = (self._settings.jobs_dir / str(job_id)).resolve()
+        work_dir = self._jobs_root / str(job_id)
         work_dir.mkdir(parents=True, exist_ok=True)
         command = self._policy.command(job, work_dir)
         server_fields = {
@@ -255,7 +261,7 @@ class JobManager:
         except InvalidRequest:
             shutil.rmtree(work_dir, ignore_errors=True)
             raise
-        self._store.insert(record)
+        self._store.insert(record, joined(record) if joined is not None else ())
         self._jobs[job_id] = record
         if idempotency is not None:
             self._idempotency[idempotency.scope] = job_id

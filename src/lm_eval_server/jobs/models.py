@@ -31,6 +31,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_CACHE_FIELDS = frozenset({"summary_json", "summary_redaction"})
+_UNSET = object()
+
 # What summaries and the state machine read from a request after the job has launched.
 SUMMARY_REQUEST_KEYS = ("model", "tasks", "timeout_s", "callback_url", "gate")
 
@@ -77,11 +80,25 @@ class JobRecord:
     cache_misses: int | None = None
     # Live state, not persisted: re-derived from the log after a restart.
     progress: Any = None
-    # The API's JSON for this job once it is finished (it cannot change any more).
+    # The API's JSON for this job (api/views.py), kept until any other field is assigned
+    # (__setattr__): GET /jobs copies these bytes instead of serialising every job each time.
     summary_json: bytes | None = field(default=None, compare=False, repr=False)
     # The Redactor generation summary_json was redacted with (redact.py): a value learned since
     # (a secret added to SECRETS_DIR) makes the cached JSON stale.
     summary_redaction: int = field(default=-1, compare=False, repr=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Any field, including ones added later, makes the cached summary stale: the rule is
+        # "assigned", not a list of the fields the summary happens to show. Assigning the
+        # same object (the progress watcher's unchanged Progress) changes nothing.
+        state = self.__dict__
+        if (
+            state.get("summary_json") is not None  # first: nothing to drop while __init__ runs
+            and name not in _CACHE_FIELDS
+            and state.get(name, _UNSET) is not value
+        ):
+            state["summary_json"] = None
+        object.__setattr__(self, name, value)
 
     def release_launch_inputs(self) -> None:
         """Forget what only the launch needed (the request body and the job's environment): up

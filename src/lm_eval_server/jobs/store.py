@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -173,6 +173,7 @@ _COLUMNS = (
     "cache_hits",
     "cache_misses",
 )
+_INSERT_JOB = f"INSERT INTO jobs ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
 _MUTABLE_COLUMNS = (
     "status",
     "started_at",
@@ -227,9 +228,13 @@ class TerminalStateError(RuntimeError):
     """A write tried to move a job out of a terminal state."""
 
 
+# SQL run in the transaction of a job's insert (the audit row of its submission).
+JoinedWrites = Sequence[tuple[str, Sequence[Any]]]
+
+
 class JobStore(Protocol):
     def next_id(self) -> int: ...
-    def insert(self, record: JobRecord) -> None: ...
+    def insert(self, record: JobRecord, joined: JoinedWrites = ()) -> None: ...
     def update(self, record: JobRecord, previous: JobStatus) -> None: ...
     def delete(self, job_ids: list[int]) -> None: ...
     def load_all(self) -> list[JobRecord]: ...
@@ -312,6 +317,7 @@ class SqliteJobStore:
         # per commit, which is the failure this store is for.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        self._last_id: int | None = None  # the highest job id inserted (next_id)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -336,16 +342,29 @@ class SqliteJobStore:
 
     def next_id(self) -> int:
         with self._lock:
-            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='jobs'").fetchone()
-        return (row[0] if row else 0) + 1
+            if self._last_id is None:
+                # Read once: from then on this store is the table's only writer (the server
+                # owns its DATA_DIR) and follows its inserts itself.
+                row = self._db.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name='jobs'"
+                ).fetchone()
+                self._last_id = row[0] if row else 0
+            return self._last_id + 1
 
-    def insert(self, record: JobRecord) -> None:
-        placeholders = ",".join("?" * len(_COLUMNS))
+    def insert(self, record: JobRecord, joined: JoinedWrites = ()) -> None:
+        """The job's row and `joined` (its audit row) in one transaction: one commit, and on
+        disk together or not at all."""
         with self._lock:
-            self._db.execute(
-                f"INSERT INTO jobs ({','.join(_COLUMNS)}) VALUES ({placeholders})",
-                _to_row(record),
-            )
+            if not joined:
+                self._db.execute(_INSERT_JOB, _to_row(record))
+            else:
+                with self._transaction():
+                    self._db.execute(_INSERT_JOB, _to_row(record))
+                    for sql, params in joined:
+                        self._db.execute(sql, params)
+            if self._last_id is not None:
+                # AUTOINCREMENT never hands out an id below the highest ever inserted.
+                self._last_id = max(self._last_id, record.job_id)
 
     def update(self, record: JobRecord, previous: JobStatus) -> None:
         _check_transition(previous, record.status)
@@ -486,7 +505,10 @@ class MemoryJobStore:
     def next_id(self) -> int:
         return self._last_id + 1
 
-    def insert(self, record: JobRecord) -> None:
+    def insert(self, record: JobRecord, joined: JoinedWrites = ()) -> None:
+        if joined:
+            # Nothing here could hold them: the caller would lose them silently.
+            raise ValueError("a memory store cannot run SQL writes; store them elsewhere")
         self._last_id = max(self._last_id, record.job_id)
         self._job_ids.add(record.job_id)
         self._inputs[record.job_id] = (dict(record.request), dict(record.env_vars))

@@ -2,7 +2,8 @@
 
 `DATA_DIR/tasks/<owner>/<task>/` holds `<task>.yaml` (the uploaded YAML with its data_files
 made absolute paths into this directory), the data files, and `upload.json` (who, when, what).
-The directory is the record: every lookup reads it, so several server processes sharing
+The directory is the record: every lookup reads it (the task names a submission needs from a
+cache checked against the owner directory's mtime), so several server processes sharing
 DATA_DIR agree, and a restart loses nothing. DATA_DIR/tasks is a server-owned path: no job
 writes into it and no request names files in it; a job reaches an upload only through the
 task name, which the validator maps to its owner's YAML.
@@ -161,6 +162,8 @@ class TaskUploads:
         self._views = sandbox.Views(settings, network=False)
         self._checking: set[str] = set()  # owners whose upload lm-eval is checking now
         self._pending: dict[str, int] = {}  # each owner's uploads being checked or waiting
+        # names() per owner: (the owner directory's (dev, inode, mtime) when read, the names).
+        self._names: dict[str, tuple[tuple[int, int, int] | None, dict[str, Path]]] = {}
 
     # ------------------------------------------------------------ reading
 
@@ -172,11 +175,31 @@ class TaskUploads:
         return self.root / owner
 
     def names(self, owner: str) -> dict[str, Path]:
+        """The owner's task names -> their stored YAML. Every submission asks, so the answer is
+        kept per owner and used while the owner's directory is unchanged: an upload or a delete
+        renames an entry in or out of it, which changes its mtime (so another server process's
+        changes count too), and this process's own drop the entry at once. One stat, no scan."""
+        if not NAME_PATTERN.fullmatch(owner):
+            return {}
+        try:
+            st = os.stat(self.owner_dir(owner))
+            signature: tuple[int, int, int] | None = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        except (FileNotFoundError, NotADirectoryError):
+            signature = None
+        cached = self._names.get(owner)
+        if cached is not None and cached[0] == signature:
+            return dict(cached[1])
+        found = self._scan(owner)
+        self._names[owner] = (signature, found)
+        return dict(found)
+
+    def _changed(self, owner: str) -> None:
+        self._names.pop(owner, None)
+
+    def _scan(self, owner: str) -> dict[str, Path]:
         """The owner's task names -> their stored YAML (one scandir, bounded)."""
         found: dict[str, Path] = {}
         limit = self._settings.max_uploaded_tasks * 2 + 8
-        if not NAME_PATTERN.fullmatch(owner):
-            return found
         try:
             with os.scandir(self.owner_dir(owner)) as entries:
                 for index, entry in enumerate(entries):
@@ -346,7 +369,10 @@ class TaskUploads:
                 "docs": result.get("docs"),
                 "files": [{"name": n, "bytes": len(b)} for n, b in sorted(data.items())],
             }
-            await asyncio.to_thread(self._commit, staging, final, checked, data, meta)
+            try:
+                await asyncio.to_thread(self._commit, staging, final, checked, data, meta)
+            finally:
+                self._changed(owner)
         finally:
             for leftover in (staging, check_dir):
                 await asyncio.to_thread(shutil.rmtree, leftover, True)
@@ -459,6 +485,8 @@ class TaskUploads:
                 task.directory.rename(trash)
             except FileNotFoundError:
                 raise UploadedTaskNotFound(name) from None
+            finally:
+                self._changed(task.owner)
             await asyncio.to_thread(shutil.rmtree, trash, True)
         return task
 

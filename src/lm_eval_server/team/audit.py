@@ -44,6 +44,9 @@ class Action(StrEnum):
     resume = "resume"
 
 
+# One SQL statement and its parameters, run by whoever owns the transaction.
+SqlWrite = tuple[str, tuple[Any, ...]]
+
 ACTION_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # An entry for a bulk action lists this many job ids; job_count says how many there were.
 MAX_JOB_IDS = 1000
@@ -113,10 +116,24 @@ class Audit:
     ) -> Entry:
         """Append an entry for an action that took effect. `outcome` and `target` are the
         caller's own short words (clipped), never request text that might hold a secret."""
+        stored = self._insert(self.entry(who, action, job_ids, outcome, target))
+        self._maybe_prune()
+        return stored
+
+    def entry(
+        self,
+        who: Principal,
+        action: str,
+        job_ids: Sequence[int] = (),
+        outcome: str = "",
+        target: str | None = None,
+    ) -> Entry:
+        """The entry `record` would append, not stored yet (entry_id 0): for a write joined to
+        another transaction (`joined_write`)."""
         if not ACTION_PATTERN.fullmatch(action):
             raise ValueError(f"audit action {action!r} is not a lower_case name")
         ids = tuple(int(i) for i in job_ids)
-        entry = Entry(
+        return Entry(
             entry_id=0,
             at=self._clock(),
             principal=who.name,
@@ -127,9 +144,20 @@ class Audit:
             target=_clip(target, MAX_TARGET_CHARS) if target is not None else None,
             outcome=_clip(outcome, MAX_OUTCOME_CHARS),
         )
-        stored = self._insert(entry)
+
+    def joined_write(self, entry: Entry) -> SqlWrite | None:
+        """The SQL that stores `entry`, for the job store to run in the transaction of the
+        change it records (one commit per submission: the job row and its audit row are on
+        disk together, or neither is). None when entries do not live in jobs.db; then
+        `joined` stores it."""
+        return None
+
+    def joined(self, entry: Entry) -> None:
+        """After the transaction holding `joined_write(entry)` committed (or, without one,
+        after the change it records): what `record` does besides the write."""
+        if self.joined_write(entry) is None:
+            self._insert(entry)
         self._maybe_prune()
-        return stored
 
     def query(self, query: Query) -> tuple[list[Entry], int]:
         """(the page, how many entries match in all)."""
@@ -207,22 +235,26 @@ class SqliteAudit(Audit):
             ) from exc
 
     def _insert(self, entry: Entry) -> Entry:
+        sql, params = self.joined_write(entry)
         with self._lock:
-            cursor = self._db.execute(
-                "INSERT INTO audit (at, principal, admin, action, job_ids, job_count, target, "
-                "outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    _timestamp(entry.at),
-                    entry.principal,
-                    int(entry.admin),
-                    entry.action,
-                    json.dumps(list(entry.job_ids)),
-                    entry.job_count,
-                    entry.target,
-                    entry.outcome,
-                ),
-            )
+            cursor = self._db.execute(sql, params)
         return Entry(**{**entry.__dict__, "entry_id": int(cursor.lastrowid or 0)})
+
+    def joined_write(self, entry: Entry) -> SqlWrite:
+        return (
+            "INSERT INTO audit (at, principal, admin, action, job_ids, job_count, target, "
+            "outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                _timestamp(entry.at),
+                entry.principal,
+                int(entry.admin),
+                entry.action,
+                json.dumps(list(entry.job_ids)),
+                entry.job_count,
+                entry.target,
+                entry.outcome,
+            ),
+        )
 
     def _select(self, query: Query) -> tuple[list[Entry], int]:
         clauses: list[str] = []
