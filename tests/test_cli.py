@@ -239,6 +239,9 @@ def test_parse_submit_follows_the_schema() -> None:
     assert client == {"wait": True}
     _, body, _ = cli.parse_submit(["--apply_chat_template", "chatml", "--limit", "0.5"], properties)
     assert body == {"apply_chat_template": "chatml", "limit": 0.5}
+    # A value is the text typed, even when it reads like a boolean: lm-eval judges it.
+    _, body, _ = cli.parse_submit(["--apply_chat_template", "false"], properties)
+    assert body == {"apply_chat_template": "false"}
     with pytest.raises(cli.CliError, match="is a flag"):
         cli.parse_submit(["--log_samples=maybe"], properties)
     with pytest.raises(cli.CliError, match="needs a value"):

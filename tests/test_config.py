@@ -55,6 +55,8 @@ def test_defaults_allow_data_dir_and_examples(tmp_path: Path) -> None:
         ),
         ({"SANDBOX": "maybe"}, "bad setting SANDBOX: Input should be 'auto', 'bwrap' or 'off'"),
         ({"JOB_ENV_PASSTHROUGH": "API_KEYS"}, "bad setting: JOB_ENV_PASSTHROUGH: API_KEYS is a"),
+        # A directory that cannot be made (under a file): a setting, not a lifespan traceback.
+        ({"DATA_DIR": "/etc/hostname/data"}, "bad setting DATA_DIR: cannot create /etc/hostname"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(

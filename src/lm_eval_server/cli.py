@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import sys
 import time
@@ -214,12 +215,17 @@ def convert(name: str, kind: str, text: str) -> Any:
             return int(text)
         if kind == "number":
             # An integer stays an integer: lm-eval reads `--limit 8` as a count, 0.5 as a fraction.
-            return int(text) if text.lstrip("-").isdigit() else float(text)
+            number = int(text) if text.lstrip("-").isdigit() else float(text)
+            if not math.isfinite(number):
+                raise ValueError("not a finite number (JSON has no NaN or Infinity)")
+            return number
         if kind == "json" or (kind == "key_value" and text.lstrip().startswith("{")):
-            return json.loads(text)
+            return strict_json(text)
     except ValueError as exc:
         raise CliError(f"--{name}: cannot read {text!r}: {exc}") from exc
-    if kind in ("flag", "flag_or_value") and text.lower() in ("true", "false"):
+    # An option that takes a value keeps the text typed, as lm-eval's parser gets it:
+    # `--cache_requests false` is lm-eval's error, `--apply_chat_template false` a template's name.
+    if kind == "flag" and text.lower() in ("true", "false"):
         return text.lower() == "true"
     if kind == "flag":
         raise CliError(f"--{name} is a flag: give it bare, or as --{name}=true/false")
@@ -292,13 +298,23 @@ def parse_submit(
     return file, body, client
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def strict_json(text: str) -> Any:
+    """JSON as the server reads it: NaN and Infinity, which Python's json accepts, are not
+    numbers there (and could not even be sent)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 def read_request_file(file: str) -> dict[str, Any]:
     try:
         text = sys.stdin.read() if file == "-" else Path(file).read_text()
     except OSError as exc:
         raise CliError(f"cannot read {file}: {exc.strerror}") from exc
     try:
-        data = json.loads(text)
+        data = strict_json(text)
     except ValueError as exc:
         raise CliError(f"{file} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
@@ -582,7 +598,7 @@ def parse_rule(text: str) -> dict[str, Any]:
     (`no_significant_drop=0.01` sets its alpha)."""
     if text.lstrip().startswith("{"):
         try:
-            rule = json.loads(text)
+            rule = strict_json(text)
         except ValueError as exc:
             raise CliError(f"--rule {text!r} is not valid JSON: {exc}") from exc
         if not isinstance(rule, dict):
@@ -615,9 +631,12 @@ def parse_rule(text: str) -> dict[str, Any]:
 
 def _rule_number(text: str, value: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise CliError(f"--rule {text!r}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise CliError(f"--rule {text!r}: {value!r} is not a finite number")
+    return number
 
 
 def read_gate_file(file: str) -> dict[str, Any]:

@@ -592,6 +592,17 @@ def describe_errors(exc: ValidationError) -> str:
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment (and `overrides`), or SettingsError naming what is wrong."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(describe_errors(exc)) from None
+    # Made here, not first at startup: a DATA_DIR that cannot be made is a bad setting too
+    # (one line naming it), not a traceback from the server's lifespan.
+    try:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise SettingsError(
+            f"bad setting DATA_DIR: cannot create {settings.data_dir} ({reason}); set DATA_DIR "
+            "to a directory this user can create or write (settings: docs/configuration.md)"
+        ) from None
+    return settings

@@ -182,6 +182,11 @@ def test_jobs_job_and_form_pages_fit_a_phone(
         ({"max_batch_size": True}, "invalid int value: 'true'"),
         ({"limit": 0}, "task.build_requests() did not find any docs!"),
         ({"hf_hub_log_args": {"push": True}}, "unexpected keyword argument 'push'"),
+        # The server's own JOBS_OFFLINE default would stop the push after the whole run.
+        (
+            {"hf_hub_log_args": {"push_results_to_hub": True, "hub_results_org": "me"}},
+            '"OfflineModeIsEnabled" after the whole evaluation',
+        ),
         ({"wandb_args": "project=x"}, 'pip install "lm-eval[wandb]"'),
         ({"trackio_args": "project=x"}, 'pip install "lm-eval[trackio]"'),
         ({"check_integrity": True}, "Unable to find package root"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_GATE_RULES = 100
 MAX_NAME_CHARS = 200
@@ -43,11 +43,17 @@ class GateRule(BaseModel):
         max_length=MAX_NAME_CHARS,
         description="lm-eval's filter name (e.g. none, strict-match); default: every filter.",
     )
-    min: float | None = Field(None, allow_inf_nan=False, description="Least value allowed.")
-    max: float | None = Field(None, allow_inf_nan=False, description="Greatest value allowed.")
+    # Numbers and ids are strict (a JSON number; true or "1" is a typo, not a threshold).
+    min: float | None = Field(
+        None, strict=True, allow_inf_nan=False, description="Least value allowed."
+    )
+    max: float | None = Field(
+        None, strict=True, allow_inf_nan=False, description="Greatest value allowed."
+    )
     max_drop: float | None = Field(
         None,
         ge=0,
+        strict=True,
         allow_inf_nan=False,
         description="How much worse than the baseline the candidate may be (metric units).",
     )
@@ -58,8 +64,17 @@ class GateRule(BaseModel):
         None,
         gt=0,
         lt=1,
+        strict=True,
         description="no_significant_drop's level (default 0.05).",
     )
+
+    @field_validator("no_significant_drop", mode="before")
+    @classmethod
+    def _json_true(cls, value: object) -> object:
+        # A Literal compares by ==, so 1 would pass for true; only the JSON boolean does.
+        if value is not None and value is not True:
+            raise ValueError("no_significant_drop takes true (the JSON boolean) or nothing")
+        return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> GateRule:
@@ -86,6 +101,7 @@ class Gate(BaseModel):
     baseline: int | None = Field(
         None,
         ge=1,
+        strict=True,
         le=2**62,
         description="The job the candidate is compared with; needed by max_drop and "
         "no_significant_drop rules. Must be visible to the caller.",
@@ -105,4 +121,4 @@ class Gate(BaseModel):
 class GateRequest(Gate):
     """POST /gate: the rules, evaluated for two finished jobs."""
 
-    candidate: int = Field(ge=1, le=2**62, description="The job the rules judge.")
+    candidate: int = Field(ge=1, le=2**62, strict=True, description="The job the rules judge.")

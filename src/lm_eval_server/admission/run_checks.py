@@ -129,6 +129,37 @@ def _integrity_refusal() -> str:
     )
 
 
+# What huggingface_hub reads as true in HF_HUB_OFFLINE (its `_is_true`).
+_HUB_TRUE = frozenset({"1", "ON", "YES", "TRUE"})
+HUB_PUSH_KEYS = ("push_results_to_hub", "push_samples_to_hub")
+
+
+def hub_offline(env_vars: Mapping[str, Any], jobs_offline: bool) -> bool:
+    """Whether a job's HF_HUB_OFFLINE will be on: JOBS_OFFLINE sets it unless the request's
+    env_vars give it another value (a plain value; a secret is never an offline switch)."""
+    value = env_vars.get("HF_HUB_OFFLINE")
+    if isinstance(value, str):
+        return value.strip().upper() in _HUB_TRUE
+    return jobs_offline
+
+
+def hub_push_refusal(configured: Mapping[str, Any], offline: bool) -> str | None:
+    """A push to the Hub (hf_hub_log_args) from a job run with HF_HUB_OFFLINE on: lm-eval
+    would run the whole evaluation, then fail the job when it pushes."""
+    value = configured.get("hf_hub_log_args")
+    if not offline or not isinstance(value, Mapping):
+        return None
+    pushes = [k for k in HUB_PUSH_KEYS if value.get(k) is True]
+    if not pushes:
+        return None
+    return (
+        f"hf_hub_log_args: {pushes[0]} needs the Hugging Face Hub, and this job would run with "
+        "HF_HUB_OFFLINE=1 (the server's JOBS_OFFLINE default): lm-eval would stop with "
+        '"OfflineModeIsEnabled" after the whole evaluation. Add "env_vars": '
+        '{"HF_HUB_OFFLINE": "0", "HF_TOKEN": {"secret": "<name>"}} to push, or leave it out'
+    )
+
+
 def refusal(configured: Mapping[str, Any]) -> str | None:
     """Why lm-eval, run in this server's interpreter, would fail on these configured options
     (EvaluatorConfig's values after the config-file merge), or None."""

@@ -298,6 +298,11 @@ class RequestValidator:
             refused := run_checks.refusal(configured)
         ):
             raise InvalidRequest(refused)
+        if refused := run_checks.hub_push_refusal(
+            configured,
+            offline=run_checks.hub_offline(env_vars, self._settings.jobs_offline),
+        ):
+            raise InvalidRequest(refused)
         uploaded = self._uploads.names(principal) if principal and self._uploads else {}
         self._check_tasks(names, include_paths, uploaded)
         if used := {t: str(uploaded[t]) for t in names if t in uploaded}:

@@ -350,10 +350,16 @@ class JobManager:
         timer = self._retry_timers.pop(record.job_id, None)
         if timer is not None:
             timer.cancel()
-        elif record.status is not JobStatus.queued or record.job_id not in self._queue:
+            # The attempt it waited for never ran: the job ends at the attempt that did (whose
+            # logs a later resume files under its number), with that attempt's failure.
+            record.attempt -= 1
+            record.retry_at = None
+            error = f"stopped while waiting to retry; attempt {record.attempt}: {record.error}"
+            self.finish(record, JobStatus.stopped, None, error)
+            return True
+        if record.status is not JobStatus.queued or record.job_id not in self._queue:
             return False
-        else:
-            self._queue.remove(record.job_id)
+        self._queue.remove(record.job_id)
         self.finish(record, JobStatus.stopped, None, None)
         return True
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval_server.admission import fingerprint
+from lm_eval_server.errors import InvalidRequest
 from lm_eval_server.jobs.launch import launcher_command
 from lm_eval_server.jobs.models import JobRecord, JobStatus, utcnow
 from lm_eval_server.outputs import receipts as receipt_files
@@ -64,12 +65,20 @@ def reproduction_fields(of: int | None) -> dict[str, Any]:
 
 def lm_eval_path_of(argv: Sequence[str], allowed: Sequence[str]) -> str | None:
     """The request's lm_eval_path, recovered from the argv it ran: None for the bundled
-    lm-eval (the launcher), else the longest allowed command the argv starts with."""
+    lm-eval (the launcher), else the longest allowed command the argv starts with. A program
+    the server no longer allows is refused: a reproduction must run the same lm-eval, never
+    quietly the default one."""
     prefix = launcher_command()
     if list(argv[: len(prefix)]) == prefix:
         return None
     matches = [p for p in allowed if (w := shlex.split(p)) and list(argv[: len(w)]) == w]
-    return max(matches, key=lambda p: len(shlex.split(p))) if matches else None
+    if not matches:
+        raise InvalidRequest(
+            "this job ran an lm-eval command that the server's LM_EVAL_PATHS no longer lists "
+            f"(the job's argv starts {shlex.join(argv[:3])}); a reproduction would run another "
+            "lm-eval. Ask the operator to list it again, or submit the request anew"
+        )
+    return max(matches, key=lambda p: len(shlex.split(p)))
 
 
 def reproduce_body(

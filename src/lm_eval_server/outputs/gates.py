@@ -30,6 +30,12 @@ from lm_eval_server.outputs.compare import DEFAULT_ALPHA
 KINDS = ("min", "max", "max_drop", "no_significant_drop")
 
 
+def at_most(value: float, limit: float) -> bool:
+    """value <= limit, up to float rounding: 0.675 - 0.6 is 0.07500000000000007, and a gate
+    set to the drop it observed must not fail on the last bit."""
+    return value <= limit or math.isclose(value, limit, rel_tol=1e-9, abs_tol=1e-12)
+
+
 def evaluate(
     rules: list[dict[str, Any]],
     comparison: dict[str, Any],
@@ -157,16 +163,16 @@ def _check(
     if candidate is None:
         return _verdict(check, False, f"{name}: the candidate has no numeric value")
     if kind == "min":
-        ok = candidate >= rule["min"]
+        ok = at_most(rule["min"], candidate)
         return _verdict(check, ok, f"{name} = {candidate:.4g} {'>=' if ok else '<'} {rule['min']}")
     if kind == "max":
-        ok = candidate <= rule["max"]
+        ok = at_most(candidate, rule["max"])
         return _verdict(check, ok, f"{name} = {candidate:.4g} {'<=' if ok else '>'} {rule['max']}")
     if baseline is None:
         return _verdict(check, False, f"{name}: the baseline has no numeric value")
     drop = check["drop"]
     if kind == "max_drop":
-        ok = drop <= rule["max_drop"]
+        ok = at_most(drop, rule["max_drop"])
         moved = (
             f"dropped by {drop:.4g}"
             if drop > 0

@@ -23,7 +23,11 @@ the model lm-eval builds in `simple_evaluate`, at its one construction point
   without the cache; a write that fails turns the cache off for the rest of the job. The cache
   never fails a job.
 
-Hits and misses are written to the stats file after every call (`read_stats` reads them).
+Hits are counted when a call starts; misses are the answers the model computed, counted as
+each one arrives through the hook (and, for a backend that does not call the hook, when its call
+returns), so a job stopped or killed halfway reports what it computed, not what it asked for.
+The stats file is written after every call and at most every STATS_EVERY_S while answers
+arrive (`read_stats` reads it).
 Environment: LM_EVAL_SERVER_RESPONSE_CACHE (the file), LM_EVAL_SERVER_RESPONSE_STATS (the stats
 file in the job's directory). Stdlib and lm-eval only.
 """
@@ -193,16 +197,30 @@ def open_store(path: Path) -> ResponseStore | None:
 # ----------------------------------------------------------------- counts
 
 
+# How often the stats file is rewritten while a call's answers arrive: a job stopped or killed
+# mid-call then reports its misses to within this much, for one small write per interval.
+STATS_EVERY_S = 0.5
+
+
 class Stats:
     def __init__(self, path: str | None) -> None:
         self.path = path
         self.hits = 0
         self.misses = 0
+        self._written_at = 0.0
         # Seconds spent answering requests (lookups, the model's calls, stores): what
         # bench/resume_cache.py compares between a fresh run, a repeat and a resume.
         self.answer_s = 0.0
 
+    def computed(self) -> None:
+        """One answer the model computed (a miss)."""
+        self.misses += 1
+        now = time.monotonic()
+        if now - self._written_at >= STATS_EVERY_S:
+            self.write()
+
     def write(self) -> None:
+        self._written_at = time.monotonic()
         if not self.path:
             return
         tmp = f"{self.path}.{os.getpid()}.tmp"
@@ -250,6 +268,9 @@ class _Hook:
     def add_partial(self, attr: str, req: Iterable[Any], res: Any) -> None:
         owner = self._owner
         args = tuple(req)
+        if attr in REQUEST_TYPES:
+            owner.partials += 1
+            owner.stats.computed()
         owner.store_answer(attr, args, res)
         if owner.user_hook is not None:
             owner.user_hook.add_partial(attr, args, res)
@@ -263,6 +284,8 @@ class ServerCachedLM:
         self.store: ResponseStore | None = store
         self.stats = stats
         self.user_hook: Any = None
+        # Answers the model reported through the hook during the current call.
+        self.partials = 0
         self._hash = _hash_args()
         lm.set_cache_hook(_Hook(self))
 
@@ -325,10 +348,12 @@ class ServerCachedLM:
         if hits:
             _say(f"{attr}: {hits} of {len(requests)} requests answered from the response cache")
         self.stats.hits += hits
-        self.stats.misses += len(remaining)
         self.stats.write()
         if remaining:
+            self.partials = 0
             computed = getattr(self.lm, attr)([requests[i] for i in remaining])
+            # What the hook did not count (a backend that never calls it, or calls it less).
+            self.stats.misses += max(0, len(remaining) - self.partials)
             for i, answer in zip(remaining, computed, strict=True):
                 results[i] = answer
                 self.store_answer(attr, tuple(requests[i].args), answer)

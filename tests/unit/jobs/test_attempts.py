@@ -172,6 +172,30 @@ def test_a_stop_is_never_retried_and_resume_queues_the_next_attempt(settings: Se
     asyncio.run(scenario())
 
 
+def test_a_stop_during_a_retrys_wait_ends_at_the_attempt_that_ran(settings: Settings) -> None:
+    executor = FakeExecutor()
+    waiting = settings.model_copy(update={"retry_backoff_max_s": 60})  # 1 s before attempt 2
+
+    async def scenario() -> None:
+        async with running(waiting, executor) as manager:
+            record = manager.submit(job(max_attempts=3))
+            await started(executor, 1, 1)
+            executor.handles[1].exit(1)
+            await eventually(lambda: record.retry_at is not None)
+            assert record.status is JobStatus.queued and record.attempt == 2
+            await manager.stop(1)
+            # Attempt 2 never ran: the job is Stopped at attempt 1, with attempt 1's failure.
+            assert record.status is JobStatus.stopped
+            assert (record.attempt, record.retry_at) == (1, None)
+            assert record.error is not None and "attempt 1" in record.error
+            assert len(executor.specs) == 1
+            manager.resume(1)
+            await started(executor, 1, 2)
+            assert record.attempt == 2
+
+    asyncio.run(scenario())
+
+
 def test_a_job_lost_in_a_restart_goes_back_to_the_queue_when_attempts_are_left(
     settings: Settings,
 ) -> None:

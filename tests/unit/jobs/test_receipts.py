@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from lm_eval_server.admission import fingerprint
+from lm_eval_server.errors import InvalidRequest
 from lm_eval_server.jobs import receipts
 from lm_eval_server.jobs.launch import launcher_command
 from lm_eval_server.jobs.models import JobRecord, JobStatus
@@ -58,7 +59,9 @@ def test_the_lm_eval_path_is_recovered_from_the_argv() -> None:
     allowed = [f"{sys.executable} -m lm_eval", f"{sys.executable} -m lm_eval run"]
     argv = [*shlex.split(allowed[1]), "--tasks", "t"]
     assert receipts.lm_eval_path_of(argv, allowed) == allowed[1]
-    assert receipts.lm_eval_path_of(["/other/lm_eval", "--tasks"], allowed) is None
+    # A program the server no longer allows: refused, never replaced by the default lm-eval.
+    with pytest.raises(InvalidRequest, match="no longer lists"):
+        receipts.lm_eval_path_of(["/other/lm_eval", "--tasks"], allowed)
 
 
 def test_the_store_keeps_receipts_and_reproductions(tmp_path: Path) -> None:

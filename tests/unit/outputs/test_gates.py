@@ -71,6 +71,20 @@ def test_min_max_and_max_drop_follow_the_metrics_direction() -> None:
     assert result["rules"][0]["reason"] == "t/acc = 0.65 >= 0.6"
 
 
+def test_a_threshold_equal_to_the_observed_change_passes_despite_float_rounding() -> None:
+    # 0.675 - 0.6 is 0.07500000000000007 in floats: a gate set to the drop it saw passes.
+    base, cand = run({"acc": 0.675}), run({"acc": 0.6})
+    rules = [
+        {"metric": "acc", "max_drop": 0.075},
+        {"metric": "acc", "max_drop": 0.0749},
+        {"metric": "acc", "min": 0.6},
+        {"metric": "acc", "max": 0.6},
+    ]
+    result = verdict(rules, base, cand)
+    assert [c["passed"] for c in result["rules"]] == [True, False, True, True]
+    assert "within max_drop 0.075" in result["rules"][0]["reason"]
+
+
 def test_a_rule_that_matches_nothing_fails_and_names_what_exists() -> None:
     result = verdict([{"metric": "f1", "min": 0.1}], run({"acc": 0.7}), run({"acc": 0.7}))
     [check] = result["rules"]
@@ -100,10 +114,23 @@ def test_absolute_rules_need_no_baseline() -> None:
         ({"rules": [{"metric": "acc", "max_drop": 0.1}]}, '"baseline"'),
         ({"baseline": 1, "rules": []}, "at least 1"),
         ({"baseline": 1, "rules": [{"metric": "acc", "min": 1, "alpha": 0.1}]}, "alpha applies"),
-        ({"baseline": 1, "rules": [{"metric": "acc", "no_significant_drop": False}]}, "True"),
+        ({"baseline": 1, "rules": [{"metric": "acc", "no_significant_drop": False}]}, "takes true"),
         ({"baseline": 1, "rules": [{"metric": "acc", "max_drop": -1}]}, "greater than or equal"),
         ({"baseline": 0, "rules": [{"metric": "acc", "min": 1}]}, "greater than or equal"),
         ({"baseline": 1, "rules": [{"metric": "acc", "min": 1, "x": 1}]}, "Extra inputs"),
+        # JSON types as written: a boolean or a string is not a threshold or a job id.
+        ({"baseline": True, "rules": [{"metric": "acc", "min": 1}]}, "valid integer"),
+        ({"baseline": "1", "rules": [{"metric": "acc", "min": 1}]}, "valid integer"),
+        ({"baseline": 1, "rules": [{"metric": "acc", "max_drop": True}]}, "valid number"),
+        ({"baseline": 1, "rules": [{"metric": "acc", "min": "0.5"}]}, "valid number"),
+        ({"baseline": 1, "rules": [{"metric": "acc", "no_significant_drop": 1}]}, "takes true"),
+        (
+            {
+                "baseline": 1,
+                "rules": [{"metric": "acc", "no_significant_drop": True, "alpha": True}],
+            },
+            "valid number",
+        ),
     ],
 )
 def test_malformed_gates_are_refused(gate: dict[str, Any], words: str) -> None:

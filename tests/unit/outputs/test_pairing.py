@@ -117,3 +117,8 @@ def test_comparability_warnings() -> None:
     )
     data = compare.compare([(1, same), (2, run(100.0, 0, 1.0, "h", None))])
     assert [w["field"] for w in data["warnings"]] == ["limit"]
+    # A run without log_samples has no task hash: not a different one, so no warning.
+    unsampled = run(None, 0, 1.0, "h", None)
+    del unsampled["task_hashes"]
+    assert pairing.comparability_warnings(1, same, 2, unsampled) == []
+    assert pairing.comparability_warnings(2, unsampled, 1, same) == []

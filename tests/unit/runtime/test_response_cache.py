@@ -214,3 +214,34 @@ def test_where_a_jobs_file_lives(tmp_path: Path, shared: bool) -> None:
         else settings.owner_cache_dir("alice") / "responses"
     )
     assert confined.host == expected / "f.sqlite"
+
+
+class StoppedHalfway(CountingDummy):
+    """A model interrupted mid-call (a stop, a kill): it computed and hooked 3 answers of 8."""
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):  # type: ignore[no-untyped-def]
+        answers = DummyLM.loglikelihood(self, requests[:3], disable_tqdm=True)
+        for request, answer in zip(requests[:3], answers, strict=True):
+            self.cache_hook.add_partial("loglikelihood", request.args, answer)
+        raise KeyboardInterrupt
+
+
+def test_misses_are_answers_computed_not_requests_asked_for(tmp_path: Path) -> None:
+    path, stats = tmp_path / "fp.sqlite", tmp_path / "stats.json"
+    lm = StoppedHalfway()
+    store = rc.open_store(path)
+    assert store is not None
+    cached = rc.ServerCachedLM(lm, store, rc.Stats(str(stats)))
+    with pytest.raises(KeyboardInterrupt):
+        cached.loglikelihood([ll(i) for i in range(8)])
+    # The stats file says what the model computed before it stopped: 3, not the 8 it was sent.
+    assert rc.read_stats(stats) == {"hits": 0, "misses": 3}
+    # The next attempt finds those 3 and computes the other 5.
+    again, lm2 = wrapped(path, tmp_path / "stats2.json")
+    again.loglikelihood([ll(i) for i in range(8)])
+    assert lm2.computed == 5
+    assert rc.read_stats(tmp_path / "stats2.json") == {"hits": 3, "misses": 5}
+    # A backend that never calls the hook is counted when its call returns.
+    quiet, lm3 = wrapped(tmp_path / "other.sqlite", tmp_path / "stats3.json")
+    quiet.generate_until([gen(i) for i in range(4)])
+    assert lm3.computed == 4 and rc.read_stats(tmp_path / "stats3.json")["misses"] == 4
