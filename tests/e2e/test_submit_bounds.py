@@ -379,17 +379,21 @@ def flood_bodies(tmp_path: Path) -> dict[str, tuple[bytes, int, str]]:
 
 
 def flood_while_polling_health(
-    server: ServerProcess, raw: bytes, times: int = 5
+    server: ServerProcess, raw: bytes, times: int = 5, most: int = 40
 ) -> tuple[list[httpx.Response], int]:
-    """POST `raw` `times` times from one thread while this one polls /health: the answers, and
-    how many /health answers came back while the flood was still being sent."""
+    """POST `raw` at least `times` times from one thread while this one polls /health: the
+    answers, and how many /health answers came back while the flood was still being sent.
+    The flood goes on (up to `most` posts) until a /health answer has come back during it: on
+    a loaded machine five quick refusals can end before one health round trip does, which says
+    nothing about the server; a server that holds /health back for all `most` still fails."""
     done = threading.Event()
+    answered = threading.Event()
     answers: list[httpx.Response] = []
 
     def flood() -> None:
         with server.client() as own:
             own.timeout = httpx.Timeout(120)
-            for _ in range(times):
+            while len(answers) < times or (not answered.is_set() and len(answers) < most):
                 answers.append(own.post("/job", content=raw, headers=JSON))
         done.set()
 
@@ -400,7 +404,9 @@ def flood_while_polling_health(
         while not done.is_set():
             health = http.get("/health")
             assert health.status_code == 200 and health.json() == {"status": "ok"}
-            during += not done.is_set()
+            if not done.is_set():
+                during += 1
+                answered.set()
     thread.join()
     return answers, during
 
@@ -412,7 +418,7 @@ def test_floods_are_refused_while_health_answers(
     for name, (raw, status, needle) in flood_bodies(tmp_path).items():
         answers, during = flood_while_polling_health(server, raw)
         assert during > 0, name
-        assert len(answers) == 5, name
+        assert 5 <= len(answers) <= 40, name
         for answer in answers:
             refused(answer, status, needle)
     with server.client() as http:
