@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from lm_eval_server.config import Settings
 
@@ -20,6 +20,18 @@ GLOB_CHARS = frozenset("*?[")
 # order, and sanitize_model_name replaces these characters (lm_eval/utils.py).
 MODEL_NAME_KEYS = ("peft", "delta", "pretrained", "model", "path", "engine")
 _MODEL_NAME_UNSAFE = re.compile(r"[\"<>:/|\\?*\[\]]+")
+
+
+def inside(path: PurePath, root: PurePath) -> bool:
+    """`path` is `root` or lies under it, compared part by part as `PurePath.is_relative_to`
+    does, on the paths' text: the path rule asks this a dozen times per submission, and
+    `is_relative_to` builds a new path object each time."""
+    text, top = str(path), str(root)
+    if text == top:
+        return True
+    if (text[:2] == "//") != (top[:2] == "//"):
+        return False  # POSIX's distinct "//" root: never the same anchor as "/"
+    return text.startswith(top if top.endswith("/") else top + "/")
 
 
 class PathRefused(ValueError):
@@ -37,7 +49,7 @@ def confine(value: str, roots: list[Path], base: Path, what: str) -> Path:
     if not path.is_absolute():
         path = base / path
     resolved = path.resolve()
-    if any(resolved == root or resolved.is_relative_to(root) for root in roots):
+    if any(inside(resolved, root) for root in roots):
         return resolved
     allowed = ", ".join(str(r) for r in roots)
     raise PathRefused(
@@ -61,7 +73,7 @@ class ServerFiles:
     def refuse(self, path: Path, what: str) -> None:
         """`path` (resolved) must not be, or be inside, a server-owned path."""
         for owned in self.owned:
-            if path == owned or path.is_relative_to(owned):
+            if inside(path, owned):
                 hint = (
                     "another job's directory"
                     if owned == self.jobs_dir

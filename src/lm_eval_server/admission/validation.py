@@ -155,20 +155,26 @@ def json_safe(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def truthy_key(value: Any, key: str, depth: int = 0) -> bool:
-    """True if `key` maps to a truthy value anywhere in `value` (nested dicts and lists), as
-    Python code tests it: 1, "yes", 1.0 and the string "False" are all true."""
+def truthy_keys(value: Any, keys: tuple[str, ...], depth: int = 0) -> set[str]:
+    """Which of `keys` map to a truthy value anywhere in `value` (nested dicts and lists), as
+    Python code tests it (1, "yes", 1.0 and the string "False" are all true), in one walk;
+    too deep to judge counts as all of them: refuse rather than guess."""
+    found: set[str] = set()
     if depth > MAX_DEPTH:
-        return True  # too deep to judge: refuse rather than guess
+        return set(keys)
     if isinstance(value, dict):
-        if value.get(key):
-            return True
-        items = value.values()
+        found.update(k for k in keys if value.get(k))
+        items: Any = value.values()
     elif isinstance(value, list):
         items = value
     else:
-        return False
-    return any(isinstance(item, dict | list) and truthy_key(item, key, depth + 1) for item in items)
+        return found
+    for item in items:
+        if len(found) == len(keys):
+            break
+        if isinstance(item, dict | list):
+            found |= truthy_keys(item, keys, depth + 1)
+    return found
 
 
 MAX_MODEL_PATH_CHECKS = 256  # model_args entries looked at for local paths
@@ -348,7 +354,7 @@ class RequestValidator:
 
     def _not_uploads(self, path: Path, what: str) -> None:
         """Uploaded tasks are reached by name, by their owner only: never by path."""
-        if path == self._tasks_dir or path.is_relative_to(self._tasks_dir):
+        if paths.inside(path, self._tasks_dir):
             raise InvalidRequest(
                 f"{what}: {path} is inside the server's uploaded tasks (DATA_DIR/tasks); "
                 "name an uploaded task in tasks instead"
@@ -469,13 +475,22 @@ class RequestValidator:
     # ------------------------------------------------------------------ code and hosts
     def _check_code(self, configured: dict[str, Any]) -> None:
         settings = self._settings
-        if not settings.allow_remote_code and truthy_key(configured, REMOTE_CODE_KEY):
+        wanted = tuple(
+            key
+            for key, allowed in (
+                (REMOTE_CODE_KEY, settings.allow_remote_code),
+                (UNSAFE_CODE_KEY, settings.allow_unsafe_code),
+            )
+            if not allowed
+        )
+        found = truthy_keys(configured, wanted) if wanted else set()
+        if REMOTE_CODE_KEY in found:
             raise InvalidRequest(
                 "trust_remote_code is refused by this server (found true in the options, "
                 "model_args, metadata or the config file): it runs code downloaded with the "
                 "model. The operator can allow it with ALLOW_REMOTE_CODE=true"
             )
-        if not settings.allow_unsafe_code and truthy_key(configured, UNSAFE_CODE_KEY):
+        if UNSAFE_CODE_KEY in found:
             raise InvalidRequest(
                 "confirm_run_unsafe_code is refused by this server: those tasks execute code "
                 "the model wrote. The operator can allow it with ALLOW_UNSAFE_CODE=true "
@@ -496,7 +511,7 @@ class RequestValidator:
             if not path.exists():
                 continue  # a hub id or a path lm-eval will report missing itself
             resolved = path.resolve()
-            if not any(resolved.is_relative_to(root) for root in self._roots):
+            if not any(paths.inside(resolved, root) for root in self._roots):
                 raise InvalidRequest(
                     f"model_args: {key}={value} is outside ALLOWED_PATHS "
                     f"({', '.join(map(str, self._roots))}); put local models in one of "

@@ -1,5 +1,6 @@
 """Jobs: submit, list, inspect, stop and delete (the original server's README endpoints)."""
 
+import json
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Annotated, Any
@@ -7,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.types import Message
 
 from lm_eval_server.admission import idempotency
@@ -20,11 +21,12 @@ from lm_eval_server.admission.validation import (
     ValidatedJob,
 )
 from lm_eval_server.api import views
-from lm_eval_server.api.deps import AuditTrail, Caller, Manager, State, Validator
+from lm_eval_server.api.deps import AuditTrail, Caller, Manager, ServerState, State, Validator
 from lm_eval_server.api.request_body import BodyLimits, BodyRefused, screen_job_body
-from lm_eval_server.api.security import caller_of
+from lm_eval_server.api.security import caller_of, principal_in
 from lm_eval_server.config import Settings
 from lm_eval_server.jobs import verdicts
+from lm_eval_server.jobs.manager import JobManager
 from lm_eval_server.jobs.models import (
     BulkAction,
     JobAction,
@@ -34,8 +36,8 @@ from lm_eval_server.jobs.models import (
     JobStatus,
 )
 from lm_eval_server.jobs.receipts import DETAIL_WAIT_S
-from lm_eval_server.team.audit import Action, Entry, SqlWrite
-from lm_eval_server.team.principals import NAME_PATTERN
+from lm_eval_server.team.audit import Action, Audit, Entry, SqlWrite
+from lm_eval_server.team.principals import NAME_PATTERN, Principal
 
 _NOT_FOUND = {404: {"description": "No job has this id."}}
 
@@ -89,12 +91,23 @@ def _with_body(request: Request, body: bytes) -> Request:
     return Request({**request.scope, "headers": headers}, receive)
 
 
-def screened_body_route(fields: Collection[str]) -> type[APIRoute]:
+# What the direct path answers with, as FastAPI would serialise the route's response_model.
+DirectPath = Callable[[Request, bytes], Awaitable[Response | None]]
+
+
+def screened_body_route(
+    fields: Collection[str], direct: DirectPath | None = None
+) -> type[APIRoute]:
     """A route class that screens the raw body (`request_body`) before FastAPI parses it.
 
     FastAPI would json.loads the whole body and build pydantic's error list for every unknown
     field before the endpoint could refuse anything; the screen stops at the first bound. The
     route's schema (/openapi.json, the dashboard's form, the docs) stays FastAPI's own.
+
+    `direct(request, raw)`, when given, answers a screened request without FastAPI's
+    dependency solving (most of the framework's cost per submission), or returns None to
+    leave it to FastAPI's handler: every refusal and every unusual request goes that way, so
+    their answers stay FastAPI's own.
     """
     known = frozenset(fields)
 
@@ -121,6 +134,9 @@ def screened_body_route(fields: Collection[str]) -> type[APIRoute]:
                     # raises the refusal.
                     request = _with_body(request, b"{}")
                     setattr(request.state, _REFUSED, exc)
+                else:
+                    if direct is not None and (answer := await direct(request, raw)) is not None:
+                        return answer
                 return await handler(request)
 
             return screened
@@ -164,6 +180,49 @@ async def validate_job(
         raise
 
 
+_ACTION_JSON = TypeAdapter(JobAction)
+IDEMPOTENCY_HEADER = "idempotency-key"
+
+
+async def submit(
+    request: Request,
+    state: ServerState,
+    validator: RequestValidator,
+    manager: JobManager,
+    caller: Principal,
+    trail: Audit,
+    body: BaseModel,
+    idempotency_key: str | None,
+) -> JobAction:
+    """POST /job once the caller and the body are known: validate, queue, audit."""
+    job = await validate_job(
+        validator, state.catalog, body, state.settings.index_wait_s, caller.name
+    )
+    verdicts.check_baseline(job.gate, lambda job_id: manager.get(job_id, caller))
+    claim = None
+    if idempotency_key is not None:
+        # Bound to who asks (the key and its principal) and what they send (idempotency.py):
+        # a key later given to another principal never reaches the first one's jobs.
+        raw = await request.body()  # already read and cached
+        claim = idempotency.claim(idempotency_key, f"{caller.name}\0{caller_of(request)}", raw)
+    entry: Entry | None = None
+
+    def audit_row(new: JobRecord) -> list[SqlWrite]:
+        # Committed with the job's row: one transaction per submission.
+        nonlocal entry
+        entry = trail.entry(caller, Action.submit, [new.job_id], _queued(new.job_id))
+        write = trail.joined_write(entry)
+        return [write] if write is not None else []
+
+    record = manager.submit(job, claim, owner=caller.name, joined=audit_row)
+    if entry is not None:
+        trail.joined(entry)
+    else:  # an Idempotency-Key retry: the first job, nothing stored
+        outcome = "Idempotency-Key retry: no new job."
+        trail.record(caller, Action.submit, [record.job_id], outcome)
+    return JobAction(message=_queued(record.job_id), job_id=record.job_id)
+
+
 def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIRouter:
     router = APIRouter(tags=["jobs"])
 
@@ -188,32 +247,34 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
         refused: BodyRefused | None = getattr(request.state, _REFUSED, None)
         if refused is not None:
             raise HTTPException(refused.status_code, str(refused))
-        job = await validate_job(
-            validator, state.catalog, body, state.settings.index_wait_s, caller.name
+        return await submit(
+            request, state, validator, manager, caller, trail, body, idempotency_key
         )
-        verdicts.check_baseline(job.gate, lambda job_id: manager.get(job_id, caller))
-        claim = None
-        if idempotency_key is not None:
-            # Bound to who asks (the key and its principal) and what they send (idempotency.py):
-            # a key later given to another principal never reaches the first one's jobs.
-            raw = await request.body()  # already read and cached by FastAPI
-            claim = idempotency.claim(idempotency_key, f"{caller.name}\0{caller_of(request)}", raw)
-        entry: Entry | None = None
 
-        def audit_row(new: JobRecord) -> list[SqlWrite]:
-            # Committed with the job's row: one transaction per submission.
-            nonlocal entry
-            entry = trail.entry(caller, Action.submit, [new.job_id], _queued(new.job_id))
-            write = trail.joined_write(entry)
-            return [write] if write is not None else []
-
-        record = manager.submit(job, claim, owner=caller.name, joined=audit_row)
-        if entry is not None:
-            trail.joined(entry)
-        else:  # an Idempotency-Key retry: the first job, nothing stored
-            outcome = "Idempotency-Key retry: no new job."
-            trail.record(caller, Action.submit, [record.job_id], outcome)
-        return JobAction(message=_queued(record.job_id), job_id=record.job_id)
+    async def direct(request: Request, raw: bytes) -> Response | None:
+        """The submission of a caller with a valid key, a plain JSON body that the request
+        model accepts and no Idempotency-Key, which FastAPI's handler would pass to
+        `submit_job` unchanged: passed to `submit` directly."""
+        state: ServerState = request.app.state.server
+        caller = principal_in(request.scope)
+        if (
+            caller is None
+            or state.manager is None
+            or state.audit is None
+            or request.headers.get("content-type") != "application/json"
+            or IDEMPOTENCY_HEADER in request.headers
+        ):
+            return None
+        try:
+            # As FastAPI parses and validates a JSON body (`request.json()`, then the body
+            # field's TypeAdapter in Python mode).
+            body = request_model.model_validate(json.loads(raw), from_attributes=True)
+        except (ValueError, ValidationError):
+            return None
+        action = await submit(
+            request, state, state.validator, state.manager, caller, state.audit, body, None
+        )
+        return Response(_ACTION_JSON.dump_json(action), media_type="application/json")
 
     router.add_api_route(
         "/job",
@@ -233,7 +294,7 @@ def jobs_router(request_model: type[BaseModel], example: dict[str, Any]) -> APIR
             },
         },
         summary="Queue an lm-eval job",
-        route_class_override=screened_body_route(request_model.model_fields),
+        route_class_override=screened_body_route(request_model.model_fields, direct),
     )
 
     # The route answers with pre-serialised JSON (finished jobs' summaries are cached), so

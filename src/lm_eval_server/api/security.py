@@ -103,6 +103,12 @@ async def require_api_key(
 Caller = Annotated[Principal, Depends(require_api_key)]
 
 
+def principal_in(scope: Scope) -> Principal | None:
+    """What `require_api_key` answers, read without FastAPI: None where it would refuse."""
+    principal: Principal | None = scope.get("state", {}).get(_PRINCIPAL)
+    return principal
+
+
 async def require_admin(request: Request, caller: Caller) -> Principal:
     """The caller, when an admin (ADMIN_KEYS, or anyone on a server without keys); else 403."""
     if not caller.admin:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lm_eval_server.admission import paths
 from lm_eval_server.admission.validation import ValidatedJob, job_lm_args
 from lm_eval_server.config import Settings
 from lm_eval_server.errors import InvalidRequest
@@ -207,7 +208,7 @@ class WriteOwners:
         for directory in directories:
             for taken, other in self._owners.items():
                 if other != owner and (
-                    directory.is_relative_to(taken) or taken.is_relative_to(directory)
+                    paths.inside(directory, taken) or paths.inside(taken, directory)
                 ):
                     return taken
         return None
@@ -246,11 +247,19 @@ def write_targets(
         if arg == "--use_cache":
             candidates.append(Path(argv[i + 1]).parent)
     found: list[Path] = []
+    work_real: Path | None = None
     for path in candidates:
         directory = path.parent if path.suffix == ".json" else path
-        directory = directory.resolve()
-        if directory.is_relative_to(work_dir.resolve()):
+        if ".." not in directory.parts and paths.inside(directory, work_dir):
+            # Named inside the job's own directory (the default output_path): never a target
+            # of its own, whatever a link in there points to, so nothing a job links from its
+            # directory is ever mounted writable. No realpath either.
             continue
-        if any(directory.is_relative_to(root) for root in roots) and directory not in found:
+        directory = directory.resolve()
+        if work_real is None:
+            work_real = work_dir.resolve()
+        if paths.inside(directory, work_real):
+            continue
+        if any(paths.inside(directory, root) for root in roots) and directory not in found:
             found.append(directory)
     return found
