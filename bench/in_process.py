@@ -151,7 +151,9 @@ async def main(argv: list[str] | None = None) -> int:
         server = statistics.median(figures[name])
         base = statistics.median(figures[f"floor_{name}"])
         label = "POST /job" if name == "post" else "GET /health"
-        print(f"{label:12} server {server:7.1f} us  floor {base:6.1f} us  ratio {server / base:.2f}")
+        print(
+            f"{label:12} server {server:7.1f} us  floor {base:6.1f} us  ratio {server / base:.2f}"
+        )
     print(f"load average {run.loadavg()}; {tmp}")
     return 0
 
