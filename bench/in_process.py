@@ -5,7 +5,8 @@
 Builds the app the way `src.main` does (settings from the environment bench/run.py gives a
 server, a temporary DATA_DIR with a real SQLite store), runs its startup, holds the only slot
 with a sleeping job, then calls `app(scope, receive, send)` for `POST /job` and `GET /health`
-N times per round, beside bench/floor_app.py's routes called the same way, alternating. It
+N times per round, beside bench/floor_app.py's routes called the same way, alternating every
+100 calls. It
 prints the CPU time per call (medians over the rounds) and the ratio to the floor: what the
 server's own work costs per request, free of the client and of the machine's other load
 (hot_paths.py measures the same over real connections). `--profile FILE` writes a cProfile
@@ -32,6 +33,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent / "src")]
 import run  # noqa: E402  (bench/run.py: the bodies and settings every bench uses)
 
 Asgi = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+CHUNK = 100  # calls in a row on one side
 
 
 def scope(method: str, path: str, body: bytes | None) -> dict[str, Any]:
@@ -130,16 +132,21 @@ async def main(argv: list[str] | None = None) -> int:
             await call(app, "POST", "/job", body)
             await call(floor, "POST", "/job", body)
         for round_index in range(args.rounds):
-            sides: list[tuple[str, Asgi]] = [("floor_", floor), ("", app)]
-            if round_index % 2:
-                sides.reverse()
-            for prefix, target in sides:
-                figures[f"{prefix}post"].append(
-                    await cpu_per_call(target, "POST", "/job", body, args.n)
-                )
-                figures[f"{prefix}get"].append(
-                    await cpu_per_call(target, "GET", "/health", None, args.n)
-                )
+            # Server and floor in alternating chunks of CHUNK calls, so that both see the
+            # same machine (its speed moves by tens of percent within seconds here).
+            for method, path, name, payload in (
+                ("POST", "/job", "post", body),
+                ("GET", "/health", "get", None),
+            ):
+                spent = {"": 0.0, "floor_": 0.0}
+                for chunk in range(args.n // CHUNK):
+                    sides: list[tuple[str, Asgi]] = [("floor_", floor), ("", app)]
+                    if (chunk + round_index) % 2:
+                        sides.reverse()
+                    for prefix, target in sides:
+                        spent[prefix] += await cpu_per_call(target, method, path, payload, CHUNK)
+                for prefix, total in spent.items():
+                    figures[f"{prefix}{name}"].append(total / (args.n // CHUNK))
         if args.profile is not None:
             profiler = cProfile.Profile()
             profiler.enable()

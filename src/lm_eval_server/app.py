@@ -236,7 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.server = state
 
     secured = [Depends(require_api_key)]
-    app.include_router(health.router)
+    health.add_liveness(app)
     app.include_router(health.secured_router, dependencies=secured)
     app.include_router(jobs_router(request_model, EXAMPLE_REQUEST), dependencies=secured)
     app.include_router(reproduce_router(request_model), dependencies=secured)
