@@ -10,7 +10,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lm_eval_server.api.hosts import parse_rules
@@ -58,6 +65,21 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="", case_sensitive=False, extra="ignore", hide_input_in_errors=True
     )
+    # Paths with symlinks resolved, by the path asked for: each job's launch asks for several
+    # directories under DATA_DIR, and a realpath is a system call per component. Keyed by the
+    # unresolved path, so a changed data_dir (tests) is resolved afresh.
+    _real: dict[Path, Path] = PrivateAttr(default_factory=dict)
+
+    def _resolved(self, path: Path) -> Path:
+        real = self._real.get(path)
+        if real is None:
+            real = self._real[path] = path.resolve()
+        return real
+
+    @property
+    def data_real(self) -> Path:
+        """DATA_DIR with symlinks resolved."""
+        return self._resolved(self.data_dir)
 
     max_concurrency: int = Field(4, ge=1, description="Jobs run at once.")
     queue_process_interval: float = Field(
@@ -476,7 +498,7 @@ class Settings(BaseSettings):
     def allowed_roots(self) -> list[Path]:
         if self.allowed_paths:
             return [Path(p).resolve() for p in self.allowed_paths]
-        return [self.data_dir.resolve(), self.examples_dir]
+        return [self.data_real, self.examples_dir]
 
     # Resume and reuse (docs/resume-and-cache.md): the server's response cache, and retries.
     response_cache: OnOff = Field(
@@ -513,11 +535,11 @@ class Settings(BaseSettings):
     @property
     def shared_response_cache_dir(self) -> Path:
         """The owners' shared response cache (RESPONSE_CACHE_SHARED with the sandbox on)."""
-        return self.data_dir.resolve() / "shared-responses"
+        return self.data_real / "shared-responses"
 
     @property
     def task_index_dir(self) -> Path:
-        return (self.index_dir or self.data_dir / "index").resolve()
+        return self._resolved(self.index_dir or self.data_dir / "index")
 
     @property
     def db_path(self) -> Path:
@@ -530,12 +552,12 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         """Jobs' shared caches (HF_HOME, lm-eval's request cache)."""
-        return self.data_dir.resolve() / "cache"
+        return self.data_real / "cache"
 
     @property
     def owner_caches_dir(self) -> Path:
         """Each owner's own cache, mounted at `cache_dir` inside that owner's sandboxed jobs."""
-        return self.data_dir.resolve() / "owner-cache"
+        return self.data_real / "owner-cache"
 
     def owner_cache_dir(self, owner: str) -> Path:
         return self.owner_caches_dir / owner
@@ -543,12 +565,12 @@ class Settings(BaseSettings):
     @property
     def warm_dir(self) -> Path:
         """The warm workers' own directory (their HOME and TMPDIR)."""
-        return self.data_dir.resolve() / "warm"
+        return self.data_real / "warm"
 
     @property
     def tasks_dir(self) -> Path:
         """Uploaded tasks, DATA_DIR/tasks/<owner>/<task>/."""
-        return self.data_dir.resolve() / "tasks"
+        return self.data_real / "tasks"
 
     @property
     def server_owned_paths(self) -> list[Path]:

@@ -12,6 +12,7 @@ What the receipt says about the job's files comes from `outputs.receipts`; the d
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import json
 import logging
@@ -35,7 +36,10 @@ log = logging.getLogger(__name__)
 DETAIL_WAIT_S = 20.0
 
 
+@functools.cache
 def server_version() -> str:
+    """Read once: the distribution lookup scans sys.path (milliseconds on the event loop, per
+    finished job), and the code running is the version found at the first call."""
     try:
         return importlib.metadata.version("lm-eval-server")
     except importlib.metadata.PackageNotFoundError:

@@ -25,6 +25,7 @@ Stdlib only: the supervisor, the warm workers and Ray's nodes build or run these
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import shlex
@@ -100,12 +101,19 @@ class View:
     scratch: tuple[str, ...] = ()
 
 
-def python_paths() -> list[str]:
-    """The interpreter, the virtualenv and this package's source tree (an editable install)."""
+@functools.cache
+def _python_paths() -> tuple[str, ...]:
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     paths = [sys.base_prefix, sys.prefix, package_root]
     resolved = [os.path.realpath(p) for p in paths]
-    return _unique([*paths, *resolved])
+    return tuple(_unique([*paths, *resolved]))
+
+
+def python_paths() -> list[str]:
+    """The interpreter, the virtualenv and this package's source tree (an editable install):
+    found once (three realpaths, asked for at every job's launch), they do not move while the
+    server runs."""
+    return list(_python_paths())
 
 
 def _unique(paths: Iterable[str]) -> list[str]:
@@ -115,7 +123,10 @@ def _unique(paths: Iterable[str]) -> list[str]:
     return list(seen)
 
 
-def _system_args() -> list[str]:
+@functools.cache
+def _system_mounts() -> tuple[str, ...]:
+    """The system directories and /etc entries as this machine has them: read once (a dozen
+    lookups per job's launch otherwise); devices are looked for at each launch."""
     args: list[str] = []
     for path in SYSTEM_DIRS:
         if os.path.islink(path):
@@ -126,6 +137,11 @@ def _system_args() -> list[str]:
         path = os.path.join("/etc", name)
         if os.path.lexists(path):
             args += ["--ro-bind-try", path, path]
+    return tuple(args)
+
+
+def _system_args() -> list[str]:
+    args = list(_system_mounts())
     args += ["--ro-bind-try", "/sys", "/sys"]
     args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp"]
     for pattern in DEVICE_GLOBS:
