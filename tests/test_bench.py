@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import pstats
 import shutil
 import subprocess
 import sys
@@ -159,6 +160,7 @@ def test_quick_resume_cache_bench_measures_a_repeat_and_a_resume(
 
 
 HOT_PATHS = ROOT / "bench" / "hot_paths.py"
+IN_PROCESS = ROOT / "bench" / "in_process.py"
 
 
 def test_quick_hot_paths_bench_prints_every_figure_beside_the_floor(
@@ -195,3 +197,25 @@ def test_quick_hot_paths_bench_prints_every_figure_beside_the_floor(
     assert isinstance(results["loadavg_before"], list) and len(results["loadavg_before"]) == 3
     for label in ("POST /job", "GET /health (trivial route)", "GET /jobs, all, p50"):
         assert label in proc.stdout
+
+
+def test_in_process_bench_times_both_routes_beside_the_floor(
+    tmp_path: Path, index_dir: Path
+) -> None:
+    profile = tmp_path / "post.prof"
+    argv = [sys.executable, str(IN_PROCESS), "--n", "200", "--rounds", "1"]
+    proc = subprocess.run(
+        [*argv, "--index-dir", str(index_dir), "--profile", str(profile)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = {line.split("server")[0].strip(): line for line in proc.stdout.splitlines()}
+    for label in ("POST /job", "GET /health"):
+        ratio = float(lines[label].rsplit("ratio", 1)[1])
+        assert math.isfinite(ratio) and ratio > 0, lines[label]
+    # The profile holds the server's own submission path.
+    stats = pstats.Stats(str(profile))
+    assert any(name == "submit" for (_, _, name) in stats.stats)  # type: ignore[attr-defined]
