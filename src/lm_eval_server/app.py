@@ -341,11 +341,7 @@ class HttpMetricsMiddleware:
 
     def __init__(self, app: ASGIApp, metrics: AppMetrics) -> None:
         self.app = app
-        self.metrics = metrics
-        # Each (method, route, status)'s counter and histogram children, looked up once:
-        # prometheus_client's labels() checks and locks on every call. Route templates and
-        # methods are the app's own, so the table stays small.
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.tally = metrics.http
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -364,19 +360,4 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
-            key = (scope["method"], path, status_code)
-            children = self._children.get(key)
-            if children is None:
-                method = scope["method"]
-                children = (
-                    self.metrics.http_requests.labels(method, path, str(status_code)),
-                    self.metrics.http_latency.labels(method, path),
-                )
-                if len(self._children) < METRIC_CHILDREN_MEMO:
-                    self._children[key] = children
-            children[0].inc()
-            children[1].observe(time.perf_counter() - started)
-
-
-# Methods x routes x statuses; beyond this (made-up methods), labels() is asked each time.
-METRIC_CHILDREN_MEMO = 4096
+            self.tally.observe(scope["method"], path, status_code, time.perf_counter() - started)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from lm_eval_server.jobs.models import JobRecord, JobStatus
 
@@ -79,19 +81,8 @@ class AppMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.http_requests = Counter(
-            "lm_eval_server_http_requests",
-            "HTTP requests served",
-            ["method", "route", "status"],
-            registry=self.registry,
-        )
-        self.http_latency = Histogram(
-            "lm_eval_server_http_request_duration_seconds",
-            "HTTP request latency",
-            ["method", "route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.http = HttpTally(_LATENCY_BUCKETS)
+        self.registry.register(self.http)
 
     def watch(self, manager: JobManager) -> None:
         self.registry.register(_JobCollector(manager))
@@ -107,3 +98,56 @@ class AppMetrics:
             self.dispatch_latency.observe(
                 max(0.0, (record.started_at - record.created_at).total_seconds())
             )
+
+
+# Methods a request is counted under by name; any other token counts as OTHER, so that made-up
+# methods cannot grow the tally (and the /metrics answer) without bound.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+class HttpTally(Collector):
+    """HTTP requests counted and timed in plain dicts, made into Prometheus families only when
+    /metrics is read. prometheus_client's counter and histogram take a lock and check their
+    labels at every observation: on a trivial route that was most of what the app adds to
+    the framework (the same families, names and labels as before)."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self._bounds = tuple(float(b) for b in buckets)
+        self._requests: dict[tuple[str, str, str], int] = {}
+        # Per (method, route): a count per bucket (the last is +Inf), then the sum.
+        self._latency: dict[tuple[str, str], list[float]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        if method not in HTTP_METHODS:
+            method = "OTHER"
+        key = (method, route, str(status))
+        self._requests[key] = self._requests.get(key, 0) + 1
+        slots = self._latency.get((method, route))
+        if slots is None:
+            slots = self._latency[(method, route)] = [0.0] * (len(self._bounds) + 2)
+        slots[bisect.bisect_left(self._bounds, seconds)] += 1
+        slots[-1] += seconds
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily(
+            "lm_eval_server_http_requests",
+            "HTTP requests served",
+            labels=["method", "route", "status"],
+        )
+        for labels, count in list(self._requests.items()):
+            requests.add_metric(list(labels), count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "lm_eval_server_http_request_duration_seconds",
+            "HTTP request latency",
+            labels=["method", "route"],
+        )
+        edges = [*(floatToGoString(b) for b in self._bounds), "+Inf"]
+        for labels, slots in list(self._latency.items()):
+            counts = slots[:-1]
+            cumulative, total = [], 0.0
+            for edge, count in zip(edges, counts, strict=True):
+                total += count
+                cumulative.append((edge, total))
+            latency.add_metric(list(labels), cumulative, sum_value=slots[-1])
+        yield latency
