@@ -91,7 +91,7 @@ def _with_body(request: Request, body: bytes) -> Request:
     return Request({**request.scope, "headers": headers}, receive)
 
 
-# What the direct path answers with, as FastAPI would serialise the route's response_model.
+# A route's direct path: its answer, or None to leave the request to FastAPI's handler.
 DirectPath = Callable[[Request, bytes], Awaitable[Response | None]]
 
 
