@@ -90,7 +90,7 @@ async def require_api_key(
     """The caller's principal (ApiKeyMiddleware found it); 401 without a valid key. FastAPI
     caches a dependency per request, so a route that also asks for `Caller` gets this same
     check's answer."""
-    principal: Principal | None = request.scope.get("state", {}).get(_PRINCIPAL)
+    principal = principal_in(request.scope)
     if principal is None:
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
