@@ -51,6 +51,7 @@ def _same_refusal(client: Any, solved: list[str], body: Any, raw: bytes | None =
 
 def test_direct_and_fastapi_paths_answer_alike(make_client: Any, solved: list[str]) -> None:
     client = make_client(admin_keys=[f"alice:{KEY}"], max_concurrency=1)
+    client.headers.update(HEADERS)  # the fixture's teardown stops this test's jobs with it
     sleeper = fake_job(FAKE_SLEEP_S="60")
     body = {"model": "dummy", "tasks": "demo_mc", "include_path": str(EXAMPLES_TASKS), "limit": 2}
 
@@ -113,3 +114,5 @@ def test_a_refused_caller_is_refused_as_before(make_client: Any, solved: list[st
     response = client.post("/job", content=json.dumps(body), headers=sent)
     assert response.status_code == 200, response.text
     assert solved[-1] == "/job" and len(solved) == 3
+    # The fixture's teardown sends no key: stop this test's job here.
+    assert client.post("/jobs/stop", headers=HEADERS).status_code == 200
